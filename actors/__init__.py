@@ -1,0 +1,1 @@
+"""Actors: sampling workers that produce scored trajectory groups (built in a later issue)."""

@@ -1,0 +1,1 @@
+"""Learner: DeepSpeed PSO trainer (built in a later issue)."""

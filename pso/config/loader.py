@@ -1,0 +1,186 @@
+"""Load typed configs: YAML file < environment variables < command-line overrides, with sourced errors."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic_core import ErrorDetails
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class StrictModel(BaseModel):
+    """Base for config models: unknown keys are errors and assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message lists every problem, one per line."""
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe loader that also reads exponent-form numbers without a dot ("1e-5") as floats."""
+
+
+class _Dumper(yaml.SafeDumper):
+    """Safe dumper that quotes strings `_Loader` would read as floats."""
+
+
+_EXP_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+for _cls in (_Loader, _Dumper):
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _EXP_FLOAT, list("-+.0123456789"))
+
+_NULLS = ("null", "Null", "NULL", "~")
+_EXPECTED = {
+    "int": "an integer",
+    "float": "a number",
+    "bool": "a boolean",
+    "string": "a string",
+    "list": "a list",
+    "dict": "a mapping",
+    "model": "a mapping",
+    "model_attributes": "a mapping",
+}
+
+_KeyPath = tuple[Any, ...]
+
+
+def load_config(
+    schema: type[M],
+    path: str | Path | None = None,
+    *,
+    overrides: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    env_prefix: str = "PSO__",
+) -> M:
+    """Build `schema` from a YAML file (None: all defaults), then `env_prefix` variables, then "a.b=value"."""
+    data = _read_yaml(Path(path)) if path is not None else {}
+    sources: dict[_KeyPath, str] = {(key,): f"file {path}" for key in data}
+    env = os.environ if env is None else env
+    for name in sorted(env):
+        if name.upper().startswith(env_prefix.upper()):
+            keys = name[len(env_prefix) :].lower().split("__")
+            _set(data, keys, _parse_value(env[name]), f"environment variable {name}", sources)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"malformed command line override {item!r}: expected key.path=value")
+        _set(data, key.strip().split("."), _parse_value(value), f"command line override {item}", sources)
+    try:
+        return schema.model_validate(data)
+    except ValidationError as e:
+        file_source = f"file {path}" if path is not None else None
+        lines = [_describe(err, data, sources, file_source) for err in e.errors()]
+        raise ConfigError("invalid configuration:\n" + "\n".join(f"  {line}" for line in lines)) from None
+
+
+def dump_config(model: BaseModel) -> str:
+    """Serialize `model` to YAML that `load_config` reads back to an equal model."""
+    return yaml.dump(model.model_dump(mode="json"), Dumper=_Dumper, sort_keys=False, allow_unicode=True)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML file whose top level is a mapping (an empty file is an empty mapping)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from None
+    try:
+        data = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"invalid YAML in {where}: {getattr(e, 'problem', None) or e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _parse_value(text: str) -> Any:
+    """Parse an override value as a YAML scalar or flow collection; anything else stays a string."""
+    try:
+        value = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, (dict, list)) and not text.lstrip().startswith(("[", "{")):
+        return text  # block collections such as "a: b" are meant literally
+    if value is None and text.strip() not in _NULLS:
+        return text  # empty or comment-only values
+    return value
+
+
+def _set(
+    data: dict[str, Any], keys: list[str], value: Any, source: str, sources: dict[_KeyPath, str]
+) -> None:
+    """Set the nested key `keys` to `value`, creating mappings on the way, and record its source."""
+    if not all(keys):
+        raise ConfigError(f"empty key in {source}")
+    node = data
+    for i, key in enumerate(keys[:-1]):
+        if node.get(key) is None:
+            node[key] = {}
+        node = node[key]
+        if not isinstance(node, dict):
+            raise ConfigError(
+                f"cannot set {'.'.join(keys)} ({source}): {'.'.join(keys[: i + 1])} is not a mapping"
+            )
+    node[keys[-1]] = value
+    path = tuple(keys)
+    for shadowed in [p for p in sources if p[: len(path)] == path]:
+        del sources[shadowed]
+    sources[path] = source
+
+
+def _describe(
+    err: ErrorDetails, data: dict[str, Any], sources: dict[_KeyPath, str], file_source: str | None
+) -> str:
+    """One line per error: dotted key path, the problem in plain words, where the value came from."""
+    path = _data_path(err["loc"], data, missing=err["type"] == "missing")
+    if err["type"].startswith("union_tag_"):
+        path += (err["ctx"]["discriminator"].strip("'"),)
+    # the nearest source at or above the key, plus the sources of overrides below it
+    found = [sources[path[:n]] for n in range(len(path), 0, -1) if path[:n] in sources][:1]
+    found += [s for p, s in sources.items() if len(p) > len(path) and p[: len(path)] == path]
+    source = ", ".join(dict.fromkeys(found)) or file_source
+    where = f" ({source})" if source else ""
+    return f"{'.'.join(map(str, path)) or '(top level)'}: {_problem(err)}{where}"
+
+
+def _data_path(loc: tuple[int | str, ...], data: Any, missing: bool) -> _KeyPath:
+    """Follow an error location through the input data, dropping union tags and member names."""
+    path: list[Any] = []
+    for part in loc:
+        if (isinstance(data, dict) and part in data) or (
+            isinstance(data, list) and isinstance(part, int) and part < len(data)
+        ):
+            data = data[part]
+            path.append(part)
+    if missing:
+        path.append(loc[-1])
+    return tuple(path)
+
+
+def _problem(err: ErrorDetails) -> str:
+    """Describe a pydantic error in plain words."""
+    etype, ctx, got = err["type"], err.get("ctx", {}), repr(err["input"])
+    if etype in ("missing", "union_tag_not_found"):
+        return "missing required key"
+    if etype == "extra_forbidden":
+        return "unknown key"
+    if etype == "union_tag_invalid":
+        return f"expected one of {ctx['expected_tags']}, got {ctx['tag']!r}"
+    if etype in ("literal_error", "enum"):
+        return f"expected {ctx['expected']}, got {got}"
+    kind = etype.removesuffix("_type").removesuffix("_parsing")
+    if kind in _EXPECTED:
+        return f"expected {_EXPECTED[kind]}, got {got}"
+    return err["msg"][0].lower() + err["msg"][1:]

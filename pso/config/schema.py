@@ -1,0 +1,140 @@
+"""The project's configuration models (YAML in configs/, see docs/configuration.md)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+
+from pso.config.loader import StrictModel
+from pso.families import SamplerKind, get_family
+
+Reduction = Literal["mean", "sum"]
+
+
+class ModelConfig(StrictModel):
+    """Which distilled model to load and how to sample it."""
+
+    family: str = Field("sd-turbo", description="a recipe name from pso.families (docs/families.md)")
+    pretrained: str = Field("stabilityai/sd-turbo", description="hub id or local diffusers folder")
+    revision: str | None = None
+    variant: str | None = Field(None, description='weight file variant, e.g. "fp16"')
+    unet: str | None = Field(
+        None, description="replace the UNet: hub id or folder of a diffusers UNet, or a .safetensors file"
+    )
+    distill_lora: str | None = Field(
+        None, description="LoRA that makes the base a few-step model (LCM-LoRA, TCD, Hyper-SD); fused"
+    )
+    distill_lora_weight_name: str | None = None
+    num_steps: int | None = Field(None, ge=1, description="default: the family's")
+    sampler: SamplerKind | None = Field(None, description="default: the family's")
+    eta: float | None = Field(None, ge=0.0, le=1.0, description="TCD gamma / DDIM eta; default: the family's")
+    guidance_scale: float | None = Field(None, ge=0.0, description="default: the family's")
+    resolution: int | None = Field(None, ge=8, description="image side in pixels; default: the model's")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    device: str = "cpu"
+    local_files_only: bool = Field(
+        False, description="never reach the hub (folders and the local cache only)"
+    )
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, name: str) -> str:
+        get_family(name)
+        return name
+
+
+class LoraFinetune(StrictModel):
+    """Train LoRA adapters; the reference model is the same network with adapters switched off."""
+
+    mode: Literal["lora"] = "lora"
+    rank: int = Field(16, ge=1)
+    alpha: float | None = Field(None, gt=0, description="default: equal to rank (scale 1)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    init_seed: int = 0
+
+
+class FullFinetune(StrictModel):
+    """Train every UNet weight; the reference model is a frozen copy."""
+
+    mode: Literal["full"] = "full"
+
+
+Finetune = Annotated[LoraFinetune | FullFinetune, Field(discriminator="mode")]
+
+
+class _LossBase(StrictModel):
+    reduction: Reduction = Field(
+        "mean",
+        description="squared errors averaged (mean) or summed (sum) over latent elements; "
+        "mean is the reference code's convention and rescales beta by 1/(C*H*W)",
+    )
+
+
+class OnlinePSOLoss(_LossBase):
+    """Transition form on the policy's own trajectories (pso.md, "Online PSO")."""
+
+    name: Literal["online-pso"] = "online-pso"
+    beta: float = Field(50.0, gt=0)
+    clip_eps: float = Field(0.1, gt=0, lt=1)
+
+
+class OfflinePSOLoss(_LossBase):
+    """Forward-noised pair at the distilled timesteps (pso.md, "Offline PSO")."""
+
+    name: Literal["offline-pso"] = "offline-pso"
+    beta: float = Field(2000.0, gt=0)
+
+
+class TargetVsReferenceLoss(_LossBase):
+    """Fixed target images against the policy's own samples (pso.md, "Target vs online reference")."""
+
+    name: Literal["target-vs-reference"] = "target-vs-reference"
+    beta: float = Field(50.0, gt=0)
+    clip_eps: float = Field(0.1, gt=0, lt=1)
+
+
+class SFTLoss(_LossBase):
+    """Baseline: plain diffusion loss on the winners at the distilled timesteps."""
+
+    name: Literal["sft"] = "sft"
+
+
+class DiffusionDPOLoss(_LossBase):
+    """Baseline: the offline form with t uniform over 0..T-1 (Wallace et al.)."""
+
+    name: Literal["diffusion-dpo"] = "diffusion-dpo"
+    beta: float = Field(2000.0, gt=0)
+
+
+Loss = Annotated[
+    OnlinePSOLoss | OfflinePSOLoss | TargetVsReferenceLoss | SFTLoss | DiffusionDPOLoss,
+    Field(discriminator="name"),
+]
+
+
+class PairingConfig(StrictModel):
+    """How scored groups become (winner, loser) pairs."""
+
+    strategy: Literal["best-vs-worst", "all-pairs"] = "best-vs-worst"
+    margin: float = Field(0.0, ge=0.0, description="a pair needs score(winner) - score(loser) > margin")
+    normalize: Literal["none", "zscore"] = Field(
+        "none", description="normalise scores within each prompt group"
+    )
+
+
+class SamplingConfig(StrictModel):
+    group_size: int = Field(2, ge=2, description="images per prompt, each from its own starting noise")
+    batch_size: int = Field(8, ge=1, description="images per UNet call")
+    seed: int = 0
+
+
+class PSOConfig(StrictModel):
+    """Everything the core library needs; services add their own sections in later versions."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    finetune: Finetune = Field(default_factory=LoraFinetune)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    pairing: PairingConfig = Field(default_factory=PairingConfig)
+    loss: Loss = Field(default_factory=OnlinePSOLoss)

@@ -1,0 +1,106 @@
+"""Load a distilled model's diffusers pipeline with its family's exact scheduler settings."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from diffusers import (
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from safetensors.torch import load_file
+
+from pso.config.schema import ModelConfig
+from pso.families import Arch, FamilyRecipe, get_family
+from pso.samplers import SAMPLERS, Sampler
+
+log = logging.getLogger(__name__)
+
+
+def pipeline_arch(pipe: DiffusionPipeline) -> Arch:
+    """ "sd" or "sdxl"; any other pipeline class is refused with the reason."""
+    if isinstance(pipe, StableDiffusionXLPipeline):
+        return "sdxl"
+    if isinstance(pipe, StableDiffusionPipeline):
+        return "sd"
+    raise ValueError(
+        f"{type(pipe).__name__} is not supported: PSO runs UNet pipelines "
+        "(StableDiffusionPipeline, StableDiffusionXLPipeline)"
+    )
+
+
+def _load_unet(spec: str, cfg: ModelConfig, dtype: torch.dtype) -> UNet2DConditionModel:
+    """A replacement UNet: a diffusers UNet folder or hub id, or a .safetensors state dict for the base UNet."""
+    common = dict(torch_dtype=dtype, local_files_only=cfg.local_files_only)
+    if spec.endswith(".safetensors"):
+        path = Path(spec)
+        if not path.is_file():  # "owner/repo/file.safetensors" on the hub
+            from huggingface_hub import hf_hub_download
+
+            repo, _, filename = spec.rpartition("/")
+            path = Path(hf_hub_download(repo, filename, local_files_only=cfg.local_files_only))
+        unet = UNet2DConditionModel.from_pretrained(
+            cfg.pretrained, subfolder="unet", revision=cfg.revision, **common
+        )
+        unet.load_state_dict(load_file(path), strict=True)
+        return unet.to(dtype)
+    if spec.endswith((".bin", ".pt", ".ckpt")):
+        raise ValueError(
+            f"refusing to load {spec}: pickle-based checkpoints can run code; use a .safetensors file"
+        )
+    subfolder = "unet" if (Path(spec) / "unet").is_dir() else None
+    return UNet2DConditionModel.from_pretrained(spec, subfolder=subfolder, **common)
+
+
+def build_sampler(pipe: DiffusionPipeline, recipe: FamilyRecipe, cfg: ModelConfig) -> Sampler:
+    """The family's scheduler with its pinned settings, at the configured step count."""
+    num_steps = cfg.num_steps or recipe.default_steps
+    if num_steps not in recipe.steps:
+        raise ValueError(f"family {recipe.name} is distilled for {list(recipe.steps)} steps, not {num_steps}")
+    kind = cfg.sampler or recipe.sampler
+    sampler_cls = SAMPLERS[kind]
+    settings = dict(recipe.scheduler_settings)
+    if num_steps in recipe.prediction_type:
+        settings["prediction_type"] = recipe.prediction_type[num_steps]
+    scheduler = sampler_cls.scheduler_class.from_config(pipe.scheduler.config, **settings)
+    timesteps = recipe.custom_timesteps.get(num_steps)
+    eta = recipe.eta if cfg.eta is None else cfg.eta
+    return sampler_cls(scheduler, num_steps, list(timesteps) if timesteps else None, eta=eta)
+
+
+def load_pipeline(cfg: ModelConfig) -> tuple[DiffusionPipeline, Sampler]:
+    """Load from a hub id or a local folder, apply the family recipe, and return (pipeline, sampler).
+
+    The pipeline's own scheduler is replaced by the sampler's, so `pipe(...)` samples exactly as
+    the policy does.
+    """
+    recipe = get_family(cfg.family)
+    dtype = getattr(torch, cfg.dtype)
+    kwargs = dict(
+        torch_dtype=dtype, revision=cfg.revision, variant=cfg.variant, local_files_only=cfg.local_files_only
+    )
+    if Path(cfg.pretrained).is_dir():
+        kwargs["local_files_only"] = True
+    if cfg.unet:
+        kwargs["unet"] = _load_unet(cfg.unet, cfg, dtype)
+    log.info("loading %s (%s) as %s", cfg.pretrained, cfg.dtype, recipe.name)
+    pipe = DiffusionPipeline.from_pretrained(cfg.pretrained, **kwargs)
+    arch = pipeline_arch(pipe)
+    if arch not in recipe.arch:
+        raise ValueError(
+            f"family {recipe.name} expects a {'/'.join(recipe.arch)} pipeline, "
+            f"but {cfg.pretrained} is {type(pipe).__name__}"
+        )
+    if cfg.distill_lora:
+        pipe.load_lora_weights(cfg.distill_lora, weight_name=cfg.distill_lora_weight_name)
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(cfg.device)
+    sampler = build_sampler(pipe, recipe, cfg)
+    pipe.scheduler = sampler.scheduler
+    return pipe, sampler

@@ -1,0 +1,148 @@
+"""Compute the configured loss for a batch of pairs on a `DistilledPolicy`.
+
+This is the one place where a loss name turns into model evaluations; the learner and the
+local loop both call `compute_loss`. Averaging convention: the loss is the mean over pairs
+(and, for the transition forms, over the stochastic transitions of each trajectory).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from pso.conditioning import Conditioning
+from pso.config.schema import (
+    DiffusionDPOLoss,
+    Loss,
+    OfflinePSOLoss,
+    OnlinePSOLoss,
+    SFTLoss,
+    TargetVsReferenceLoss,
+)
+from pso.losses import (
+    clip_log_ratio,
+    online_pso_loss,
+    pairwise_error_loss,
+    sft_loss,
+    target_vs_reference_loss,
+)
+from pso.policy import DistilledPolicy
+from pso.sampling import Trajectories
+
+
+@dataclass
+class PairBatch:
+    """P pairs. States are (P, N+1, C, H, W) trajectories, or (P, 1, C, H, W) for fixed images
+    (targets); the last entry along dim 1 is always the final latent."""
+
+    cond: Conditioning
+    winner_states: Tensor
+    loser_states: Tensor
+
+    @classmethod
+    def from_trajectories(
+        cls, traj: Trajectories, pairs: list[tuple[int, int]], cond: Conditioning
+    ) -> PairBatch:
+        """`cond` holds one row per prompt of `traj`; pairs index samples of `traj`."""
+        w = torch.tensor([p[0] for p in pairs], dtype=torch.long)
+        lo = torch.tensor([p[1] for p in pairs], dtype=torch.long)
+        return cls(cond.index(w // traj.group_size), traj.states[w], traj.states[lo])
+
+    def __len__(self) -> int:
+        return len(self.winner_states)
+
+
+@dataclass
+class LossOutput:
+    loss: Tensor
+    metrics: dict[str, float]
+
+
+def _transitions(states: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Flatten the stochastic transitions k = 0..N-2 of (P, N+1, ...) states (the last step is not trained)."""
+    p, n_states = states.shape[:2]
+    k = n_states - 2
+    if k < 1:
+        raise ValueError(
+            f"trajectories with {n_states - 1} step(s) have no stochastic transition; online PSO needs >= 2 "
+            "steps (use offline-pso for 1-step sampling)"
+        )
+    x = states[:, :k].reshape(p * k, *states.shape[2:])
+    x_next = states[:, 1 : k + 1].reshape(p * k, *states.shape[2:])
+    step = torch.arange(k, device=states.device).repeat(p)
+    return x, x_next, step, k
+
+
+def _log_ratios(policy: DistilledPolicy, states: Tensor, cond: Conditioning, reduction) -> Tensor:
+    """(P, K) transition log-ratios of trajectories against the reference model."""
+    x, x_next, step, k = _transitions(states)
+    cond_k = cond.index(torch.arange(len(states)).repeat_interleave(k))
+    return policy.transition_log_ratio(x, x_next, step, cond_k, reduction).view(len(states), k)
+
+
+def _distilled_t(policy: DistilledPolicy, n: int, gen: torch.Generator) -> Tensor:
+    ts = policy.sampler.timesteps.round().long()
+    return ts[torch.randint(len(ts), (n,), generator=gen)]
+
+
+def compute_loss(policy: DistilledPolicy, cfg: Loss, batch: PairBatch, gen: torch.Generator) -> LossOutput:
+    """The configured loss on `batch`. `gen` (CPU) draws timesteps and noise for forward-noised forms."""
+    p = len(batch)
+    x0_w, x0_l = batch.winner_states[:, -1], batch.loser_states[:, -1]
+    if isinstance(cfg, OnlinePSOLoss):
+        both = torch.cat([batch.winner_states, batch.loser_states])
+        lr = _log_ratios(policy, both, Conditioning.cat([batch.cond, batch.cond]), cfg.reduction)
+        lr_w, lr_l = lr[:p], lr[p:]
+        loss = online_pso_loss(lr_w, lr_l, cfg.beta, cfg.clip_eps).mean()
+        return LossOutput(loss, _margin_metrics(loss, lr_w, lr_l, cfg.clip_eps))
+    if isinstance(cfg, (OfflinePSOLoss, DiffusionDPOLoss)):
+        if isinstance(cfg, OfflinePSOLoss):
+            t = _distilled_t(policy, p, gen)
+        else:
+            t = torch.randint(policy.sampler.num_train_timesteps, (p,), generator=gen)
+        noise = torch.randn(x0_w.shape, generator=gen).to(x0_w)
+        err, err_ref = policy.forward_noised_errors(
+            torch.cat([x0_w, x0_l]),
+            torch.cat([t, t]),
+            torch.cat([noise, noise]),
+            Conditioning.cat([batch.cond, batch.cond]),
+            cfg.reduction,
+        )
+        loss = pairwise_error_loss(err[:p], err_ref[:p], err[p:], err_ref[p:], cfg.beta).mean()
+        # a lower error is a higher likelihood, so the implicit log-ratio is -(e - e_ref)
+        return LossOutput(loss, _margin_metrics(loss, -(err[:p] - err_ref[:p]), -(err[p:] - err_ref[p:])))
+    if isinstance(cfg, SFTLoss):
+        t = _distilled_t(policy, p, gen)
+        noise = torch.randn(x0_w.shape, generator=gen).to(x0_w)
+        err, _ = policy.forward_noised_errors(x0_w, t, noise, batch.cond, cfg.reduction, with_reference=False)
+        loss = sft_loss(err).mean()
+        return LossOutput(loss, {"loss": float(loss)})
+    if isinstance(cfg, TargetVsReferenceLoss):
+        lr_l = _log_ratios(policy, batch.loser_states, batch.cond, cfg.reduction)
+        t = _distilled_t(policy, p, gen)
+        noise = torch.randn(x0_w.shape, generator=gen).to(x0_w)
+        err, err_ref = policy.forward_noised_errors(x0_w, t, noise, batch.cond, cfg.reduction)
+        lr_w = -(err - err_ref)
+        loss = target_vs_reference_loss(err[:, None], err_ref[:, None], lr_l, cfg.beta, cfg.clip_eps).mean()
+        return LossOutput(loss, _margin_metrics(loss, lr_w[:, None].expand_as(lr_l), lr_l, cfg.clip_eps))
+    raise ValueError(f"unknown loss {cfg!r}")
+
+
+@torch.no_grad()
+def _margin_metrics(
+    loss: Tensor, lr_w: Tensor, lr_l: Tensor, clip_eps: float | None = None
+) -> dict[str, float]:
+    margin = lr_w - lr_l
+    metrics = {
+        "loss": float(loss),
+        "log_ratio_winner": float(lr_w.mean()),
+        "log_ratio_loser": float(lr_l.mean()),
+        "margin": float(margin.mean()),
+        "accuracy": float((margin > 0).float().mean()),
+    }
+    if clip_eps is not None:
+        clipped = torch.cat([lr_w.flatten(), lr_l.flatten()])
+        metrics["clip_fraction"] = float((clip_log_ratio(clipped, clip_eps) != clipped).float().mean())
+    return metrics

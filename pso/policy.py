@@ -1,0 +1,261 @@
+"""The distilled model as a trainable policy next to its frozen reference model.
+
+`DistilledPolicy` owns the pipeline, the sampler and the trainable weights. With LoRA the
+reference model is the same UNet with its adapters switched off (no second copy in memory);
+with full fine-tuning it is a frozen deep copy made before any update.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from diffusers import DiffusionPipeline, UNet2DConditionModel
+from peft import LoraConfig
+from torch import Tensor
+
+from pso.codecs import WeightBundle, tensor_spec
+from pso.conditioning import Conditioning, encode_prompts
+from pso.config.schema import Finetune, LoraFinetune, ModelConfig, Reduction
+from pso.families import get_family
+from pso.loading import load_pipeline
+from pso.samplers import Sampler
+
+
+def reduce_elements(x: Tensor, reduction: Reduction) -> Tensor:
+    """Mean or sum over every dimension but the batch (the explicit averaging convention)."""
+    dims = tuple(range(1, x.ndim))
+    return x.mean(dims) if reduction == "mean" else x.sum(dims)
+
+
+class DistilledPolicy:
+    def __init__(self, pipe: DiffusionPipeline, sampler: Sampler, model_cfg: ModelConfig, finetune: Finetune):
+        self.pipe = pipe
+        self.sampler = sampler
+        self.model_cfg = model_cfg
+        self.finetune = finetune
+        recipe = get_family(model_cfg.family)
+        self.guidance_scale = (
+            recipe.guidance_scale if model_cfg.guidance_scale is None else model_cfg.guidance_scale
+        )
+        self.unet: UNet2DConditionModel = pipe.unet
+        for module in (pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+            if module is not None:
+                module.requires_grad_(False).eval()
+        self._reference_unet: UNet2DConditionModel | None = None
+        if isinstance(finetune, LoraFinetune):
+            self.unet.requires_grad_(False)
+            config = LoraConfig(
+                r=finetune.rank,
+                lora_alpha=finetune.alpha or finetune.rank,
+                lora_dropout=finetune.dropout,
+                target_modules=finetune.target_modules,
+            )
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(finetune.init_seed)
+                self.unet.add_adapter(config)
+            for name, param in self.unet.named_parameters():
+                param.requires_grad_("lora_" in name)
+        else:
+            self._reference_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
+            self.unet.requires_grad_(True)
+        self.unet.eval()  # no dropout or norm statistics differ between sampling and training passes
+
+    @classmethod
+    def from_config(cls, model_cfg: ModelConfig, finetune: Finetune) -> DistilledPolicy:
+        pipe, sampler = load_pipeline(model_cfg)
+        return cls(pipe, sampler, model_cfg, finetune)
+
+    # ----- shapes and conditioning -----
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def image_size(self) -> int:
+        return self.model_cfg.resolution or self.unet.config.sample_size * self.pipe.vae_scale_factor
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        side = self.image_size // self.pipe.vae_scale_factor
+        return (self.unet.config.in_channels, side, side)
+
+    def encode(self, prompts: list[str]) -> Conditioning:
+        return encode_prompts(self.pipe, prompts, self.guidance_scale, (self.image_size, self.image_size))
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents to images in [0, 1], (B, 3, H, W) float32."""
+        vae = self.pipe.vae
+        dtype = torch.float32 if vae.config.get("force_upcast") and vae.dtype == torch.float16 else vae.dtype
+        latents = latents.to(dtype)
+        mean, std = vae.config.get("latents_mean"), vae.config.get("latents_std")
+        if mean is not None and std is not None:
+            shape = (1, -1, 1, 1)
+            mean = torch.tensor(mean).view(shape).to(latents)
+            std = torch.tensor(std).view(shape).to(latents)
+            latents = latents * std / vae.config.scaling_factor + mean
+        else:
+            latents = latents / vae.config.scaling_factor
+        image = vae.to(dtype).decode(latents).sample
+        return (image.float() / 2 + 0.5).clamp(0, 1)
+
+    # ----- the two models -----
+    @contextmanager
+    def _reference(self) -> Iterator[UNet2DConditionModel]:
+        if self._reference_unet is not None:
+            yield self._reference_unet
+            return
+        self.unet.disable_adapters()
+        try:
+            yield self.unet
+        finally:
+            self.unet.enable_adapters()
+
+    def unet_output(
+        self,
+        model_input: Tensor,
+        t: Tensor,
+        cond: Conditioning,
+        *,
+        reference: bool = False,
+        guided: bool = True,
+    ) -> Tensor:
+        """The UNet's prediction (CFG-combined when the conditioning carries an unconditional branch).
+
+        `reference=True` evaluates the frozen reference model without building a graph.
+        """
+        if reference:
+            with torch.no_grad(), self._reference() as unet:
+                return self._call(unet, model_input, t, cond, guided)
+        return self._call(self.unet, model_input, t, cond, guided)
+
+    @staticmethod
+    def _call(unet: UNet2DConditionModel, x: Tensor, t: Tensor, cond: Conditioning, guided: bool) -> Tensor:
+        if cond.uncond is None or not guided:
+            return unet(x, t, **cond.unet_kwargs()).sample
+        both = torch.cat([cond.uncond.prompt_embeds, cond.prompt_embeds])
+        added = (
+            None
+            if cond.added_cond is None
+            else {k: torch.cat([cond.uncond.added_cond[k], v]) for k, v in cond.added_cond.items()}
+        )
+        out_uncond, out_cond = unet(
+            torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=both, added_cond_kwargs=added
+        ).sample.chunk(2)
+        return out_uncond + cond.guidance_scale * (out_cond - out_uncond)
+
+    def predict(self, x: Tensor, step: Tensor, cond: Conditioning, *, reference: bool = False) -> Tensor:
+        """The model output for sampler states x at per-sample step indices."""
+        t = self.sampler.timesteps.to(x.device)[step]
+        return self.unet_output(self.sampler.model_input(x, step), t, cond, reference=reference)
+
+    # ----- the quantities PSO needs -----
+    def transition_log_ratio(
+        self, x: Tensor, x_next: Tensor, step: Tensor, cond: Conditioning, reduction: Reduction = "mean"
+    ) -> Tensor:
+        """log r = -(||x' - mu_theta||^2 - ||x' - mu_ref||^2) / (2 s^2) for realised transitions, (B,).
+
+        Raises for deterministic transitions (s = 0), which have no likelihood.
+        """
+        std = self.sampler.stds.to(x.device)[step]
+        if bool((std <= 0).any()):
+            raise ValueError(
+                f"transition at step(s) {sorted(set(step[std <= 0].tolist()))} is deterministic under sampler "
+                f"{self.sampler.kind!r} (eta={self.sampler.eta}); it has no likelihood. Train on steps before the "
+                "last, choose a stochastic sampler (euler_ancestral, lcm, tcd with eta > 0, ddim with eta > 0), "
+                "or use a forward-noised loss (offline-pso)."
+            )
+        mean = self.sampler.step(x, self.predict(x, step, cond), step).mean.float()
+        with torch.no_grad():
+            mean_ref = self.sampler.step(x, self.predict(x, step, cond, reference=True), step).mean.float()
+        x_next = x_next.float()
+        err = reduce_elements((x_next - mean) ** 2, reduction)
+        err_ref = reduce_elements((x_next - mean_ref) ** 2, reduction)
+        return -(err - err_ref) / (2 * std.float() ** 2)
+
+    def forward_noised_errors(
+        self,
+        x0: Tensor,
+        t: Tensor,
+        noise: Tensor,
+        cond: Conditioning,
+        reduction: Reduction = "mean",
+        *,
+        with_reference: bool = True,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Prediction errors of policy and reference on x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, (B,) each.
+
+        The target is the model's own prediction type (eps, v or x0); the conditional branch is
+        used without guidance, as in ordinary diffusion training.
+        """
+        t = t.to(x0.device)
+        abar = self.sampler.alphas_cumprod.to(x0.device)[t].view(-1, 1, 1, 1)
+        alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
+        x_t = (alpha * x0.float() + sigma * noise.float()).to(self.dtype)
+        target = self.prediction_target(x0.float(), noise.float(), alpha, sigma)
+        err = reduce_elements((self.unet_output(x_t, t, cond, guided=False).float() - target) ** 2, reduction)
+        if not with_reference:
+            return err, None
+        out_ref = self.unet_output(x_t, t, cond, reference=True, guided=False).float()
+        return err, reduce_elements((out_ref - target) ** 2, reduction)
+
+    def prediction_target(self, x0: Tensor, noise: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+        kind = self.sampler.prediction_type
+        if kind == "epsilon":
+            return noise
+        if kind == "sample":
+            return x0
+        return alpha * noise - sigma * x0  # v_prediction
+
+    # ----- trainable weights -----
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.unet.parameters() if p.requires_grad]
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """Just the trainable tensors (LoRA factors, or the whole UNet), detached copies on CPU."""
+        return {n: p.detach().cpu().clone() for n, p in self.unet.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def load_trainable_state_dict(self, tensors: dict[str, Tensor]) -> None:
+        """Copy tensors into the trainable parameters; names, shapes and dtypes must match exactly."""
+        params = {n: p for n, p in self.unet.named_parameters() if p.requires_grad}
+        missing, unexpected = sorted(params.keys() - tensors.keys()), sorted(tensors.keys() - params.keys())
+        if missing or unexpected:
+            raise ValueError(
+                f"trainable weights do not match this model: missing {missing[:5]} "
+                f"({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)})"
+            )
+        for name, param in params.items():
+            src = tensors[name]
+            if src.shape != param.shape or src.dtype != param.dtype:
+                raise ValueError(
+                    f"{name}: got {src.dtype} {tuple(src.shape)}, expected {param.dtype} {tuple(param.shape)}"
+                )
+            param.copy_(src)
+
+    def export_weights(self, version: int) -> WeightBundle:
+        return WeightBundle(
+            version=version,
+            tensors=self.trainable_state_dict(),
+            kind=self.finetune.mode,
+            base_model=self.model_cfg.pretrained,
+            metadata={"family": self.model_cfg.family, "dtype": self.model_cfg.dtype},
+        )
+
+    def load_weights(self, bundle: WeightBundle) -> None:
+        if bundle.kind != self.finetune.mode:
+            raise ValueError(
+                f"weight bundle holds {bundle.kind} weights, this model trains {self.finetune.mode}"
+            )
+        self.load_trainable_state_dict(bundle.tensors)
+
+    def weight_spec(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """Names, dtypes and shapes a weight bundle for this model must have (for decode_weights)."""
+        return tensor_spec({n: p for n, p in self.unet.named_parameters() if p.requires_grad})

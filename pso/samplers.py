@@ -1,0 +1,288 @@
+"""Few-step samplers written as stochastic policies.
+
+Each sampler reproduces one diffusers scheduler's `step` exactly, but returns the parts of the
+transition separately: the clean estimate x0_hat, the Gaussian mean mu and the std s, so that
+
+    x_next = mu + s * z,   z ~ N(0, I)
+
+and log p(x_next | x) = -||x_next - mu||^2 / (2 s^2) + const is available for PSO (pso.md).
+Steps are given per sample (a LongTensor of step indices), so one call can evaluate
+transitions from different points of different trajectories, as the learner needs.
+Coefficients are precomputed per step index from the scheduler's own tables.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    LCMScheduler,
+    TCDScheduler,
+)
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from torch import Tensor
+
+from pso.families import SamplerKind
+
+
+@dataclass
+class Step:
+    """One transition: the clean estimate, the Gaussian mean and std (std 0 = deterministic)."""
+
+    x0: Tensor
+    mean: Tensor
+    std: Tensor  # (B, 1, 1, 1)
+
+
+def vp_x0_eps(output: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor, prediction_type: str):
+    """Convert a model output to (x0, eps) for x = alpha * x0 + sigma * eps, as diffusers does."""
+    if prediction_type == "epsilon":
+        return (x - sigma * output) / alpha, output
+    if prediction_type == "sample":
+        return output, (x - alpha * output) / sigma
+    if prediction_type == "v_prediction":
+        return alpha * x - sigma * output, alpha * output + sigma * x
+    raise ValueError(f"unknown prediction_type {prediction_type!r}; expected epsilon, sample or v_prediction")
+
+
+class Sampler(ABC):
+    """A configured scheduler at a fixed step count, exposing transitions as Gaussians."""
+
+    kind: SamplerKind
+    scheduler_class: type[SchedulerMixin]
+
+    def __init__(
+        self, scheduler: SchedulerMixin, num_steps: int, timesteps: list[int] | None = None, eta: float = 0.0
+    ):
+        if not isinstance(scheduler, self.scheduler_class):
+            raise TypeError(
+                f"{type(self).__name__} needs a {self.scheduler_class.__name__}, "
+                f"got {type(scheduler).__name__}"
+            )
+        if scheduler.config.get("clip_sample") or scheduler.config.get("thresholding"):
+            raise ValueError(
+                f"{type(scheduler).__name__} clips or thresholds x0, which these samplers do not model; "
+                "set clip_sample=False and thresholding=False"
+            )
+        if timesteps is not None:
+            if len(timesteps) != num_steps:
+                raise ValueError(f"custom timesteps {timesteps} do not have {num_steps} entries")
+            scheduler.set_timesteps(timesteps=list(timesteps))
+        else:
+            scheduler.set_timesteps(num_steps)
+        self.scheduler = scheduler
+        self.num_steps = num_steps
+        self.eta = eta
+        self.prediction_type: str = scheduler.config.prediction_type
+        self.timesteps: Tensor = scheduler.timesteps.clone()
+        self.alphas_cumprod: Tensor = scheduler.alphas_cumprod.to(torch.float32)
+        self.num_train_timesteps: int = scheduler.config.num_train_timesteps
+        self.init_noise_sigma = float(scheduler.init_noise_sigma)
+        self._table: dict[str, Tensor] = {
+            k: torch.stack([torch.as_tensor(r[k], dtype=torch.float32) for r in self._rows()])
+            for k in self._rows()[0]
+        }
+
+    @abstractmethod
+    def _rows(self) -> list[dict[str, Tensor | float]]:
+        """Per-step coefficients; every row must hold the key "std"."""
+
+    @abstractmethod
+    def step(self, x: Tensor, model_output: Tensor, step: Tensor) -> Step:
+        """The transition from state x at step index `step` (LongTensor, one per sample)."""
+
+    def model_input(self, x: Tensor, step: Tensor) -> Tensor:
+        """The UNet's input for state x (identity for variance-preserving samplers)."""
+        return x
+
+    def _at(self, name: str, step: Tensor) -> Tensor:
+        return self._table[name].to(step.device)[step].view(-1, 1, 1, 1)
+
+    @property
+    def stds(self) -> Tensor:
+        """(N,) std of each transition; the last step's is 0 for every sampler but DDIM (eta > 0)."""
+        return self._table["std"].clone()
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether any transition before the last has noise, i.e. the online form has something to train."""
+        return bool((self._table["std"][:-1] > 0).any())
+
+    def _alpha_sigma(self, t: Tensor | int) -> tuple[Tensor, Tensor]:
+        abar = self.alphas_cumprod[t]
+        return abar.sqrt(), (1 - abar).sqrt()
+
+
+class LCMSampler(Sampler):
+    """LCMScheduler: boundary-condition denoise, then re-noise to the next timestep."""
+
+    kind = "lcm"
+    scheduler_class = LCMScheduler
+
+    def _rows(self):
+        ts = [int(t) for t in self.timesteps]
+        rows = []
+        for k, t in enumerate(ts):
+            last = k == len(ts) - 1
+            alpha, sigma = self._alpha_sigma(t)
+            c_skip, c_out = self.scheduler.get_scalings_for_boundary_condition_discrete(torch.tensor(t))
+            abar_prev = self.alphas_cumprod[ts[k + 1]] if not last else None
+            rows.append(
+                {
+                    "alpha": alpha,
+                    "sigma": sigma,
+                    "c_skip": c_skip,
+                    "c_out": c_out,
+                    "renoise": 1.0 if last else abar_prev.sqrt(),
+                    "std": 0.0 if last else (1 - abar_prev).sqrt(),
+                }
+            )
+        return rows
+
+    def step(self, x, model_output, step):
+        x0, _ = vp_x0_eps(
+            model_output, x, self._at("alpha", step), self._at("sigma", step), self.prediction_type
+        )
+        denoised = self._at("c_out", step) * x0 + self._at("c_skip", step) * x
+        return Step(denoised, self._at("renoise", step) * denoised, self._at("std", step))
+
+
+class TCDSampler(Sampler):
+    """TCDScheduler: move to an intermediate timestep s = floor((1 - gamma) t_prev), then re-noise."""
+
+    kind = "tcd"
+    scheduler_class = TCDScheduler
+
+    def _rows(self):
+        ts = [int(t) for t in self.timesteps]
+        rows = []
+        for k, t in enumerate(ts):
+            last = k == len(ts) - 1
+            t_prev = 0 if last else ts[k + 1]
+            t_s = math.floor((1 - self.eta) * t_prev)
+            abar_prev, abar_s = self.alphas_cumprod[t_prev], self.alphas_cumprod[t_s]
+            alpha, sigma = self._alpha_sigma(t)
+            stochastic = self.eta > 0 and not last
+            rows.append(
+                {
+                    "alpha": alpha,
+                    "sigma": sigma,
+                    "alpha_s": abar_s.sqrt(),
+                    "sigma_s": (1 - abar_s).sqrt(),
+                    "renoise": (abar_prev / abar_s).sqrt() if stochastic else 1.0,
+                    "std": (1 - abar_prev / abar_s).sqrt() if stochastic else 0.0,
+                }
+            )
+        return rows
+
+    def step(self, x, model_output, step):
+        x0, eps = vp_x0_eps(
+            model_output, x, self._at("alpha", step), self._at("sigma", step), self.prediction_type
+        )
+        noised = self._at("alpha_s", step) * x0 + self._at("sigma_s", step) * eps
+        return Step(x0, self._at("renoise", step) * noised, self._at("std", step))
+
+
+class DDIMSampler(Sampler):
+    """DDIMScheduler with eta (0 = deterministic DDIM, as Hyper-SD's N-step LoRAs use)."""
+
+    kind = "ddim"
+    scheduler_class = DDIMScheduler
+
+    def _rows(self):
+        stride = self.num_train_timesteps // self.num_steps
+        final = self.scheduler.final_alpha_cumprod
+        rows = []
+        for t in (int(t) for t in self.timesteps):
+            t_prev = t - stride
+            abar_t = self.alphas_cumprod[t]
+            abar_prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else final
+            variance = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)
+            std = self.eta * variance**0.5
+            rows.append(
+                {
+                    "alpha": abar_t.sqrt(),
+                    "sigma": (1 - abar_t).sqrt(),
+                    "alpha_prev": abar_prev**0.5,
+                    "direction": (1 - abar_prev - std**2) ** 0.5,
+                    "std": std,
+                }
+            )
+        return rows
+
+    def step(self, x, model_output, step):
+        x0, eps = vp_x0_eps(
+            model_output, x, self._at("alpha", step), self._at("sigma", step), self.prediction_type
+        )
+        mean = self._at("alpha_prev", step) * x0 + self._at("direction", step) * eps
+        return Step(x0, mean, self._at("std", step))
+
+
+class _EulerBase(Sampler):
+    """Euler samplers work in sigma space: x = x0 + sigma * eps, UNet input x / sqrt(sigma^2 + 1)."""
+
+    def _sigma_pairs(self):
+        sigmas = self.scheduler.sigmas.to(torch.float32)
+        return [(sigmas[k], sigmas[k + 1]) for k in range(self.num_steps)]
+
+    def model_input(self, x, step):
+        return x / self._at("input_scale", step)
+
+    def _x0(self, x, model_output, sigma):
+        if self.prediction_type == "epsilon":
+            return x - sigma * model_output
+        if self.prediction_type == "v_prediction":
+            return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + (x / (sigma**2 + 1))
+        if self.prediction_type == "sample":
+            return model_output
+        raise ValueError(f"unknown prediction_type {self.prediction_type!r}")
+
+    def step(self, x, model_output, step):
+        sigma = self._at("sigma", step)
+        x0 = self._x0(x, model_output, sigma)
+        return Step(x0, x + (x - x0) / sigma * self._at("dt", step), self._at("std", step))
+
+
+class EulerAncestralSampler(_EulerBase):
+    """EulerAncestralDiscreteScheduler: an Euler step to sigma_down plus noise sigma_up."""
+
+    kind = "euler_ancestral"
+    scheduler_class = EulerAncestralDiscreteScheduler
+
+    def _rows(self):
+        rows = []
+        for sigma, sigma_to in self._sigma_pairs():
+            sigma_up = (sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2) ** 0.5
+            rows.append(
+                {
+                    "sigma": sigma,
+                    "input_scale": (sigma**2 + 1) ** 0.5,
+                    "dt": (sigma_to**2 - sigma_up**2) ** 0.5 - sigma,
+                    "std": sigma_up,
+                }
+            )
+        return rows
+
+
+class EulerSampler(_EulerBase):
+    """EulerDiscreteScheduler without churn: a deterministic ODE step (no transition likelihood)."""
+
+    kind = "euler"
+    scheduler_class = EulerDiscreteScheduler
+
+    def _rows(self):
+        return [
+            {"sigma": s, "input_scale": (s**2 + 1) ** 0.5, "dt": s_to - s, "std": 0.0}
+            for s, s_to in self._sigma_pairs()
+        ]
+
+
+SAMPLERS: dict[str, type[Sampler]] = {
+    cls.kind: cls for cls in (LCMSampler, TCDSampler, DDIMSampler, EulerAncestralSampler, EulerSampler)
+}

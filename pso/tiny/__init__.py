@@ -1,0 +1,1 @@
+"""The built-in tiny world: offline tokenizer and tiny diffusers pipelines."""

@@ -1,0 +1,1 @@
+"""Reward server: FastAPI app and reward back-ends (built in a later issue)."""

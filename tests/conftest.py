@@ -1,0 +1,34 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from pso.config.schema import FullFinetune, LoraFinetune, ModelConfig  # noqa: E402
+from pso.policy import DistilledPolicy  # noqa: E402
+from pso.tiny.pipelines import build_tiny_pipeline  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Tiny random pipelines in each architecture the families use: plain SD, SD with an LCM
+    w-embedding UNet, and SDXL."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {
+        "sd": build_tiny_pipeline(root / "sd", "sd", seed=0),
+        "sd-lcm": build_tiny_pipeline(root / "sd-lcm", "sd", seed=1, time_cond_proj_dim=8),
+        "sdxl": build_tiny_pipeline(root / "sdxl", "sdxl", seed=2),
+    }
+
+
+@pytest.fixture
+def make_policy(tiny_models):
+    def make(family="sd-turbo", model="sd", mode="lora", **model_kwargs):
+        cfg = ModelConfig(family=family, pretrained=str(tiny_models[model]), **model_kwargs)
+        finetune = LoraFinetune(rank=4) if mode == "lora" else FullFinetune()
+        return DistilledPolicy.from_config(cfg, finetune)
+
+    return make

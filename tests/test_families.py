@@ -1,0 +1,103 @@
+"""Every supported family recipe: exact timesteps, and trajectories that reproduce the pipeline."""
+
+import pytest
+import torch
+
+from pso.config.schema import ModelConfig
+from pso.families import FAMILIES, UnsupportedFamilyError, get_family
+from pso.sampling import sample_groups
+
+PROMPTS = ["a red circle on a blue background", "a green square"]
+
+# (family, tiny model, steps, overrides) -> timesteps from the family table in docs/families.md
+CASES = [
+    ("sd-turbo", "sd", 1, {}, [999]),
+    ("sd-turbo", "sd", 4, {}, [999, 749, 499, 249]),
+    ("sd-turbo", "sd", 4, {"sampler": "euler_ancestral"}, [999, 749, 499, 249]),
+    ("sdxl-turbo", "sdxl", 1, {}, [999]),
+    ("sdxl-turbo", "sdxl", 4, {}, [999, 749, 499, 249]),
+    ("lcm", "sd-lcm", 4, {}, [999, 759, 499, 259]),
+    ("lcm-lora", "sd", 4, {}, [999, 759, 499, 259]),
+    ("lcm-lora", "sd", 4, {"guidance_scale": 1.5}, [999, 759, 499, 259]),
+    ("tcd", "sd", 4, {}, [999, 759, 499, 259]),
+    ("tcd", "sdxl", 4, {"eta": 1.0}, [999, 759, 499, 259]),
+    ("sdxl-dmd2", "sdxl", 4, {}, [999, 749, 499, 249]),
+    ("sdxl-dmd2", "sdxl", 1, {}, [399]),
+    ("sdxl-lightning", "sdxl", 2, {}, [999, 499]),
+    ("sdxl-lightning", "sdxl", 4, {}, [999, 749, 499, 249]),
+    ("sdxl-lightning", "sdxl", 1, {}, [999]),
+    ("hyper-sd", "sd", 4, {}, [999, 749, 499, 249]),
+    ("hyper-sd", "sd", 4, {"eta": 0.5}, [999, 749, 499, 249]),
+    ("hyper-sd-1step", "sdxl", 1, {}, [800]),
+]
+
+
+def test_every_family_has_a_case():
+    assert {c[0] for c in CASES} == set(FAMILIES)
+
+
+@pytest.mark.parametrize(
+    "family,model,steps,overrides,expected",
+    CASES,
+    ids=[f"{c[0]}-{c[2]}step-{'-'.join(map(str, c[3].values())) or 'default'}" for c in CASES],
+)
+def test_trajectory_reproduces_pipeline(make_policy, family, model, steps, overrides, expected):
+    policy = make_policy(family, model, num_steps=steps, **overrides)
+    traj = sample_groups(policy, PROMPTS, group_size=3, seed=7, batch_size=4)
+
+    assert traj.timesteps.round().long().tolist() == expected
+    b, n = len(PROMPTS) * 3, len(expected)
+    assert traj.states.shape == (b, n + 1, *policy.latent_shape)
+    assert traj.means.shape == (b, n, *policy.latent_shape)
+    assert traj.images.shape == (b, 3, policy.image_size, policy.image_size)
+    assert len(set(traj.seeds)) == b
+
+    recipe = get_family(family)
+    gens = [torch.Generator().manual_seed(s) for s in traj.seeds]
+    custom = recipe.custom_timesteps.get(steps)
+    reference = policy.pipe(
+        PROMPTS,
+        num_images_per_prompt=3,
+        generator=gens,
+        output_type="latent",
+        guidance_scale=policy.guidance_scale,
+        eta=policy.sampler.eta,
+        **({"timesteps": list(custom)} if custom else {"num_inference_steps": steps}),
+    ).images
+    torch.testing.assert_close(traj.latents, reference, rtol=1e-5, atol=1e-5)
+    # the group members start from independent noise and differ
+    assert not torch.allclose(traj.states[0, 0], traj.states[1, 0])
+
+
+def test_sampling_is_seeded_and_independent_of_batching(make_policy):
+    policy = make_policy("sdxl-turbo", "sdxl", num_steps=4)
+    a = sample_groups(policy, PROMPTS, group_size=2, seed=3, batch_size=1, decode=False)
+    b = sample_groups(policy, PROMPTS, group_size=2, seed=3, batch_size=4, decode=False)
+    c = sample_groups(policy, PROMPTS, group_size=2, seed=4, batch_size=4, decode=False)
+    torch.testing.assert_close(a.states, b.states, rtol=1e-5, atol=1e-4)  # conv kernels round per batch size
+    assert not torch.allclose(a.states, c.states)
+
+
+def test_transition_is_the_recorded_gaussian(make_policy):
+    """Each state is mean + std * z with the recorded mean and std, and z looks standard normal."""
+    policy = make_policy("lcm", "sd-lcm")
+    traj = sample_groups(policy, PROMPTS * 4, group_size=4, seed=0, decode=False)
+    for k in range(traj.num_steps - 1):
+        z = (traj.states[:, k + 1] - traj.means[:, k]) / traj.stds[k]
+        assert abs(float(z.mean())) < 0.1 and abs(float(z.std()) - 1) < 0.1
+    torch.testing.assert_close(traj.states[:, -1], traj.means[:, -1])
+    assert traj.stds[-1] == 0
+
+
+def test_flow_matching_families_say_not_supported():
+    with pytest.raises(UnsupportedFamilyError, match="flux-schnell.*not supported yet"):
+        get_family("flux-schnell")
+    with pytest.raises(ValueError, match="unknown model family 'sd-9'.*supported families: sd-turbo"):
+        ModelConfig(family="sd-9")
+
+
+def test_wrong_step_count_and_architecture_are_refused(make_policy):
+    with pytest.raises(ValueError, match="distilled for \\[1, 4\\] steps, not 2"):
+        make_policy("sdxl-dmd2", "sdxl", num_steps=2)
+    with pytest.raises(ValueError, match="expects a sdxl pipeline"):
+        make_policy("sdxl-turbo", "sd")
