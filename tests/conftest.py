@@ -9,7 +9,9 @@ from pso.config.schema import FullFinetune, LoraFinetune, ModelConfig  # noqa: E
 from pso.policy import DistilledPolicy  # noqa: E402
 from pso.tiny.pipelines import build_tiny_pipeline  # noqa: E402
 
-torch.set_num_threads(2)
+# Tiny models gain nothing from intra-op threads, and contending OpenMP threads on a busy
+# 2-core machine slow them down by orders of magnitude.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

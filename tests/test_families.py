@@ -43,7 +43,7 @@ def test_every_family_has_a_case():
 )
 def test_trajectory_reproduces_pipeline(make_policy, family, model, steps, overrides, expected):
     policy = make_policy(family, model, num_steps=steps, **overrides)
-    traj = sample_groups(policy, PROMPTS, group_size=3, seed=7, batch_size=4)
+    traj = sample_groups(policy, PROMPTS, group_size=3, seed=7, batch_size=6)  # one UNet batch, as the pipeline
 
     assert traj.timesteps.round().long().tolist() == expected
     b, n = len(PROMPTS) * 3, len(expected)
@@ -70,12 +70,15 @@ def test_trajectory_reproduces_pipeline(make_policy, family, model, steps, overr
 
 
 def test_sampling_is_seeded_and_independent_of_batching(make_policy):
-    policy = make_policy("sdxl-turbo", "sdxl", num_steps=4)
+    policy = make_policy("lcm", "sd-lcm")
     a = sample_groups(policy, PROMPTS, group_size=2, seed=3, batch_size=1, decode=False)
     b = sample_groups(policy, PROMPTS, group_size=2, seed=3, batch_size=4, decode=False)
-    c = sample_groups(policy, PROMPTS, group_size=2, seed=4, batch_size=4, decode=False)
-    torch.testing.assert_close(a.states, b.states, rtol=1e-5, atol=1e-4)  # conv kernels round per batch size
-    assert not torch.allclose(a.states, c.states)
+    again = sample_groups(policy, PROMPTS, group_size=2, seed=3, batch_size=4, decode=False)
+    other = sample_groups(policy, PROMPTS, group_size=2, seed=4, batch_size=4, decode=False)
+    assert torch.equal(b.states, again.states)
+    # batch size only changes float rounding inside the UNet (which a random tiny net amplifies a little)
+    torch.testing.assert_close(a.states, b.states, rtol=1e-3, atol=1e-2)
+    assert (a.states - other.states).abs().amax() > 1.0
 
 
 def test_transition_is_the_recorded_gaussian(make_policy):

@@ -13,15 +13,6 @@ VARIANTS = {"sd": ("sd", None), "sd-lcm": ("sd", 8), "sdxl": ("sdxl", None)}
 PIPELINE_CLASS = {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run ~100x slower when several OpenMP threads contend for a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _run(pipe, prompt: str, output_type: str) -> np.ndarray:
     out = pipe([prompt], num_inference_steps=2, guidance_scale=0.0, output_type=output_type,
                generator=torch.Generator().manual_seed(0))  # fmt: skip
