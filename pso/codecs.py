@@ -124,14 +124,10 @@ def tensor_spec(tensors: Mapping[str, torch.Tensor]) -> TensorSpec:
 
 
 def _manifest(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict]:
-    return {
-        name: {"dtype": _dtype_name(t.dtype), "shape": list(t.shape)} for name, t in sorted(tensors.items())
-    }
+    return {name: {"dtype": _dtype_name(t.dtype), "shape": list(t.shape)} for name, t in sorted(tensors.items())}
 
 
-def _check_spec(
-    tensors: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[str, tuple]], what: str
-) -> None:
+def _check_spec(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[str, tuple]], what: str) -> None:
     """Raise :class:`ShapeMismatchError` listing every way ``tensors`` differ from ``expected``
     ({name: (dtype name, shape)}): missing and unexpected names, then per-tensor shape/dtype."""
     problems = []
@@ -172,14 +168,10 @@ def _unpack(data: bytes, kind_code: int) -> tuple[dict[str, Any], dict[str, torc
         raise VersionMismatchError(f"format version {version} is not supported, expected {FORMAT_VERSION}")
     if kind != kind_code:
         got = _KIND_NAMES.get(kind, "unknown kind")
-        raise KindMismatchError(
-            f"expected {_KIND_NAMES[kind_code]} (kind {kind_code}), got {got} (kind {kind})"
-        )
+        raise KindMismatchError(f"expected {_KIND_NAMES[kind_code]} (kind {kind_code}), got {got} (kind {kind})")
     total = _HEADER.size + body_len
     if len(data) < total:
-        raise TruncatedError(
-            f"expected {total} bytes (header {_HEADER.size} + body {body_len}), got {len(data)}"
-        )
+        raise TruncatedError(f"expected {total} bytes (header {_HEADER.size} + body {body_len}), got {len(data)}")
     if len(data) > total:
         raise CorruptError(f"expected {total} bytes, got {len(data)} ({len(data) - total} trailing bytes)")
     body = data[_HEADER.size :]
@@ -190,9 +182,7 @@ def _unpack(data: bytes, kind_code: int) -> tuple[dict[str, Any], dict[str, torc
     (json_len,) = _JSON_LEN.unpack_from(body)
     json_end = _JSON_LEN.size + json_len
     if json_end > body_len:
-        raise CorruptError(
-            f"JSON length {json_len} exceeds the {body_len - _JSON_LEN.size} bytes left in the body"
-        )
+        raise CorruptError(f"JSON length {json_len} exceeds the {body_len - _JSON_LEN.size} bytes left in the body")
     try:
         meta = json.loads(body[_JSON_LEN.size : json_end].decode("utf-8"))
     except ValueError as exc:
@@ -251,18 +241,13 @@ class ExperienceRecord:
         for name in ("states", "stds", "scores"):
             _require_tensor(name, getattr(self, name))
         if self.states.ndim != 5:
-            raise ShapeMismatchError(
-                f"states: expected 5 dims (G, N+1, C, H, W), got shape {tuple(self.states.shape)}"
-            )
+            raise ShapeMismatchError(f"states: expected 5 dims (G, N+1, C, H, W), got shape {tuple(self.states.shape)}")
         if not self.states.is_floating_point():
-            raise ShapeMismatchError(
-                f"states: expected a floating dtype, got {_dtype_name(self.states.dtype)}"
-            )
+            raise ShapeMismatchError(f"states: expected a floating dtype, got {_dtype_name(self.states.dtype)}")
         g, n = self.group_size, self.num_steps
         if self.states.shape[1] != n + 1:
             raise ShapeMismatchError(
-                f"states: expected shape[1] == len(timesteps) + 1 == {n + 1}, "
-                f"got shape {tuple(self.states.shape)}"
+                f"states: expected shape[1] == len(timesteps) + 1 == {n + 1}, got shape {tuple(self.states.shape)}"
             )
         _require_shape("stds", self.stds, (n,), torch.float32)
         _require_shape("scores", self.scores, (g,), torch.float32)
@@ -304,9 +289,7 @@ def encode_experience(rec: ExperienceRecord) -> bytes:
 def decode_experience(data: bytes) -> ExperienceRecord:
     meta, tensors = _unpack(data, KIND_EXPERIENCE)
     if tensors.keys() != {"states", "stds", "scores"}:
-        raise ShapeMismatchError(
-            f"experience tensors: expected ['scores', 'states', 'stds'], got {sorted(tensors)}"
-        )
+        raise ShapeMismatchError(f"experience tensors: expected ['scores', 'states', 'stds'], got {sorted(tensors)}")
     rec = ExperienceRecord(
         prompt=_field(meta, "prompt", str),
         states=tensors["states"],

@@ -35,7 +35,7 @@ def pipeline_arch(pipe: DiffusionPipeline) -> Arch:
 
 def _load_unet(spec: str, cfg: ModelConfig, dtype: torch.dtype) -> UNet2DConditionModel:
     """A replacement UNet: a diffusers UNet folder or hub id, or a .safetensors state dict for the base UNet."""
-    common = dict(torch_dtype=dtype, local_files_only=cfg.local_files_only)
+    common = dict(dtype=dtype, local_files_only=cfg.local_files_only)
     if spec.endswith(".safetensors"):
         path = Path(spec)
         if not path.is_file():  # "owner/repo/file.safetensors" on the hub
@@ -44,14 +44,12 @@ def _load_unet(spec: str, cfg: ModelConfig, dtype: torch.dtype) -> UNet2DConditi
             repo, _, filename = spec.rpartition("/")
             path = Path(hf_hub_download(repo, filename, local_files_only=cfg.local_files_only))
         unet = UNet2DConditionModel.from_pretrained(
-            cfg.pretrained, subfolder="unet", revision=cfg.revision, **common
+            cfg.pretrained, subfolder="unet", revision=cfg.revision, variant=cfg.variant, **common
         )
         unet.load_state_dict(load_file(path), strict=True)
         return unet.to(dtype)
     if spec.endswith((".bin", ".pt", ".ckpt")):
-        raise ValueError(
-            f"refusing to load {spec}: pickle-based checkpoints can run code; use a .safetensors file"
-        )
+        raise ValueError(f"refusing to load {spec}: pickle-based checkpoints can run code; use a .safetensors file")
     subfolder = "unet" if (Path(spec) / "unet").is_dir() else None
     return UNet2DConditionModel.from_pretrained(spec, subfolder=subfolder, **common)
 
@@ -80,9 +78,7 @@ def load_pipeline(cfg: ModelConfig) -> tuple[DiffusionPipeline, Sampler]:
     """
     recipe = get_family(cfg.family)
     dtype = getattr(torch, cfg.dtype)
-    kwargs = dict(
-        torch_dtype=dtype, revision=cfg.revision, variant=cfg.variant, local_files_only=cfg.local_files_only
-    )
+    kwargs = dict(dtype=dtype, revision=cfg.revision, variant=cfg.variant, local_files_only=cfg.local_files_only)
     if Path(cfg.pretrained).is_dir():
         kwargs["local_files_only"] = True
     if cfg.unet:

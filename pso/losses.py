@@ -25,9 +25,7 @@ def online_pso_loss(log_ratio_w: Tensor, log_ratio_l: Tensor, beta: float, clip_
     return -F.logsigmoid(beta * margin)
 
 
-def pairwise_error_loss(
-    err_w: Tensor, err_w_ref: Tensor, err_l: Tensor, err_l_ref: Tensor, beta: float
-) -> Tensor:
+def pairwise_error_loss(err_w: Tensor, err_w_ref: Tensor, err_l: Tensor, err_l_ref: Tensor, beta: float) -> Tensor:
     """-log sigmoid(-beta * [(e_w - e_w_ref) - (e_l - e_l_ref)]): offline PSO and Diffusion-DPO.
 
     The two differ only in where t comes from (distilled timesteps vs 0..T-1).

@@ -42,9 +42,7 @@ class PairBatch:
     loser_states: Tensor
 
     @classmethod
-    def from_trajectories(
-        cls, traj: Trajectories, pairs: list[tuple[int, int]], cond: Conditioning
-    ) -> PairBatch:
+    def from_trajectories(cls, traj: Trajectories, pairs: list[tuple[int, int]], cond: Conditioning) -> PairBatch:
         """`cond` holds one row per prompt of `traj`; pairs index samples of `traj`."""
         w = torch.tensor([p[0] for p in pairs], dtype=torch.long)
         lo = torch.tensor([p[1] for p in pairs], dtype=torch.long)
@@ -52,6 +50,9 @@ class PairBatch:
 
     def __len__(self) -> int:
         return len(self.winner_states)
+
+    def __getitem__(self, idx: slice) -> PairBatch:
+        return PairBatch(self.cond.index(idx), self.winner_states[idx], self.loser_states[idx])
 
 
 @dataclass
@@ -131,9 +132,7 @@ def compute_loss(policy: DistilledPolicy, cfg: Loss, batch: PairBatch, gen: torc
 
 
 @torch.no_grad()
-def _margin_metrics(
-    loss: Tensor, lr_w: Tensor, lr_l: Tensor, clip_eps: float | None = None
-) -> dict[str, float]:
+def _margin_metrics(loss: Tensor, lr_w: Tensor, lr_l: Tensor, clip_eps: float | None = None) -> dict[str, float]:
     margin = lr_w - lr_l
     metrics = {
         "loss": float(loss),

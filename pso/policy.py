@@ -37,9 +37,7 @@ class DistilledPolicy:
         self.model_cfg = model_cfg
         self.finetune = finetune
         recipe = get_family(model_cfg.family)
-        self.guidance_scale = (
-            recipe.guidance_scale if model_cfg.guidance_scale is None else model_cfg.guidance_scale
-        )
+        self.guidance_scale = recipe.guidance_scale if model_cfg.guidance_scale is None else model_cfg.guidance_scale
         self.unet: UNet2DConditionModel = pipe.unet
         for module in (pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
             if module is not None:
@@ -93,8 +91,9 @@ class DistilledPolicy:
     def decode(self, latents: Tensor) -> Tensor:
         """Latents to images in [0, 1], (B, 3, H, W) float32."""
         vae = self.pipe.vae
-        dtype = torch.float32 if vae.config.get("force_upcast") and vae.dtype == torch.float16 else vae.dtype
-        latents = latents.to(dtype)
+        if vae.config.get("force_upcast") and vae.dtype == torch.float16:
+            vae = self._vae_fp32 = getattr(self, "_vae_fp32", None) or copy.deepcopy(vae).float()
+        latents = latents.to(vae.dtype)
         mean, std = vae.config.get("latents_mean"), vae.config.get("latents_std")
         if mean is not None and std is not None:
             shape = (1, -1, 1, 1)
@@ -103,7 +102,7 @@ class DistilledPolicy:
             latents = latents * std / vae.config.scaling_factor + mean
         else:
             latents = latents / vae.config.scaling_factor
-        image = vae.to(dtype).decode(latents).sample
+        image = vae.decode(latents).sample
         return (image.float() / 2 + 0.5).clamp(0, 1)
 
     # ----- the two models -----
@@ -251,9 +250,7 @@ class DistilledPolicy:
 
     def load_weights(self, bundle: WeightBundle) -> None:
         if bundle.kind != self.finetune.mode:
-            raise ValueError(
-                f"weight bundle holds {bundle.kind} weights, this model trains {self.finetune.mode}"
-            )
+            raise ValueError(f"weight bundle holds {bundle.kind} weights, this model trains {self.finetune.mode}")
         self.load_trainable_state_dict(bundle.tensors)
 
     def weight_spec(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:

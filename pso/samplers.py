@@ -57,13 +57,10 @@ class Sampler(ABC):
     kind: SamplerKind
     scheduler_class: type[SchedulerMixin]
 
-    def __init__(
-        self, scheduler: SchedulerMixin, num_steps: int, timesteps: list[int] | None = None, eta: float = 0.0
-    ):
+    def __init__(self, scheduler: SchedulerMixin, num_steps: int, timesteps: list[int] | None = None, eta: float = 0.0):
         if not isinstance(scheduler, self.scheduler_class):
             raise TypeError(
-                f"{type(self).__name__} needs a {self.scheduler_class.__name__}, "
-                f"got {type(scheduler).__name__}"
+                f"{type(self).__name__} needs a {self.scheduler_class.__name__}, got {type(scheduler).__name__}"
             )
         if scheduler.config.get("clip_sample") or scheduler.config.get("thresholding"):
             raise ValueError(
@@ -85,8 +82,7 @@ class Sampler(ABC):
         self.num_train_timesteps: int = scheduler.config.num_train_timesteps
         self.init_noise_sigma = float(scheduler.init_noise_sigma)
         self._table: dict[str, Tensor] = {
-            k: torch.stack([torch.as_tensor(r[k], dtype=torch.float32) for r in self._rows()])
-            for k in self._rows()[0]
+            k: torch.stack([torch.as_tensor(r[k], dtype=torch.float32) for r in self._rows()]) for k in self._rows()[0]
         }
 
     @abstractmethod
@@ -146,9 +142,7 @@ class LCMSampler(Sampler):
         return rows
 
     def step(self, x, model_output, step):
-        x0, _ = vp_x0_eps(
-            model_output, x, self._at("alpha", step), self._at("sigma", step), self.prediction_type
-        )
+        x0, _ = vp_x0_eps(model_output, x, self._at("alpha", step), self._at("sigma", step), self.prediction_type)
         denoised = self._at("c_out", step) * x0 + self._at("c_skip", step) * x
         return Step(denoised, self._at("renoise", step) * denoised, self._at("std", step))
 
@@ -182,9 +176,7 @@ class TCDSampler(Sampler):
         return rows
 
     def step(self, x, model_output, step):
-        x0, eps = vp_x0_eps(
-            model_output, x, self._at("alpha", step), self._at("sigma", step), self.prediction_type
-        )
+        x0, eps = vp_x0_eps(model_output, x, self._at("alpha", step), self._at("sigma", step), self.prediction_type)
         noised = self._at("alpha_s", step) * x0 + self._at("sigma_s", step) * eps
         return Step(x0, self._at("renoise", step) * noised, self._at("std", step))
 
@@ -217,9 +209,7 @@ class DDIMSampler(Sampler):
         return rows
 
     def step(self, x, model_output, step):
-        x0, eps = vp_x0_eps(
-            model_output, x, self._at("alpha", step), self._at("sigma", step), self.prediction_type
-        )
+        x0, eps = vp_x0_eps(model_output, x, self._at("alpha", step), self._at("sigma", step), self.prediction_type)
         mean = self._at("alpha_prev", step) * x0 + self._at("direction", step) * eps
         return Step(x0, mean, self._at("std", step))
 

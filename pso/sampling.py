@@ -43,9 +43,7 @@ class Trajectories:
 
 def sample_seeds(seed: int, count: int) -> list[int]:
     """Independent per-sample seeds derived from one run seed (numpy SeedSequence)."""
-    return [
-        int(s) for s in np.random.SeedSequence(seed).generate_state(count, dtype=np.uint64) >> np.uint64(1)
-    ]
+    return [int(s) for s in np.random.SeedSequence(seed).generate_state(count, dtype=np.uint64) >> np.uint64(1)]
 
 
 @torch.no_grad()

@@ -68,16 +68,12 @@ def make_bundle(dtype: torch.dtype = torch.float32) -> WeightBundle:
 
 def envelope(kind: int, body: bytes) -> bytes:
     """Wrap ``body`` in the documented header, with a valid checksum."""
-    return (
-        struct.pack("<4sHBQ32s", MAGIC, FORMAT_VERSION, kind, len(body), hashlib.sha256(body).digest()) + body
-    )
+    return struct.pack("<4sHBQ32s", MAGIC, FORMAT_VERSION, kind, len(body), hashlib.sha256(body).digest()) + body
 
 
 def seal(kind: int, meta: dict, tensors: dict) -> bytes:
     """Build a record by hand from the documented format."""
-    manifest = {
-        k: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)} for k, t in tensors.items()
-    }
+    manifest = {k: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)} for k, t in tensors.items()}
     js = json.dumps({**meta, "tensors": manifest}).encode()
     return envelope(kind, struct.pack("<I", len(js)) + js + st_save(tensors))
 
@@ -202,9 +198,7 @@ def test_truncated_body():
 
 def test_trailing_bytes():
     data = encode_weights(make_bundle())
-    with pytest.raises(
-        CorruptError, match=f"expected {len(data)} bytes, got {len(data) + 3} \\(3 trailing bytes\\)"
-    ):
+    with pytest.raises(CorruptError, match=f"expected {len(data)} bytes, got {len(data) + 3} \\(3 trailing bytes\\)"):
         decode_weights(data + b"xyz")
 
 
@@ -216,9 +210,7 @@ def test_wrong_version():
 
 
 def test_wrong_kind():
-    with pytest.raises(
-        KindMismatchError, match=r"expected experience record \(kind 1\), got weight bundle \(kind 2\)"
-    ):
+    with pytest.raises(KindMismatchError, match=r"expected experience record \(kind 1\), got weight bundle \(kind 2\)"):
         decode_experience(encode_weights(make_bundle()))
     with pytest.raises(KindMismatchError, match=r"expected weight bundle \(kind 2\), got experience record"):
         decode_weights(encode_experience(make_record()))
@@ -269,9 +261,7 @@ def test_tensor_disagrees_with_manifest():
     js = json.dumps(meta).encode()
     body = struct.pack("<I", len(js)) + js + data[HEADER + 4 + js_len :]
     data = envelope(2, body)
-    with pytest.raises(
-        ShapeMismatchError, match=re.escape("w: expected shape (4,) dtype float32, got shape (3,)")
-    ):
+    with pytest.raises(ShapeMismatchError, match=re.escape("w: expected shape (4,) dtype float32, got shape (3,)")):
         decode_weights(data)
 
 
@@ -283,15 +273,11 @@ def test_decode_validates_experience_schema():
     with pytest.raises(SchemaError, match=r"pair \(0, 3\): expected \(winner, loser\)"):
         decode_experience(seal(1, meta, experience_tensors(rec)))
     tensors = experience_tensors(rec) | {"stds": torch.zeros(5)}
-    with pytest.raises(
-        ShapeMismatchError, match=re.escape("stds: expected shape (4,) dtype float32, got shape (5,)")
-    ):
+    with pytest.raises(ShapeMismatchError, match=re.escape("stds: expected shape (4,) dtype float32, got shape (5,)")):
         decode_experience(seal(1, experience_meta(rec), tensors))
     tensors = experience_tensors(rec)
     del tensors["scores"]
-    with pytest.raises(
-        ShapeMismatchError, match=r"expected \['scores', 'states', 'stds'\], got \['states', 'stds'\]"
-    ):
+    with pytest.raises(ShapeMismatchError, match=r"expected \['scores', 'states', 'stds'\], got \['states', 'stds'\]"):
         decode_experience(seal(1, experience_meta(rec), tensors))
 
 
@@ -301,9 +287,7 @@ def test_decode_validates_experience_schema():
 def test_states_steps_mismatch_refused_at_encode():
     rec = make_record()
     rec.states = rec.states[:, :4]
-    with pytest.raises(
-        ShapeMismatchError, match=re.escape("states: expected shape[1] == len(timesteps) + 1 == 5")
-    ):
+    with pytest.raises(ShapeMismatchError, match=re.escape("states: expected shape[1] == len(timesteps) + 1 == 5")):
         encode_experience(rec)
 
 
@@ -363,9 +347,7 @@ def test_expected_spec_shape_and_dtype_mismatch():
     with pytest.raises(ShapeMismatchError, match=re.escape(msg)):
         decode_weights(encode_weights(bundle), expected=spec)
     spec = tensor_spec(bundle.tensors) | {"unet.up.lora_B.weight": (torch.bfloat16, (16, 4))}
-    with pytest.raises(
-        ShapeMismatchError, match="lora_B.weight: expected .* dtype bfloat16, got .* dtype float32"
-    ):
+    with pytest.raises(ShapeMismatchError, match="lora_B.weight: expected .* dtype bfloat16, got .* dtype float32"):
         decode_weights(encode_weights(bundle), expected=spec)
 
 

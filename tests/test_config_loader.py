@@ -112,9 +112,7 @@ def test_wrong_type_from_cli_names_override():
 
 
 def test_unknown_key_from_cli_names_override():
-    with pytest.raises(
-        ConfigError, match=r"learner\.bogus: unknown key \(command line override learner\.bogus=1\)"
-    ):
+    with pytest.raises(ConfigError, match=r"learner\.bogus: unknown key \(command line override learner\.bogus=1\)"):
         load_config(Config, env={}, overrides=["learner.bogus=1"])
 
 
@@ -130,9 +128,7 @@ def test_invalid_discriminator_lists_allowed_names(tmp_path):
 
 
 def test_missing_discriminator():
-    with pytest.raises(
-        ConfigError, match=r"loss\.name: missing required key \(command line override loss=\{}\)$"
-    ):
+    with pytest.raises(ConfigError, match=r"loss\.name: missing required key \(command line override loss=\{}\)$"):
         load_config(Config, env={}, overrides=["loss={}"])
 
 

@@ -31,9 +31,7 @@ def test_zscore_normalisation_per_group():
     torch.testing.assert_close(s.std(unbiased=False), torch.tensor(1.0))
     # with a margin in normalised units, a group's scale does not matter
     cfg = PairingConfig(strategy="all-pairs", normalize="zscore", margin=1.0)
-    assert pairs_in_group(torch.tensor([1.0, 2.0, 3.0]), cfg) == pairs_in_group(
-        torch.tensor([10.0, 20.0, 30.0]), cfg
-    )
+    assert pairs_in_group(torch.tensor([1.0, 2.0, 3.0]), cfg) == pairs_in_group(torch.tensor([10.0, 20.0, 30.0]), cfg)
 
 
 def test_groups_give_global_indices():

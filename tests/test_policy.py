@@ -70,9 +70,7 @@ def test_online_gradient_raises_winner_likelihood_relative_to_loser(make_policy)
 def grad_norm(policy, batch):
     policy.unet.zero_grad()
     compute_loss(policy, OnlinePSOLoss(), batch, torch.Generator()).loss.backward()
-    return float(
-        torch.stack([p.grad.norm() for p in policy.trainable_parameters() if p.grad is not None]).norm()
-    )
+    return float(torch.stack([p.grad.norm() for p in policy.trainable_parameters() if p.grad is not None]).norm())
 
 
 def test_a_tie_gives_no_gradient(make_policy):
@@ -98,9 +96,7 @@ def test_one_step_and_deterministic_samplers_are_refused_by_the_online_loss(make
         compute_loss(euler, OnlinePSOLoss(), batch, torch.Generator())
 
 
-@pytest.mark.parametrize(
-    "cfg", [OfflinePSOLoss(), DiffusionDPOLoss(), TargetVsReferenceLoss()], ids=lambda c: c.name
-)
+@pytest.mark.parametrize("cfg", [OfflinePSOLoss(), DiffusionDPOLoss(), TargetVsReferenceLoss()], ids=lambda c: c.name)
 def test_pairwise_forms_start_at_log2(make_policy, cfg):
     policy = make_policy("lcm", "sd-lcm")
     _, batch = online_batch(policy)

@@ -118,9 +118,7 @@ def _parse_value(text: str) -> Any:
     return value
 
 
-def _set(
-    data: dict[str, Any], keys: list[str], value: Any, source: str, sources: dict[_KeyPath, str]
-) -> None:
+def _set(data: dict[str, Any], keys: list[str], value: Any, source: str, sources: dict[_KeyPath, str]) -> None:
     """Set the nested key `keys` to `value`, creating mappings on the way, and record its source."""
     if not all(keys):
         raise ConfigError(f"empty key in {source}")
@@ -130,9 +128,7 @@ def _set(
             node[key] = {}
         node = node[key]
         if not isinstance(node, dict):
-            raise ConfigError(
-                f"cannot set {'.'.join(keys)} ({source}): {'.'.join(keys[: i + 1])} is not a mapping"
-            )
+            raise ConfigError(f"cannot set {'.'.join(keys)} ({source}): {'.'.join(keys[: i + 1])} is not a mapping")
     node[keys[-1]] = value
     path = tuple(keys)
     for shadowed in [p for p in sources if p[: len(path)] == path]:
@@ -140,9 +136,7 @@ def _set(
     sources[path] = source
 
 
-def _describe(
-    err: ErrorDetails, data: dict[str, Any], sources: dict[_KeyPath, str], file_source: str | None
-) -> str:
+def _describe(err: ErrorDetails, data: dict[str, Any], sources: dict[_KeyPath, str], file_source: str | None) -> str:
     """One line per error: dotted key path, the problem in plain words, where the value came from."""
     path = _data_path(err["loc"], data, missing=err["type"] == "missing")
     if err["type"].startswith("union_tag_"):

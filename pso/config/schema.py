@@ -33,9 +33,7 @@ class ModelConfig(StrictModel):
     resolution: int | None = Field(None, ge=8, description="image side in pixels; default: the model's")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: str = "cpu"
-    local_files_only: bool = Field(
-        False, description="never reach the hub (folders and the local cache only)"
-    )
+    local_files_only: bool = Field(False, description="never reach the hub (folders and the local cache only)")
 
     @field_validator("family")
     @classmethod
@@ -119,15 +117,34 @@ class PairingConfig(StrictModel):
 
     strategy: Literal["best-vs-worst", "all-pairs"] = "best-vs-worst"
     margin: float = Field(0.0, ge=0.0, description="a pair needs score(winner) - score(loser) > margin")
-    normalize: Literal["none", "zscore"] = Field(
-        "none", description="normalise scores within each prompt group"
-    )
+    normalize: Literal["none", "zscore"] = Field("none", description="normalise scores within each prompt group")
 
 
 class SamplingConfig(StrictModel):
     group_size: int = Field(2, ge=2, description="images per prompt, each from its own starting noise")
     batch_size: int = Field(8, ge=1, description="images per UNet call")
     seed: int = 0
+
+
+class OptimConfig(StrictModel):
+    """AdamW on the trainable weights (reference code: lr 1e-5, grad clip 1.0)."""
+
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    pairs_per_step: int = Field(8, ge=1, description="pairs per optimiser step (a micro-batch of the round)")
+
+
+class LoopConfig(StrictModel):
+    """The in-process online loop (sample, score, pair, update) used for research, tests and the demo."""
+
+    rounds: int = Field(10, ge=1)
+    prompts_per_round: int = Field(4, ge=1)
+    prompts: list[str] = Field(
+        default_factory=lambda: ["a red circle on a blue background", "a green square on a yellow background"],
+        min_length=1,
+    )
+    eval_prompts: int = Field(8, ge=1, description="prompts drawn with fixed seeds for before/after scores")
 
 
 class PSOConfig(StrictModel):
@@ -138,3 +155,5 @@ class PSOConfig(StrictModel):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     pairing: PairingConfig = Field(default_factory=PairingConfig)
     loss: Loss = Field(default_factory=OnlinePSOLoss)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    loop: LoopConfig = Field(default_factory=LoopConfig)

@@ -1,0 +1,182 @@
+"""The `pso` command: one subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from pso.config import ConfigError, dump_config, load_config
+from pso.config.schema import PSOConfig
+
+log = logging.getLogger("pso")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if not verbose:  # library chatter (load bars, fp32-module notes) drowns the operator's view
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.set_verbosity_error()
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", type=Path, help="YAML file (see configs/); default: built-in defaults")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one key, e.g. --set loss.beta=20 (repeatable; beats PSO__* variables)",
+    )
+
+
+def _load(args) -> PSOConfig:
+    return load_config(PSOConfig, args.config, overrides=args.overrides)
+
+
+def cmd_demo(args) -> int:
+    from pso.demo import run_demo
+
+    summary = run_demo(args.out, rounds=args.rounds)
+    print(
+        f"brightness on fixed seeds: before {summary['brightness_before']:.5f}, "
+        f"after {summary['brightness_after']:.5f} (after > before on {summary['win_rate']:.0%} of seeds)"
+    )
+    print(f"before/after grid: {summary['grid']}")
+    print(f"trained LoRA weights (weight codec): {summary['weights']}; per-round log: {args.out / 'summary.json'}")
+    return 0
+
+
+def cmd_families(args) -> int:
+    from pso.families import FAMILIES, UNSUPPORTED_FAMILIES
+
+    for r in FAMILIES.values():
+        print(
+            f"{r.name:16} {'/'.join(r.arch):8} sampler={r.sampler:16} steps={list(r.steps)} "
+            f"default={r.default_steps} guidance={r.guidance_scale}\n{'':16} {r.description}"
+        )
+    for name, what in UNSUPPORTED_FAMILIES.items():
+        print(f"{name:16} not supported yet: {what}")
+    return 0
+
+
+def cmd_config(args) -> int:
+    print(dump_config(_load(args)), end="")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from pso.images import save_grid
+    from pso.policy import DistilledPolicy
+    from pso.sampling import sample_groups
+
+    cfg = _load(args)
+    policy = DistilledPolicy.from_config(cfg.model, cfg.finetune)
+    if args.weights:
+        from pso.codecs import decode_weights
+
+        policy.load_weights(decode_weights(args.weights.read_bytes(), expected=policy.weight_spec()))
+    group = args.group_size or cfg.sampling.group_size
+    traj = sample_groups(
+        policy,
+        args.prompt,
+        group,
+        args.seed if args.seed is not None else cfg.sampling.seed,
+        batch_size=cfg.sampling.batch_size,
+    )
+    rows = [traj.images[traj.group(p)] for p in range(len(args.prompt))]
+    grid = save_grid(rows, args.out / "samples.png", [p[:22] for p in args.prompt])
+    info = {
+        "family": cfg.model.family,
+        "sampler": policy.sampler.kind,
+        "timesteps": traj.timesteps.tolist(),
+        "stds": traj.stds.tolist(),
+        "seeds": traj.seeds,
+        "states_shape": list(traj.states.shape),
+        "latent_std_per_step": [float(traj.states[:, k].std()) for k in range(traj.num_steps + 1)],
+    }
+    (args.out / "trajectories.json").write_text(json.dumps(info, indent=2))
+    print(f"sampled {len(traj.seeds)} images at timesteps {info['timesteps']}: {grid}")
+    return 0
+
+
+def cmd_tiny_random(args) -> int:
+    from pso.tiny.pipelines import build_tiny_pipeline
+
+    path = build_tiny_pipeline(args.out, args.arch, seed=args.seed, time_cond_proj_dim=8 if args.lcm else None)
+    print(f"tiny random {args.arch} pipeline written to {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pso",
+        description="Online Pairwise Sample Optimization (PSO) for few-step, timestep-distilled diffusion models. "
+        "Configuration: YAML (--config) < environment (PSO__SECTION__KEY=value) < --set KEY=VALUE.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logs, library warnings included")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="a minute of online PSO on CPU with a tiny model built on the spot")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default runs/demo)")
+    p.add_argument("--rounds", type=int, help="online rounds (default 40)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("families", help="list the supported distilled model families and their samplers")
+    p.set_defaults(func=cmd_families)
+
+    p = sub.add_parser("config", help="validate a configuration and print it resolved")
+    _config_args(p)
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("sample", help="sample groups of few-step images from a model and save a grid")
+    _config_args(p)
+    p.add_argument("--prompt", "-p", action="append", required=True, help="prompt (repeatable)")
+    p.add_argument("--group-size", "-g", type=int, help="images per prompt (default sampling.group_size)")
+    p.add_argument("--seed", type=int, help="default sampling.seed")
+    p.add_argument("--weights", type=Path, help="trained weights (a .psow weight bundle) to apply")
+    p.add_argument("--out", type=Path, default=Path("runs/sample"))
+    p.set_defaults(func=cmd_sample)
+
+    tiny = sub.add_parser("tiny", help="the built-in tiny models").add_subparsers(
+        dest="tiny", required=True, metavar="ACTION"
+    )
+    p = tiny.add_parser("random", help="write a tiny randomly initialised pipeline (for tests and trying things)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--arch", choices=["sd", "sdxl"], default="sd")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lcm", action="store_true", help="give the UNet an LCM guidance embedding")
+    p.set_defaults(func=cmd_tiny_random)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"pso {args.command}: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, OSError) as e:
+        log.debug("failed", exc_info=True)
+        print(f"pso {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

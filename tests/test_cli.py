@@ -1,0 +1,104 @@
+"""The `pso` command and the shipped configs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pso.cli import main
+from pso.config import load_config
+from pso.config.schema import PSOConfig
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    cfg = load_config(PSOConfig, path)
+    assert cfg.model.family in path.read_text()
+
+
+def test_help_lists_the_subcommands():
+    out = subprocess.run([sys.executable, "-m", "pso.cli", "--help"], capture_output=True, text=True, check=True)
+    for command in ("demo", "families", "config", "sample", "tiny"):
+        assert command in out.stdout
+
+
+def test_config_prints_resolved_yaml_with_overrides(capsys):
+    assert main(["config", "--config", str(CONFIGS[0]), "--set", "loss.beta=20"]) == 0
+    assert "beta: 20.0" in capsys.readouterr().out
+
+
+def test_config_errors_name_the_key_and_the_file(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  familly: sd-turbo\nloss:\n  name: online-pso\n  beta: lots\n")
+    assert main(["config", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "model.familly: unknown key" in err and str(bad) in err
+    assert "loss.beta: expected a number, got 'lots'" in err
+
+
+def test_unknown_family_is_a_config_error(capsys):
+    assert main(["config", "--set", "model.family=flux-schnell"]) == 2
+    assert "not supported yet" in capsys.readouterr().err
+
+
+def test_families_lists_every_recipe(capsys):
+    assert main(["families"]) == 0
+    out = capsys.readouterr().out
+    assert "sdxl-dmd2" in out and "flux-schnell" in out and "not supported yet" in out
+
+
+def test_sample_writes_a_grid(tiny_models, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = [
+        "sample",
+        "--set",
+        "model.family=lcm",
+        "--set",
+        f"model.pretrained={tiny_models['sd-lcm']}",
+        "-p",
+        "a red circle",
+        "-p",
+        "a blue square",
+        "-g",
+        "3",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    info = json.loads((out / "trajectories.json").read_text())
+    assert info["timesteps"] == [999, 759, 499, 259] and len(info["seeds"]) == 6
+    assert (out / "samples.png").stat().st_size > 0
+
+
+def test_tiny_random_and_missing_model(tmp_path, capsys):
+    assert main(["tiny", "random", "--out", str(tmp_path / "m"), "--arch", "sdxl"]) == 0
+    assert (tmp_path / "m" / "model_index.json").exists()
+    assert (
+        main(
+            [
+                "sample",
+                "--set",
+                f"model.pretrained={tmp_path / 'nothing'}",
+                "--set",
+                "model.local_files_only=true",
+                "-p",
+                "x",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 1
+    )
+    assert "error" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--rounds", "3"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert len(summary["rounds"]) == 3 and all(r["pairs"] > 0 for r in summary["rounds"])
+    assert Path(summary["grid"]).exists() and Path(summary["weights"]).stat().st_size > 0
