@@ -119,7 +119,7 @@ def compute_loss(policy: DistilledPolicy, cfg: Loss, batch: PairBatch, gen: torc
         noise = torch.randn(x0_w.shape, generator=gen).to(x0_w)
         err, _ = policy.forward_noised_errors(x0_w, t, noise, batch.cond, cfg.reduction, with_reference=False)
         loss = sft_loss(err).mean()
-        return LossOutput(loss, {"loss": float(loss)})
+        return LossOutput(loss, {"loss": loss.item()})
     if isinstance(cfg, TargetVsReferenceLoss):
         lr_l = _log_ratios(policy, batch.loser_states, batch.cond, cfg.reduction)
         t = _distilled_t(policy, p, gen)

@@ -42,6 +42,8 @@ class DistilledPolicy:
         for module in (pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
             if module is not None:
                 module.requires_grad_(False).eval()
+        if pipe.vae.config.get("force_upcast") and pipe.vae.dtype == torch.float16:
+            pipe.vae.to(torch.float32)  # the SDXL VAE overflows in fp16
         self._reference_unet: UNet2DConditionModel | None = None
         if isinstance(finetune, LoraFinetune):
             self.unet.requires_grad_(False)
@@ -91,8 +93,6 @@ class DistilledPolicy:
     def decode(self, latents: Tensor) -> Tensor:
         """Latents to images in [0, 1], (B, 3, H, W) float32."""
         vae = self.pipe.vae
-        if vae.config.get("force_upcast") and vae.dtype == torch.float16:
-            vae = self._vae_fp32 = getattr(self, "_vae_fp32", None) or copy.deepcopy(vae).float()
         latents = latents.to(vae.dtype)
         mean, std = vae.config.get("latents_mean"), vae.config.get("latents_std")
         if mean is not None and std is not None:

@@ -80,6 +80,13 @@ def _unet(arch: str, time_cond_proj_dim: int | None) -> UNet2DConditionModel:
     return unet
 
 
+def _seeded(seed: int, build):
+    """Build a component from a fixed seed without touching the caller's global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
 def build_tiny_pipeline(
     out_dir: str | Path,
     arch: Literal["sd", "sdxl"] = "sd",
@@ -96,12 +103,9 @@ def build_tiny_pipeline(
         raise ValueError(f"arch must be 'sd' or 'sdxl', not {arch!r}")
     out_dir = Path(out_dir)
     tokenizer = build_clip_tokenizer(out_dir / "tokenizer")
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(_text_config(tokenizer))
-    torch.manual_seed(seed)
-    vae = _vae()
-    torch.manual_seed(seed)
-    unet = _unet(arch, time_cond_proj_dim)
+    text_encoder = _seeded(seed, lambda: CLIPTextModel(_text_config(tokenizer)))
+    vae = _seeded(seed, _vae)
+    unet = _seeded(seed, lambda: _unet(arch, time_cond_proj_dim))
     scheduler = EulerDiscreteScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
@@ -122,8 +126,7 @@ def build_tiny_pipeline(
             requires_safety_checker=False,
         )
     else:
-        torch.manual_seed(seed)
-        text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer))
+        text_encoder_2 = _seeded(seed, lambda: CLIPTextModelWithProjection(_text_config(tokenizer)))
         pipe = StableDiffusionXLPipeline(
             vae=vae,
             text_encoder=text_encoder,
