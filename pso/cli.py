@@ -121,6 +121,58 @@ def cmd_tiny_random(args) -> int:
     return 0
 
 
+def cmd_tiny_build(args) -> int:
+    from pso.tiny.build import BuildConfig, build_tiny_model
+
+    cfg = BuildConfig.quick(args.seed) if args.quick else BuildConfig(seed=args.seed)
+    report = build_tiny_model(args.out, cfg)
+    for name, scores in report["scores"].items():
+        print(f"{name:18} " + "  ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+    print(f"built in {report['seconds']['total']:.0f} s; student pipeline: {args.out / 'student'}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from pydantic import TypeAdapter
+
+    from pso.codecs import decode_weights
+    from pso.config.schema import Finetune
+    from pso.evaluation import markdown_table, read_prompts, run_eval
+    from pso.policy import DistilledPolicy
+    from pso.tiny.rewards import REWARDS
+
+    cfg = _load(args)
+    for key, value in (("pretrained", args.model), ("family", args.family), ("num_steps", args.steps)):
+        if value is not None:
+            setattr(cfg.model, key, value)
+    names = [n.strip() for n in args.rewards.split(",") if n.strip()]
+    unknown = [n for n in names if n not in REWARDS]
+    if unknown or not names:
+        raise ValueError(f"unknown reward(s) {unknown}; built-in rewards: {', '.join(REWARDS)}")
+    prompts = read_prompts(args.prompts)
+    finetune, bundle = None, None
+    if args.weights:
+        bundle = decode_weights(args.weights.read_bytes())
+        finetune = TypeAdapter(Finetune).validate_python(bundle.metadata.get("finetune", {"mode": bundle.kind}))
+    policy = DistilledPolicy.from_config(cfg.model, finetune)
+    if bundle is not None:
+        policy.load_weights(bundle)
+    result = run_eval(policy, prompts, {n: REWARDS[n] for n in names}, args.seed, args.out)
+    print(markdown_table(result["rewards"]), end="")
+    print(f"written: {args.out / 'eval.json'}, {args.out / 'eval.md'}, {args.out / 'grid.png'}")
+    return 0
+
+
+def cmd_bench_quality(args) -> int:
+    from pso.bench.quality import QualityBenchConfig, run_quality_bench
+
+    bench = QualityBenchConfig(seeds=list(range(args.seeds)), rounds=args.rounds)
+    result = run_quality_bench(args.out, bench)
+    print(result["markdown"], end="")
+    print(f"written: {args.out / 'results.md'}, {args.out / 'results.json'}, {result['grid']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pso",
@@ -151,9 +203,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/sample"))
     p.set_defaults(func=cmd_sample)
 
+    p = sub.add_parser("eval", help="score a model or trained weights on a prompt set against the base model")
+    _config_args(p)
+    p.add_argument("--model", help="hub id, folder or builtin:tiny (default: the config's model.pretrained)")
+    p.add_argument("--family", help="model family (default: the config's model.family)")
+    p.add_argument("--weights", type=Path, help="trained weights (.psow weight bundle) to evaluate against the base")
+    p.add_argument("--prompts", type=Path, required=True, help="text file, one prompt per line, or a JSON list")
+    p.add_argument("--rewards", default="fidelity,large,crispness", help="comma-separated built-in rewards")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the family's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("runs/eval"))
+    p.set_defaults(func=cmd_eval)
+
+    bench = sub.add_parser("bench", help="benchmarks that print figures and write tables").add_subparsers(
+        dest="bench", required=True, metavar="BENCH"
+    )
+    p = bench.add_parser("quality", help="online PSO vs baselines on the tiny model: target reward, fidelity, blur")
+    p.add_argument("--seeds", type=int, default=3, help="independent runs per method (default 3)")
+    p.add_argument("--rounds", type=int, default=40, help="online rounds per run (default 40)")
+    p.add_argument("--out", type=Path, default=Path("runs/bench-quality"))
+    p.set_defaults(func=cmd_bench_quality)
+
     tiny = sub.add_parser("tiny", help="the built-in tiny models").add_subparsers(
         dest="tiny", required=True, metavar="ACTION"
     )
+    p = tiny.add_parser("build", help="train the built-in few-step model from scratch (about 20 min on 2 cores)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="a seconds-long build with tiny step counts (for tests)")
+    p.set_defaults(func=cmd_tiny_build)
     p = tiny.add_parser("random", help="write a tiny randomly initialised pipeline (for tests and trying things)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--arch", choices=["sd", "sdxl"], default="sd")

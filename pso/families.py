@@ -150,6 +150,18 @@ FAMILIES: dict[str, FamilyRecipe] = {
             custom_timesteps={1: (800,)},
             example_hub_id="stabilityai/stable-diffusion-xl-base-1.0",
         ),
+        FamilyRecipe(
+            "tiny",
+            ("sd",),
+            "lcm",
+            4,
+            (1, 2, 4),
+            0.0,
+            "The built-in tiny model (pso tiny build): 32 px, LCM sampler on its distillation grid.",
+            _LCM,
+            custom_timesteps={1: (999,), 2: (999, 499), 4: (999, 749, 499, 249)},
+            example_hub_id="builtin:tiny",
+        ),
     ]
 }
 

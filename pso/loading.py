@@ -33,6 +33,18 @@ def pipeline_arch(pipe: DiffusionPipeline) -> Arch:
     )
 
 
+BUILTIN_MODELS = {"builtin:tiny": Path(__file__).parent / "tiny" / "assets" / "model"}
+
+
+def resolve_pretrained(name: str) -> str:
+    """A hub id or folder as given, or the folder of a model shipped inside the package."""
+    if name.startswith("builtin:"):
+        if name not in BUILTIN_MODELS:
+            raise ValueError(f"unknown built-in model {name!r}; built-in models: {', '.join(BUILTIN_MODELS)}")
+        return str(BUILTIN_MODELS[name])
+    return name
+
+
 def _load_unet(spec: str, cfg: ModelConfig, dtype: torch.dtype) -> UNet2DConditionModel:
     """A replacement UNet: a diffusers UNet folder or hub id, or a .safetensors state dict for the base UNet."""
     common = dict(dtype=dtype, local_files_only=cfg.local_files_only)
@@ -79,12 +91,13 @@ def load_pipeline(cfg: ModelConfig) -> tuple[DiffusionPipeline, Sampler]:
     recipe = get_family(cfg.family)
     dtype = getattr(torch, cfg.dtype)
     kwargs = dict(dtype=dtype, revision=cfg.revision, variant=cfg.variant, local_files_only=cfg.local_files_only)
-    if Path(cfg.pretrained).is_dir():
-        kwargs["local_files_only"] = True
     if cfg.unet:
         kwargs["unet"] = _load_unet(cfg.unet, cfg, dtype)
-    log.info("loading %s (%s) as %s", cfg.pretrained, cfg.dtype, recipe.name)
-    pipe = DiffusionPipeline.from_pretrained(cfg.pretrained, **kwargs)
+    source = resolve_pretrained(cfg.pretrained)
+    if Path(source).is_dir():
+        kwargs["local_files_only"] = True
+    log.info("loading %s (%s) as %s", source, cfg.dtype, recipe.name)
+    pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
     arch = pipeline_arch(pipe)
     if arch not in recipe.arch:
         raise ValueError(

@@ -20,7 +20,7 @@ from pso.codecs import WeightBundle, tensor_spec
 from pso.conditioning import Conditioning, encode_prompts
 from pso.config.schema import Finetune, LoraFinetune, ModelConfig, Reduction
 from pso.families import get_family
-from pso.loading import load_pipeline
+from pso.loading import build_sampler, load_pipeline
 from pso.samplers import Sampler
 
 
@@ -31,7 +31,7 @@ def reduce_elements(x: Tensor, reduction: Reduction) -> Tensor:
 
 
 class DistilledPolicy:
-    def __init__(self, pipe: DiffusionPipeline, sampler: Sampler, model_cfg: ModelConfig, finetune: Finetune):
+    def __init__(self, pipe: DiffusionPipeline, sampler: Sampler, model_cfg: ModelConfig, finetune: Finetune | None):
         self.pipe = pipe
         self.sampler = sampler
         self.model_cfg = model_cfg
@@ -45,7 +45,9 @@ class DistilledPolicy:
         if pipe.vae.config.get("force_upcast") and pipe.vae.dtype == torch.float16:
             pipe.vae.to(torch.float32)  # the SDXL VAE overflows in fp16
         self._reference_unet: UNet2DConditionModel | None = None
-        if isinstance(finetune, LoraFinetune):
+        if finetune is None:  # inference only: nothing trains, the policy is its own reference
+            self.unet.requires_grad_(False)
+        elif isinstance(finetune, LoraFinetune):
             self.unet.requires_grad_(False)
             config = LoraConfig(
                 r=finetune.rank,
@@ -63,8 +65,14 @@ class DistilledPolicy:
             self.unet.requires_grad_(True)
         self.unet.eval()  # no dropout or norm statistics differ between sampling and training passes
 
+    def set_num_steps(self, num_steps: int) -> None:
+        """Switch the sampler to another of the family's step counts (e.g. train at 4, evaluate at 1)."""
+        self.model_cfg = self.model_cfg.model_copy(update={"num_steps": num_steps})
+        self.sampler = build_sampler(self.pipe, get_family(self.model_cfg.family), self.model_cfg)
+        self.pipe.scheduler = self.sampler.scheduler
+
     @classmethod
-    def from_config(cls, model_cfg: ModelConfig, finetune: Finetune) -> DistilledPolicy:
+    def from_config(cls, model_cfg: ModelConfig, finetune: Finetune | None) -> DistilledPolicy:
         pipe, sampler = load_pipeline(model_cfg)
         return cls(pipe, sampler, model_cfg, finetune)
 
@@ -108,8 +116,8 @@ class DistilledPolicy:
     # ----- the two models -----
     @contextmanager
     def _reference(self) -> Iterator[UNet2DConditionModel]:
-        if self._reference_unet is not None:
-            yield self._reference_unet
+        if self._reference_unet is not None or self.finetune is None:
+            yield self._reference_unet or self.unet
             return
         self.unet.disable_adapters()
         try:
@@ -240,18 +248,30 @@ class DistilledPolicy:
             param.copy_(src)
 
     def export_weights(self, version: int) -> WeightBundle:
+        self._require_trainable()
         return WeightBundle(
             version=version,
             tensors=self.trainable_state_dict(),
             kind=self.finetune.mode,
             base_model=self.model_cfg.pretrained,
-            metadata={"family": self.model_cfg.family, "dtype": self.model_cfg.dtype},
+            metadata={
+                "family": self.model_cfg.family,
+                "dtype": self.model_cfg.dtype,
+                "finetune": self.finetune.model_dump(mode="json"),
+            },
         )
 
     def load_weights(self, bundle: WeightBundle) -> None:
+        self._require_trainable()
         if bundle.kind != self.finetune.mode:
             raise ValueError(f"weight bundle holds {bundle.kind} weights, this model trains {self.finetune.mode}")
         self.load_trainable_state_dict(bundle.tensors)
+
+    def _require_trainable(self) -> None:
+        if self.finetune is None:
+            raise ValueError(
+                "this model was loaded for inference only (no finetune section): it has no weights to export or load"
+            )
 
     def weight_spec(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         """Names, dtypes and shapes a weight bundle for this model must have (for decode_weights)."""

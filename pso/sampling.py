@@ -56,9 +56,11 @@ def sample_groups(
     batch_size: int = 8,
     decode: bool = True,
     seeds: list[int] | None = None,
+    reference: bool = False,
 ) -> Trajectories:
     """Sample `group_size` images per prompt, each from its own seeded starting noise.
 
+    `reference=True` samples the frozen reference model instead of the policy (for comparisons).
     Each sample has its own torch.Generator, so a trajectory depends only on its seed and the
     weights (up to float rounding), never on batching; the pipeline's __call__ with the same
     generators gives the same final latents.
@@ -79,7 +81,7 @@ def sample_groups(
         chunk_states, chunk_means = [x], []
         for k in range(sampler.num_steps):
             step = torch.full((len(gens),), k, device=device, dtype=torch.long)
-            out = sampler.step(x, policy.predict(x, step, cond), step)
+            out = sampler.step(x, policy.predict(x, step, cond, reference=reference), step)
             x = out.mean
             if float(sampler.stds[k]) > 0:
                 noise = randn_tensor(x.shape, generator=gens, device=device, dtype=out.mean.dtype)

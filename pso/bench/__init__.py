@@ -1,0 +1,1 @@
+"""Benchmarks run by `pso bench ...`: they print figures and write tables, never assert."""
