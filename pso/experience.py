@@ -48,6 +48,7 @@ def group_records(
 
 def pair_batch_from_records(policy: DistilledPolicy, records: list[ExperienceRecord]) -> PairBatch:
     """Every pair of every record, with its prompt encoded by the policy's (frozen) text encoders."""
+    _check_records_fit(policy, records)
     prompts = sorted({r.prompt for r in records})
     cond = policy.encode(prompts)
     rows, winners, losers = [], [], []
@@ -58,7 +59,26 @@ def pair_batch_from_records(policy: DistilledPolicy, records: list[ExperienceRec
             losers.append(r.states[lo])
     if not rows:
         raise ValueError("the records hold no pairs (every group was a tie)")
-    device = policy.device
+    device, dtype = policy.device, policy.dtype
     return PairBatch(
-        cond.index(torch.tensor(rows, device=device)), torch.stack(winners).to(device), torch.stack(losers).to(device)
+        cond.index(torch.tensor(rows, device=device)),
+        torch.stack(winners).to(device, dtype),
+        torch.stack(losers).to(device, dtype),
     )
+
+
+def _check_records_fit(policy: DistilledPolicy, records: list[ExperienceRecord]) -> None:
+    """Records sampled with another schedule or latent size would be scored with the wrong transitions."""
+    sampler = policy.sampler
+    want_t = sampler.timesteps.float().tolist()
+    want_std = sampler.stds.float()
+    for r in records:
+        where = f"record from {r.actor_id} (policy version {r.policy_version})"
+        if [round(t, 3) for t in r.timesteps] != [round(t, 3) for t in want_t]:
+            raise ValueError(f"{where} was sampled at timesteps {r.timesteps}, this model samples at {want_t}")
+        if not torch.allclose(r.stds.float(), want_std, rtol=1e-4, atol=1e-6):
+            raise ValueError(f"{where} has transition stds {r.stds.tolist()}, this model's are {want_std.tolist()}")
+        if tuple(r.states.shape[2:]) != policy.latent_shape:
+            raise ValueError(
+                f"{where} holds latents of shape {tuple(r.states.shape[2:])}, this model's are {policy.latent_shape}"
+            )

@@ -36,10 +36,8 @@ class FamilyRecipe:
     example_hub_id: str = ""
 
 
-# Clipping and thresholding of x0 are pixel-space tricks that distilled latent models never use.
-_NO_CLIP = {"clip_sample": False, "thresholding": False}
 _TRAILING = {"timestep_spacing": "trailing"}
-_LCM = {**_NO_CLIP, "timestep_spacing": "leading", "original_inference_steps": 50, "timestep_scaling": 10.0}
+_LCM = {"timestep_spacing": "leading", "original_inference_steps": 50, "timestep_scaling": 10.0}
 
 FAMILIES: dict[str, FamilyRecipe] = {
     r.name: r
@@ -135,7 +133,7 @@ FAMILIES: dict[str, FamilyRecipe] = {
             0.0,
             "Hyper-SD N-step LoRA with DDIM trailing (deterministic at eta 0; set eta > 0, or "
             "sampler tcd with eta 1.0 for the unified LoRA, to train online).",
-            {**_TRAILING, **_NO_CLIP},
+            _TRAILING,
             example_hub_id="stabilityai/stable-diffusion-xl-base-1.0",
         ),
         FamilyRecipe(

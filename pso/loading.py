@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from pathlib import Path
 
@@ -66,19 +67,49 @@ def _load_unet(spec: str, cfg: ModelConfig, dtype: torch.dtype) -> UNet2DConditi
     return UNet2DConditionModel.from_pretrained(spec, subfolder=subfolder, **common)
 
 
+def check_device(device: str) -> None:
+    """A clear error for device names torch does not know, or accelerators this machine lacks."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as e:
+        raise ValueError(f"model.device {device!r} is not a torch device (cpu, cuda, cuda:1, mps, ...)") from e
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"model.device is {device!r} but this machine has no CUDA device; use --set model.device=cpu")
+
+
 def build_sampler(pipe: DiffusionPipeline, recipe: FamilyRecipe, cfg: ModelConfig) -> Sampler:
     """The family's scheduler with its pinned settings, at the configured step count."""
     num_steps = cfg.num_steps or recipe.default_steps
     if num_steps not in recipe.steps:
         raise ValueError(f"family {recipe.name} is distilled for {list(recipe.steps)} steps, not {num_steps}")
     kind = cfg.sampler or recipe.sampler
+    timesteps = recipe.custom_timesteps.get(num_steps)
+    if timesteps and kind != "lcm":
+        raise ValueError(
+            f"family {recipe.name} samples {num_steps} step(s) on its own timestep grid {list(timesteps)}, "
+            f"which only the lcm sampler follows; sampler {kind!r} cannot be used"
+        )
+    eta = recipe.eta if cfg.eta is None else cfg.eta
+    sampler = _make_sampler(pipe, recipe, kind, num_steps, timesteps, eta)
+    if kind != recipe.sampler:  # an override must keep the timesteps the model was distilled for
+        own = _make_sampler(pipe, recipe, recipe.sampler, num_steps, timesteps, eta).timesteps
+        if not torch.equal(sampler.timesteps.round().long(), own.round().long()):
+            raise ValueError(
+                f"sampler {kind!r} would sample {recipe.name} at timesteps "
+                f"{sampler.timesteps.round().long().tolist()}, not the family's {own.round().long().tolist()}"
+            )
+    return sampler
+
+
+def _make_sampler(pipe, recipe: FamilyRecipe, kind: str, num_steps: int, timesteps, eta: float) -> Sampler:
     sampler_cls = SAMPLERS[kind]
-    settings = dict(recipe.scheduler_settings)
+    accepted = inspect.signature(sampler_cls.scheduler_class.__init__).parameters
+    # clipping and thresholding of x0 are pixel-space tricks that distilled latent models never use
+    settings = {k: v for k, v in {"clip_sample": False, "thresholding": False}.items() if k in accepted}
+    settings.update(recipe.scheduler_settings)
     if num_steps in recipe.prediction_type:
         settings["prediction_type"] = recipe.prediction_type[num_steps]
     scheduler = sampler_cls.scheduler_class.from_config(pipe.scheduler.config, **settings)
-    timesteps = recipe.custom_timesteps.get(num_steps)
-    eta = recipe.eta if cfg.eta is None else cfg.eta
     return sampler_cls(scheduler, num_steps, list(timesteps) if timesteps else None, eta=eta)
 
 
@@ -89,6 +120,7 @@ def load_pipeline(cfg: ModelConfig) -> tuple[DiffusionPipeline, Sampler]:
     the policy does.
     """
     recipe = get_family(cfg.family)
+    check_device(cfg.device)
     dtype = getattr(torch, cfg.dtype)
     kwargs = dict(dtype=dtype, revision=cfg.revision, variant=cfg.variant, local_files_only=cfg.local_files_only)
     if cfg.unet:

@@ -18,7 +18,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from pso.config.schema import PSOConfig
-from pso.objectives import PairBatch, compute_loss
+from pso.objectives import PairBatch, check_loss_fits_sampler, compute_loss
 from pso.pairing import pairs_in_groups
 from pso.policy import DistilledPolicy
 from pso.sampling import sample_groups
@@ -105,6 +105,7 @@ def evaluate(policy: DistilledPolicy, cfg: PSOConfig, reward_fn: RewardFn, seed:
 def run_local_loop(
     policy: DistilledPolicy, cfg: PSOConfig, reward_fn: RewardFn, progress: bool = True
 ) -> list[RoundResult]:
+    check_loss_fits_sampler(policy, cfg.loss)
     optimizer = make_optimizer(policy, cfg)
     rng = np.random.default_rng(cfg.sampling.seed)
     results = []

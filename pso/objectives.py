@@ -43,7 +43,15 @@ class PairBatch:
 
     @classmethod
     def from_trajectories(cls, traj: Trajectories, pairs: list[tuple[int, int]], cond: Conditioning) -> PairBatch:
-        """`cond` holds one row per prompt of `traj`; pairs index samples of `traj`."""
+        """`cond` holds one row per prompt of `traj`; pairs index samples of `traj` within one group."""
+        if not pairs:
+            raise ValueError("no pairs to train on (every group was a tie)")
+        g, n = traj.group_size, len(traj.seeds)
+        bad = [p for p in pairs if not (0 <= p[0] < n and 0 <= p[1] < n) or p[0] // g != p[1] // g]
+        if bad:
+            raise ValueError(
+                f"pairs {bad[:5]} do not join two samples of one prompt group (group size {g}, {n} samples)"
+            )
         w = torch.tensor([p[0] for p in pairs], dtype=torch.long)
         lo = torch.tensor([p[1] for p in pairs], dtype=torch.long)
         return cls(cond.index(w // traj.group_size), traj.states[w], traj.states[lo])
@@ -86,6 +94,16 @@ def _log_ratios(policy: DistilledPolicy, states: Tensor, cond: Conditioning, red
 def _distilled_t(policy: DistilledPolicy, n: int, gen: torch.Generator) -> Tensor:
     ts = policy.sampler.timesteps.round().long()
     return ts[torch.randint(len(ts), (n,), generator=gen)]
+
+
+def check_loss_fits_sampler(policy: DistilledPolicy, cfg: Loss) -> None:
+    """Fail before any sampling when a transition-form loss meets a sampler with nothing to train on."""
+    if isinstance(cfg, (OnlinePSOLoss, TargetVsReferenceLoss)) and not policy.sampler.stochastic:
+        raise ValueError(
+            f"loss {cfg.name!r} trains on stochastic transitions, but sampler {policy.sampler.kind!r} at "
+            f"{policy.sampler.num_steps} step(s) (eta={policy.sampler.eta}) has none; use >= 2 steps with a "
+            "stochastic sampler (euler_ancestral, lcm, tcd or ddim with eta > 0), or loss offline-pso"
+        )
 
 
 def compute_loss(policy: DistilledPolicy, cfg: Loss, batch: PairBatch, gen: torch.Generator) -> LossOutput:

@@ -35,6 +35,8 @@ def pairs_in_group(scores: Tensor, cfg: PairingConfig) -> list[tuple[int, int]]:
 
 def pairs_in_groups(scores: Tensor, group_size: int, cfg: PairingConfig) -> list[tuple[int, int]]:
     """Pairs over consecutive groups of `group_size` (prompt-major), as global indices."""
+    if group_size < 2:
+        raise ValueError(f"group_size must be at least 2, got {group_size}")
     if len(scores) % group_size:
         raise ValueError(f"{len(scores)} scores do not split into groups of {group_size}")
     out = []

@@ -52,7 +52,6 @@ class DistilledPolicy:
             config = LoraConfig(
                 r=finetune.rank,
                 lora_alpha=finetune.alpha or finetune.rank,
-                lora_dropout=finetune.dropout,
                 target_modules=finetune.target_modules,
             )
             with torch.random.fork_rng(devices=[]):
@@ -60,9 +59,18 @@ class DistilledPolicy:
                 self.unet.add_adapter(config)
             for name, param in self.unet.named_parameters():
                 param.requires_grad_("lora_" in name)
+                if "lora_" in name:  # AdamW's eps underflows in fp16: keep the adapters in float32
+                    param.data = param.data.float()
         else:
+            if self.dtype == torch.float16:
+                raise ValueError(
+                    "full fine-tuning needs dtype float32 or bfloat16 (AdamW breaks on float16 "
+                    "weights); or train LoRA adapters, which are kept in float32"
+                )
             self._reference_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
             self.unet.requires_grad_(True)
+        if finetune is not None and finetune.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
         self.unet.eval()  # no dropout or norm statistics differ between sampling and training passes
 
     def set_num_steps(self, num_steps: int) -> None:
@@ -83,7 +91,8 @@ class DistilledPolicy:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.unet.dtype
+        """The model's dtype (LoRA adapters may be float32 inside a float16 UNet)."""
+        return getattr(torch, self.model_cfg.dtype)
 
     @property
     def image_size(self) -> int:
@@ -161,7 +170,7 @@ class DistilledPolicy:
     def predict(self, x: Tensor, step: Tensor, cond: Conditioning, *, reference: bool = False) -> Tensor:
         """The model output for sampler states x at per-sample step indices."""
         t = self.sampler.timesteps.to(x.device)[step]
-        return self.unet_output(self.sampler.model_input(x, step), t, cond, reference=reference)
+        return self.unet_output(self.sampler.model_input(x, step).to(self.dtype), t, cond, reference=reference)
 
     # ----- the quantities PSO needs -----
     def transition_log_ratio(

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from pso.codecs import decode_experience, encode_experience
@@ -36,3 +37,15 @@ def test_records_carry_the_groups_and_reproduce_the_loss(make_policy):
         b = compute_loss(policy, OnlinePSOLoss(), from_records, torch.Generator())
     torch.testing.assert_close(a.loss, b.loss)
     assert abs(a.loss.item() - math.log(2)) > 1e-4
+
+
+def test_records_from_another_schedule_are_refused(make_policy):
+    four, two = make_policy("lcm", "sd-lcm"), make_policy("lcm", "sd-lcm", num_steps=2)
+    traj = sample_groups(two, ["a red circle"], group_size=2, seed=0, decode=False)
+    records = group_records(traj, torch.tensor([1.0, 0.0]), [(0, 1)], policy_version=0, actor_id="a")
+    with pytest.raises(ValueError, match="sampled at timesteps \\[999.0, 499.0\\]"):
+        pair_batch_from_records(four, records)
+    with pytest.raises(ValueError, match="do not join two samples of one prompt group"):
+        PairBatch.from_trajectories(traj, [(0, 2)], two.encode(["a red circle"]))
+    with pytest.raises(ValueError, match="no pairs"):
+        PairBatch.from_trajectories(traj, [], two.encode(["a red circle"]))

@@ -84,15 +84,17 @@ def test_sampling_is_seeded_and_independent_of_batching(make_policy):
     assert (a.states - other.states).abs().amax() > 1.0
 
 
-def test_transition_is_the_recorded_gaussian(make_policy):
-    """Each state is mean + std * z with the recorded mean and std, and z looks standard normal."""
-    policy = make_policy("lcm", "sd-lcm")
-    traj = sample_groups(policy, PROMPTS * 4, group_size=4, seed=0, decode=False)
-    for k in range(traj.num_steps - 1):
-        z = (traj.states[:, k + 1] - traj.means[:, k]) / traj.stds[k]
-        assert abs(float(z.mean())) < 0.1 and abs(float(z.std()) - 1) < 0.1
-    torch.testing.assert_close(traj.states[:, -1], traj.means[:, -1])
-    assert traj.stds[-1] == 0
+def test_means_recomputed_at_mixed_steps_equal_the_recorded_ones(make_policy):
+    """The learner evaluates transitions from different steps of different trajectories in one batch."""
+    policy = make_policy("tcd", "sdxl", eta=0.5)
+    traj = sample_groups(policy, PROMPTS, group_size=2, seed=0, decode=False, batch_size=4)
+    step = torch.tensor([0, 1, 2, 3])
+    x = traj.states[torch.arange(4), step]
+    cond = policy.encode(PROMPTS).index(torch.tensor([0, 0, 1, 1]))
+    with torch.no_grad():
+        mean = policy.sampler.step(x, policy.predict(x, step, cond), step).mean
+    torch.testing.assert_close(mean, traj.means[torch.arange(4), step], rtol=1e-4, atol=1e-4)
+    assert traj.stds[-1] == 0 and bool((traj.stds[:-1] > 0).all())
 
 
 def test_flow_matching_families_say_not_supported():
@@ -100,6 +102,22 @@ def test_flow_matching_families_say_not_supported():
         get_family("flux-schnell")
     with pytest.raises(ValueError, match="unknown model family 'sd-9'.*supported families: sd-turbo"):
         ModelConfig(family="sd-9")
+
+
+def test_sampler_overrides_must_keep_the_family_timesteps(make_policy):
+    with pytest.raises(ValueError, match="own timestep grid .* only the lcm sampler"):
+        make_policy("sdxl-dmd2", "sdxl", sampler="euler_ancestral")
+    with pytest.raises(ValueError, match="not the family's \\[999, 759, 499, 259\\]"):
+        make_policy("lcm", "sd-lcm", sampler="euler_ancestral")
+    assert make_policy("sd-turbo", "sd", num_steps=4, sampler="ddim").sampler.kind == "ddim"
+
+
+def test_unknown_or_missing_devices_are_clear_errors(make_policy):
+    with pytest.raises(ValueError, match="'gpu' is not a torch device"):
+        make_policy("sd-turbo", "sd", device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            make_policy("sd-turbo", "sd", device="cuda")
 
 
 def test_wrong_step_count_and_architecture_are_refused(make_policy):

@@ -67,6 +67,35 @@ def test_online_gradient_raises_winner_likelihood_relative_to_loser(make_policy)
     assert after.loss.item() < math.log(2)
 
 
+@pytest.mark.parametrize(
+    "family,model,overrides",
+    [
+        ("lcm", "sd-lcm", {}),
+        ("tcd", "sdxl", {"eta": 0.5}),
+        ("hyper-sd", "sd", {"eta": 0.7}),
+        ("sdxl-turbo", "sdxl", {}),
+    ],
+)
+def test_log_ratio_is_the_gaussian_log_likelihood_ratio(make_policy, family, model, overrides):
+    policy = make_policy(family, model, num_steps=4, **overrides)
+    perturb_trainable(policy, scale=0.02)
+    traj = sample_groups(policy, PROMPTS, group_size=2, seed=2, decode=False)
+    step = torch.tensor([0, 1, 2, 1])
+    x, x_next = traj.states[torch.arange(4), step], traj.states[torch.arange(4), step + 1]
+    cond = policy.encode(PROMPTS).index(torch.tensor([0, 0, 1, 1]))
+    with torch.no_grad():
+        mean = policy.sampler.step(x, policy.predict(x, step, cond), step).mean
+        mean_ref = policy.sampler.step(x, policy.predict(x, step, cond, reference=True), step).mean
+        got_sum = policy.transition_log_ratio(x, x_next, step, cond, reduction="sum")
+        got_mean = policy.transition_log_ratio(x, x_next, step, cond, reduction="mean")
+    std = policy.sampler.stds[step].view(-1, 1, 1, 1).double()
+    logp = torch.distributions.Normal(mean.double(), std).log_prob(x_next.double()).sum((1, 2, 3))
+    logp_ref = torch.distributions.Normal(mean_ref.double(), std).log_prob(x_next.double()).sum((1, 2, 3))
+    torch.testing.assert_close(got_sum.double(), logp - logp_ref, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(got_mean * x[0].numel(), got_sum, rtol=1e-4, atol=1e-4)
+    assert got_sum.abs().max() > 1e-3  # the perturbation moved the policy away from the reference
+
+
 def grad_norm(policy, batch):
     policy.unet.zero_grad()
     compute_loss(policy, OnlinePSOLoss(), batch, torch.Generator()).loss.backward()

@@ -42,19 +42,23 @@ class ModelConfig(StrictModel):
         return name
 
 
-class LoraFinetune(StrictModel):
-    """Train LoRA adapters; the reference model is the same network with adapters switched off."""
+class _FinetuneBase(StrictModel):
+    gradient_checkpointing: bool = Field(False, description="recompute UNet activations in backward to save memory")
+
+
+class LoraFinetune(_FinetuneBase):
+    """Train LoRA adapters (kept in float32 whatever the model dtype); the reference model is the same
+    network with adapters switched off."""
 
     mode: Literal["lora"] = "lora"
     rank: int = Field(16, ge=1)
     alpha: float | None = Field(None, gt=0, description="default: equal to rank (scale 1)")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     init_seed: int = 0
 
 
-class FullFinetune(StrictModel):
-    """Train every UNet weight; the reference model is a frozen copy."""
+class FullFinetune(_FinetuneBase):
+    """Train every UNet weight (needs dtype float32 or bfloat16); the reference model is a frozen copy."""
 
     mode: Literal["full"] = "full"
 

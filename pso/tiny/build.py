@@ -55,7 +55,7 @@ class BuildConfig(StrictModel):
     vae_batch: int = 64
     vae_lr: float = 1e-3
     text_dim: int = 64
-    unet_channels: tuple[int, int] = (64, 128)
+    unet_channels: tuple[int, int] = (32, 64)
     teacher_steps: int = 2000
     teacher_batch: int = 128
     teacher_lr: float = 1e-3
