@@ -61,7 +61,7 @@ def test_rewards_rank_data_above_degenerate_images(data):
     assert fid.mean() > 0.95 and (fid > 0.5).all()
     for name, bad in degenerate.items():
         bad_prompts = prompts[1:] + prompts[:1] if name == "shifted prompt" else prompts
-        assert fidelity(bad, bad_prompts).mean() < 0.4, name
+        assert fidelity(bad, bad_prompts).mean() < 0.5 * fid.mean(), name
         assert large(bad, bad_prompts).mean() < 0.6 * large(images, prompts).mean(), name
     assert crispness(images).min() == 1.0
     assert crispness(degenerate["noise"]).mean() < 0.2 and crispness(degenerate["blur"]).mean() < 0.95

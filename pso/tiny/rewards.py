@@ -5,7 +5,8 @@ scores in [0, 1]. A pixel "shows" a colour when it lies within COLOUR_TOLERANCE 
 real data shows exactly the two prompt colours, so noise (no pixel near either), blur (mixed
 colours along every edge) and flat images (no shape, or no background border) all score low.
 
-- `fidelity`: the prompt is shown: background border, foreground colour, shape, and nothing else.
+- `fidelity`: the prompt is shown: background border, foreground colour, shape (told apart by how
+  much of its bounding box it fills), and nothing else.
 - `large`: the preference that the base model does not satisfy: a bigger shape, while the
   border stays background and the image stays crisp.
 - `crispness`: prompt-free blur measure: the share of pixels within tolerance of a palette colour.
@@ -23,7 +24,7 @@ from pso.tiny.world import BORDER, COLOURS, parse_prompt
 COLOUR_TOLERANCE = 0.15  # RGB distance in [0, 1] units; the closest palette pair is 0.31 apart
 MIN_SHAPE_PIXELS = 30  # a shape smaller than this is not a shape (data: at least ~60)
 FILL_RATIO = {"square": 1.0, "circle": 0.69, "triangle": 0.50}  # shape area / bounding-box area in data
-FILL_WIDTH = 0.1
+FILL_TEMPERATURE = 0.002  # softness of the nearest-fill-ratio shape decision
 PALETTE = torch.tensor(list(COLOURS.values()), dtype=torch.float32) / 255
 
 RewardFn = Callable[[Tensor, list[str]], Tensor]
@@ -62,12 +63,14 @@ def _parts(images: Tensor, prompts: list[str]) -> dict[str, Tensor]:
     area = is_fg.flatten(1).sum(1).float()
     clean = (is_fg | is_bg).flatten(1).float().mean(1)
     shape_match = torch.zeros(b, device=images.device)
+    names = list(FILL_RATIO)
+    ratios = torch.tensor(list(FILL_RATIO.values()), device=images.device)
     for i in range(b):
         ys, xs = torch.nonzero(is_fg[i], as_tuple=True)
         if len(ys) >= MIN_SHAPE_PIXELS:
-            box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
-            fill = area[i] / box
-            shape_match[i] = torch.exp(-(((fill - FILL_RATIO[shapes[i]]) / FILL_WIDTH) ** 2))
+            fill = area[i] / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+            # the shape whose fill ratio is nearest wins, softly: P(asked shape | fill)
+            shape_match[i] = torch.softmax(-((fill - ratios) ** 2) / FILL_TEMPERATURE, 0)[names.index(shapes[i])]
     present = (area / MIN_SHAPE_PIXELS).clamp(max=1)
     return {"border": border, "present": present, "shape": shape_match, "clean": clean, "area": area / (h * w)}
 
