@@ -51,12 +51,18 @@ def cmd_demo(args) -> int:
     from pso.demo import run_demo
 
     summary = run_demo(args.out, rounds=args.rounds)
-    print(
-        f"brightness on fixed seeds: before {summary['brightness_before']:.5f}, "
-        f"after {summary['brightness_after']:.5f} (after > before on {summary['win_rate']:.0%} of seeds)"
-    )
-    print(f"before/after grid: {summary['grid']}")
-    print(f"trained LoRA weights (weight codec): {summary['weights']}; per-round log: {args.out / 'summary.json'}")
+    print(f"online PSO on the tiny model toward '{summary['target']}' (bigger shapes), {summary['rounds']} rounds:")
+    for steps, rewards in summary["steps"].items():
+        print(
+            f"  {steps} step(s): "
+            + ", ".join(
+                f"{name} {r['base_mean']:.3f} -> {r['mean']:.3f}"
+                + (f" (wins {r['win_rate']:.0%})" if name == "large" else "")
+                for name, r in rewards.items()
+            )
+        )
+    print(f"before/after picture: {summary['grid']}")
+    print(f"trained LoRA: {summary['weights']}; per-round log: {args.out / 'summary.json'}")
     return 0
 
 
@@ -182,9 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logs, library warnings included")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="a minute of online PSO on CPU with a tiny model built on the spot")
+    p = sub.add_parser("demo", help="online PSO on the built-in tiny model, on CPU, in a few minutes")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default runs/demo)")
-    p.add_argument("--rounds", type=int, help="online rounds (default 40)")
+    p.add_argument("--rounds", type=int, default=120, help="online rounds (default 120)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("families", help="list the supported distilled model families and their samplers")

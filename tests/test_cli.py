@@ -131,5 +131,7 @@ def test_tiny_random_and_missing_model(tmp_path, capsys):
 def test_demo_runs_end_to_end(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--rounds", "3"]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert len(summary["rounds"]) == 3 and all(r["pairs"] > 0 for r in summary["rounds"])
+    assert len(summary["log"]) == 3 and all(r["pairs"] > 0 for r in summary["log"])
+    assert set(summary["steps"]) == {"1", "4"} and "win_rate" in summary["steps"]["1"]["large"]
     assert Path(summary["grid"]).exists() and Path(summary["weights"]).stat().st_size > 0
+    assert "before/after picture" in capsys.readouterr().out

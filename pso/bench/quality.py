@@ -42,7 +42,7 @@ class QualityBenchConfig(StrictModel):
     eval_steps: list[int] = Field(default_factory=lambda: [1, 4])
     eval_prompts: int = 128
     lora_rank: int = 8
-    lr: float = 3e-4
+    lr: float = 1e-3
     methods: dict[str, dict] = Field(
         default_factory=lambda: {
             "online-pso": {"name": "online-pso", "beta": 50.0, "clip_eps": 0.1},

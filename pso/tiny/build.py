@@ -45,8 +45,13 @@ log = logging.getLogger(__name__)
 # v-prediction: x0 = alpha x_t - sigma v stays well conditioned at t = 999, where an epsilon model's
 # x0 = (x_t - sigma eps) / alpha multiplies its errors by 1 / alpha = 14.6 (a tiny teacher then
 # samples latents of twice the data's spread).
-SD_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                prediction_type="v_prediction")
+SD_BETAS = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    prediction_type="v_prediction",
+)
 STUDENT_TIMESTEPS = (999, 749, 499, 249)
 
 
