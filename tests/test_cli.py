@@ -135,3 +135,31 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert set(summary["steps"]) == {"1", "4"} and "win_rate" in summary["steps"]["1"]["large"]
     assert Path(summary["grid"]).exists() and Path(summary["weights"]).stat().st_size > 0
     assert "before/after picture" in capsys.readouterr().out
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# eval set\na red circle on a blue background\na green square on a white background\n")
+    out = tmp_path / "eval"
+    args = [
+        "eval",
+        "--model",
+        "builtin:tiny",
+        "--family",
+        "tiny",
+        "--weights",
+        summary["weights"],
+        "--prompts",
+        str(prompts),
+        "--rewards",
+        "fidelity,large",
+        "--steps",
+        "1",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    result = json.loads((out / "eval.json").read_text())
+    assert result["prompts"] == 2 and result["num_steps"] == 1
+    assert set(result["rewards"]) == {"fidelity", "large"} and 0 <= result["rewards"]["large"]["win_rate"] <= 1
+    assert (out / "eval.md").exists() and (out / "grid.png").exists()
+    assert main([*args[:-2], "--rewards", "beauty", "--out", str(out)]) == 1
+    assert "unknown reward(s) ['beauty']" in capsys.readouterr().err
