@@ -94,14 +94,6 @@ def run_round(
     return RoundResult(round_index, float(scores.mean()), len(pairs), time.perf_counter() - start, metrics)
 
 
-@torch.no_grad()
-def evaluate(policy: DistilledPolicy, cfg: PSOConfig, reward_fn: RewardFn, seed: int = 12345) -> tuple[Tensor, Tensor]:
-    """Scores and images on fixed prompts and seeds, so before/after compare the same noise."""
-    prompts = [cfg.loop.prompts[i % len(cfg.loop.prompts)] for i in range(cfg.loop.eval_prompts)]
-    traj = sample_groups(policy, prompts, 1, seed, batch_size=cfg.sampling.batch_size)
-    return reward_fn(traj.images, prompts).float(), traj.images
-
-
 def run_local_loop(
     policy: DistilledPolicy, cfg: PSOConfig, reward_fn: RewardFn, progress: bool = True
 ) -> list[RoundResult]:

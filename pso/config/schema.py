@@ -148,7 +148,6 @@ class LoopConfig(StrictModel):
         default_factory=lambda: ["a red circle on a blue background", "a green square on a yellow background"],
         min_length=1,
     )
-    eval_prompts: int = Field(8, ge=1, description="prompts drawn with fixed seeds for before/after scores")
 
 
 class PSOConfig(StrictModel):

@@ -14,11 +14,10 @@ colours along every edge) and flat images (no shape, or no background border) al
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
+from pso.loop import RewardFn
 from pso.tiny.world import BORDER, COLOURS, parse_prompt
 
 COLOUR_TOLERANCE = 0.15  # RGB distance in [0, 1] units; the closest palette pair is 0.31 apart
@@ -26,8 +25,6 @@ MIN_SHAPE_PIXELS = 30  # a shape smaller than this is not a shape (data: at leas
 FILL_RATIO = {"square": 1.0, "circle": 0.69, "triangle": 0.50}  # shape area / bounding-box area in data
 FILL_TEMPERATURE = 0.002  # softness of the nearest-fill-ratio shape decision
 PALETTE = torch.tensor(list(COLOURS.values()), dtype=torch.float32) / 255
-
-RewardFn = Callable[[Tensor, list[str]], Tensor]
 
 
 def _near(images: Tensor, colours: Tensor) -> Tensor:
