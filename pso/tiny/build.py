@@ -33,10 +33,11 @@ from diffusers import (
 from pydantic import Field
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTokenizer
 
 from pso.config import StrictModel
 from pso.samplers import EulerSampler
+from pso.tiny.pipelines import text_config
 from pso.tiny.rewards import crispness, fidelity, large
 from pso.tiny.tokenizer import build_clip_tokenizer
 from pso.tiny.world import draw_batch, random_scenes
@@ -98,20 +99,7 @@ class BuildConfig(StrictModel):
 
 
 def _text_encoder(tokenizer: CLIPTokenizer, dim: int) -> CLIPTextModel:
-    return CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=dim,
-            projection_dim=dim,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=2 * dim,
-            max_position_embeddings=tokenizer.model_max_length,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    return CLIPTextModel(text_config(tokenizer, dim, 2 * dim))
 
 
 def _vae() -> AutoencoderKL:

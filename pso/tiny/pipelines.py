@@ -25,14 +25,15 @@ from pso.tiny.tokenizer import build_clip_tokenizer
 TEXT_DIM = 32
 
 
-def _text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+def text_config(tokenizer: CLIPTokenizer, dim: int = TEXT_DIM, intermediate: int = 37) -> CLIPTextConfig:
+    """A 2-layer CLIP text encoder config whose special token ids are the tokenizer's."""
     return CLIPTextConfig(
         vocab_size=len(tokenizer),
-        hidden_size=TEXT_DIM,
-        projection_dim=TEXT_DIM,
+        hidden_size=dim,
+        projection_dim=dim,
         num_hidden_layers=2,
         num_attention_heads=4,
-        intermediate_size=37,
+        intermediate_size=intermediate,
         max_position_embeddings=tokenizer.model_max_length,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -103,7 +104,7 @@ def build_tiny_pipeline(
         raise ValueError(f"arch must be 'sd' or 'sdxl', not {arch!r}")
     out_dir = Path(out_dir)
     tokenizer = build_clip_tokenizer(out_dir / "tokenizer")
-    text_encoder = _seeded(seed, lambda: CLIPTextModel(_text_config(tokenizer)))
+    text_encoder = _seeded(seed, lambda: CLIPTextModel(text_config(tokenizer)))
     vae = _seeded(seed, _vae)
     unet = _seeded(seed, lambda: _unet(arch, time_cond_proj_dim))
     scheduler = EulerDiscreteScheduler(
@@ -126,7 +127,7 @@ def build_tiny_pipeline(
             requires_safety_checker=False,
         )
     else:
-        text_encoder_2 = _seeded(seed, lambda: CLIPTextModelWithProjection(_text_config(tokenizer)))
+        text_encoder_2 = _seeded(seed, lambda: CLIPTextModelWithProjection(text_config(tokenizer)))
         pipe = StableDiffusionXLPipeline(
             vae=vae,
             text_encoder=text_encoder,
