@@ -27,7 +27,6 @@ from diffusers import (
     DDPMScheduler,
     EulerDiscreteScheduler,
     LCMScheduler,
-    StableDiffusionPipeline,
     UNet2DConditionModel,
 )
 from pydantic import Field
@@ -37,7 +36,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from pso.config import StrictModel
 from pso.samplers import EulerSampler
-from pso.tiny.pipelines import text_config
+from pso.tiny.pipelines import SD_BETAS, sd_pipeline, text_config
 from pso.tiny.rewards import crispness, fidelity, large
 from pso.tiny.tokenizer import build_clip_tokenizer
 from pso.tiny.world import draw_batch, random_scenes
@@ -46,13 +45,7 @@ log = logging.getLogger(__name__)
 # v-prediction: x0 = alpha x_t - sigma v stays well conditioned at t = 999, where an epsilon model's
 # x0 = (x_t - sigma eps) / alpha multiplies its errors by 1 / alpha = 14.6 (a tiny teacher then
 # samples latents of twice the data's spread).
-SD_BETAS = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    prediction_type="v_prediction",
-)
+SCHEDULE = {**SD_BETAS, "prediction_type": "v_prediction"}
 STUDENT_TIMESTEPS = (999, 749, 499, 249)
 
 
@@ -180,7 +173,7 @@ def train_teacher(
     cfg: BuildConfig, latents: Tensor, ids: Tensor, empty_ids: Tensor, text_encoder: CLIPTextModel, gen: torch.Generator
 ) -> tuple[UNet2DConditionModel, CLIPTextModel]:
     unet = _unet(cfg)
-    noise_sched = DDPMScheduler(**SD_BETAS)
+    noise_sched = DDPMScheduler(**SCHEDULE)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.teacher_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.teacher_steps, eta_min=cfg.teacher_lr / 10)
@@ -218,7 +211,7 @@ def teacher_ode(
     batch: int = 256,
 ) -> Tensor:
     """Euler ODE (trailing timesteps) from VP noise x_999 = noise to x0, with classifier-free guidance."""
-    sampler = EulerSampler(EulerDiscreteScheduler(**SD_BETAS, timestep_spacing="trailing"), steps)
+    sampler = EulerSampler(EulerDiscreteScheduler(**SCHEDULE, timestep_spacing="trailing"), steps)
     out = []
     for i in tqdm(range(0, len(noise), batch), desc=f"teacher ODE ({steps} steps)", leave=False):
         x = noise[i : i + batch] * (sampler.scheduler.sigmas[0] ** 2 + 1) ** 0.5
@@ -244,7 +237,7 @@ def train_student(
 ) -> UNet2DConditionModel:
     """x0 at t = 999 from the ODE's own noise, and at the re-noised sampler timesteps, onto the ODE output."""
     student = copy.deepcopy(teacher).train().requires_grad_(True)
-    abar_all = DDPMScheduler(**SD_BETAS).alphas_cumprod
+    abar_all = DDPMScheduler(**SCHEDULE).alphas_cumprod
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.student_lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.student_steps, eta_min=cfg.student_lr / 10)
     renoise_t = torch.tensor(STUDENT_TIMESTEPS[1:])
@@ -266,19 +259,6 @@ def train_student(
         sched.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
     return student.eval().requires_grad_(False)
-
-
-def tiny_pipeline(vae, text_encoder, tokenizer, unet, scheduler) -> StableDiffusionPipeline:
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
 
 
 @torch.no_grad()
@@ -357,10 +337,10 @@ def build_tiny_model(out_dir: Path, cfg: BuildConfig) -> dict:
     student = train_student(cfg, teacher, cond, noise, targets, gen)
     timings["student"] = time.perf_counter() - start - sum(timings.values())
 
-    lcm = LCMScheduler(**SD_BETAS, timestep_spacing="leading", original_inference_steps=50, clip_sample=False)
-    tiny_pipeline(vae, text_encoder, tokenizer, student, lcm).save_pretrained(out_dir / "student")
-    euler = EulerDiscreteScheduler(**SD_BETAS, timestep_spacing="trailing")
-    tiny_pipeline(vae, text_encoder, tokenizer, teacher, euler).save_pretrained(out_dir / "teacher")
+    lcm = LCMScheduler(**SCHEDULE, timestep_spacing="leading", original_inference_steps=50, clip_sample=False)
+    sd_pipeline(vae, text_encoder, tokenizer, student, lcm).save_pretrained(out_dir / "student")
+    euler = EulerDiscreteScheduler(**SCHEDULE, timestep_spacing="trailing")
+    sd_pipeline(vae, text_encoder, tokenizer, teacher, euler).save_pretrained(out_dir / "teacher")
     report = {
         "config": cfg.model_dump(mode="json"),
         "scores": evaluate_build(cfg, vae, teacher, text_encoder, tokenizer, out_dir / "student"),

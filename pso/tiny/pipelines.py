@@ -23,6 +23,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from pso.tiny.tokenizer import build_clip_tokenizer
 
 TEXT_DIM = 32
+# Stable Diffusion's noise schedule, which every tiny model uses
+SD_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
 
 def text_config(tokenizer: CLIPTokenizer, dim: int = TEXT_DIM, intermediate: int = 37) -> CLIPTextConfig:
@@ -81,6 +83,20 @@ def _unet(arch: str, time_cond_proj_dim: int | None) -> UNet2DConditionModel:
     return unet
 
 
+def sd_pipeline(vae, text_encoder, tokenizer, unet, scheduler) -> StableDiffusionPipeline:
+    """A StableDiffusionPipeline of these parts, without safety checker."""
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
 def _seeded(seed: int, build):
     """Build a component from a fixed seed without touching the caller's global RNG."""
     with torch.random.fork_rng(devices=[]):
@@ -107,25 +123,9 @@ def build_tiny_pipeline(
     text_encoder = _seeded(seed, lambda: CLIPTextModel(text_config(tokenizer)))
     vae = _seeded(seed, _vae)
     unet = _seeded(seed, lambda: _unet(arch, time_cond_proj_dim))
-    scheduler = EulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type=prediction_type,
-        steps_offset=1,
-    )
+    scheduler = EulerDiscreteScheduler(**SD_BETAS, prediction_type=prediction_type, steps_offset=1)
     if arch == "sd":
-        pipe = StableDiffusionPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        pipe = sd_pipeline(vae, text_encoder, tokenizer, unet, scheduler)
     else:
         text_encoder_2 = _seeded(seed, lambda: CLIPTextModelWithProjection(text_config(tokenizer)))
         pipe = StableDiffusionXLPipeline(
