@@ -1,0 +1,146 @@
+"""The contract every reward back-end keeps, and the config fields they share.
+
+A back-end scores images against prompts. The server splits the work in two so that the cheap
+part runs on request threads and the expensive part runs batched on the model's device:
+
+- `preprocess(image)` turns one decoded image, a uint8 (H, W, 3) CPU tensor, into the model's
+  input (a CPU tensor of a fixed shape for models with fixed-size inputs). It runs per request.
+- `score_batch(pixels, prompts)` scores a stack of preprocessed images (all of one shape) with one
+  prompt each and returns (B,) float32 scores on the CPU. It runs in the device's batch worker,
+  under `torch.inference_mode()`.
+
+A mistake in the caller's input (a prompt the model cannot read, an image too small) raises
+`RewardInputError`; the server answers it with a 422 naming the problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, Field
+
+from pso.config.loader import StrictModel
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class RewardInputError(ValueError):
+    """The caller's input cannot be scored by this model; the message says why."""
+
+
+class BackendSpec(StrictModel):
+    """Fields every back-end's config has; each back-end adds `kind` (its tag) and its own fields."""
+
+    name: str | None = Field(None, description="name in requests and responses (default: the kind)")
+    weight: float = Field(1.0, description="weight of this model's score in the weighted total")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    max_batch: int = Field(64, ge=1, description="most images in one forward pass")
+
+    @property
+    def model_name(self) -> str:
+        return self.name or self.kind  # type: ignore[attr-defined]
+
+
+class ModelInfo(BaseModel):
+    """What `GET /v1/models` tells a caller about one model."""
+
+    name: str
+    kind: str
+    version: str = Field(description="identifies the weights: source plus a digest of the loaded tensors")
+    scale: str = Field(description="what the numbers mean and their usual range")
+    higher_is_better: bool = True
+    weight: float = 1.0
+
+
+class RewardBackend(ABC):
+    """One loaded reward model on one device."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, spec: BackendSpec, device: torch.device):
+        self.spec = spec
+        self.device = torch.device(device)
+        self.dtype = DTYPES[spec.dtype]
+
+    @property
+    @abstractmethod
+    def info(self) -> ModelInfo: ...
+
+    def check_prompt(self, prompt: str) -> None:
+        """Raise RewardInputError if this model cannot score against `prompt` (default: any text)."""
+        return None
+
+    @abstractmethod
+    def preprocess(self, image: torch.Tensor) -> torch.Tensor:
+        """uint8 (H, W, 3) CPU image -> model input tensor (CPU)."""
+
+    @abstractmethod
+    def score_batch(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """Stacked `preprocess` outputs (B, ...) and B prompts -> (B,) float32 CPU scores."""
+
+    @torch.inference_mode()
+    def score(self, images: Sequence[torch.Tensor], prompts: Sequence[str]) -> torch.Tensor:
+        """In-process scoring of uint8 (H, W, 3) images: inputs of one shape are scored together, in
+        chunks of `max_batch`; returns (N,) float32 in the order given."""
+        if len(images) != len(prompts):
+            raise RewardInputError(f"got {len(prompts)} prompts for {len(images)} images")
+        for p in prompts:
+            self.check_prompt(p)
+        pixels = [self.preprocess(im) for im in images]
+        scores = torch.zeros(len(pixels))
+        for batch in shape_batches([p.shape for p in pixels], self.spec.max_batch):
+            scores[batch] = self.score_batch(torch.stack([pixels[i] for i in batch]), [prompts[i] for i in batch])
+        return scores
+
+
+def shape_batches(shapes: Sequence[tuple[int, ...]], max_batch: int) -> list[list[int]]:
+    """Indices grouped by equal shape, in first-seen order, each group cut into runs of `max_batch`."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, shape in enumerate(shapes):
+        groups.setdefault(tuple(shape), []).append(i)
+    return [idx[s : s + max_batch] for idx in groups.values() for s in range(0, len(idx), max_batch)]
+
+
+def resolve_file(source: str, filename: str) -> Path:
+    """A weights file from a local file, a local folder holding `filename`, or a hub repo id
+    ("owner/name", downloaded once into the Hugging Face cache; offline mode uses the cache only)."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        if not (path / filename).is_file():
+            raise FileNotFoundError(f"{path} has no {filename}")
+        return path / filename
+    if source.count("/") != 1 or source.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{source} is neither a local file or folder nor a hub repo id (owner/name)")
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(source, filename))
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors from .safetensors, or from a torch checkpoint read with `weights_only=True` (no code runs)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} does not hold a flat mapping of tensors")
+    return state
+
+
+def tensor_digest(module: torch.nn.Module) -> str:
+    """Short SHA-256 of a module's parameters and buffers (names, shapes, bytes): tells weights apart."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:12]
