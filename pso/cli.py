@@ -169,6 +169,15 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_reward_server(args) -> int:
+    from reward_server.main import serve
+
+    for key in ("host", "port", "workers"):
+        if getattr(args, key) is not None:
+            args.overrides.append(f"reward_server.{key}={getattr(args, key)}")
+    return serve(_load(args).reward_server, access_log=args.access_log)
+
+
 def cmd_bench_quality(args) -> int:
     from pso.bench.quality import QualityBenchConfig, run_quality_bench
 
@@ -220,6 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("runs/eval"))
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("reward-server", help="serve reward models over HTTP (default: the tiny-world reward)")
+    _config_args(p)
+    p.add_argument("--host", help="default reward_server.host (127.0.0.1)")
+    p.add_argument("--port", type=int, help="default reward_server.port (8000)")
+    p.add_argument("--workers", type=int, help="server processes, each with its own models (default 1)")
+    p.add_argument("--access-log", action="store_true", help="log every request")
+    p.set_defaults(func=cmd_reward_server)
 
     bench = sub.add_parser("bench", help="benchmarks that print figures and write tables").add_subparsers(
         dest="bench", required=True, metavar="BENCH"

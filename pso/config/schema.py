@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 
 from pso.config.loader import StrictModel
+from pso.config.reward_server import RewardServerConfig
 from pso.families import SamplerKind, get_family
 
 Reduction = Literal["mean", "sum"]
@@ -151,7 +152,7 @@ class LoopConfig(StrictModel):
 
 
 class PSOConfig(StrictModel):
-    """Everything the core library needs; services add their own sections in later versions."""
+    """Everything one run needs: the core library's sections, then one section per service."""
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     finetune: Finetune = Field(default_factory=LoraFinetune)
@@ -160,3 +161,4 @@ class PSOConfig(StrictModel):
     loss: Loss = Field(default_factory=OnlinePSOLoss)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     loop: LoopConfig = Field(default_factory=LoopConfig)
+    reward_server: RewardServerConfig = Field(default_factory=RewardServerConfig)

@@ -19,31 +19,18 @@ import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 from pydantic import BaseModel, Field
 
-from pso.config.loader import StrictModel
+from pso.config.reward_server import BackendSpec
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class RewardInputError(ValueError):
     """The caller's input cannot be scored by this model; the message says why."""
-
-
-class BackendSpec(StrictModel):
-    """Fields every back-end's config has; each back-end adds `kind` (its tag) and its own fields."""
-
-    name: str | None = Field(None, description="name in requests and responses (default: the kind)")
-    weight: float = Field(1.0, description="weight of this model's score in the weighted total")
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    max_batch: int = Field(64, ge=1, description="most images in one forward pass")
-
-    @property
-    def model_name(self) -> str:
-        return self.name or self.kind  # type: ignore[attr-defined]
 
 
 class ModelInfo(BaseModel):

@@ -1,0 +1,87 @@
+"""The reward server's section of the config (`reward_server:`): models, devices, batching, limits, auth.
+
+Plain data only: each back-end in `reward_server/backends/` reads its own spec class from here.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from pso.config.loader import StrictModel
+
+
+class BackendSpec(StrictModel):
+    """Fields every reward model's config has; each back-end adds `kind` (its tag) and its own fields."""
+
+    name: str | None = Field(None, description="name in requests and responses (default: derived from the kind)")
+    weight: float = Field(1.0, description="weight of this model's score in the weighted total")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    max_batch: int = Field(64, ge=1, description="most images in one forward pass")
+
+    @property
+    def model_name(self) -> str:
+        return self.name or self.kind  # type: ignore[attr-defined]
+
+
+class TinySpec(BackendSpec):
+    """A built-in tiny-world reward (docs/tiny-model.md): prompts must be tiny-world prompts."""
+
+    kind: Literal["tiny"] = "tiny"
+    reward: Literal["fidelity", "large", "crispness"] = "large"
+
+    @property
+    def model_name(self) -> str:
+        return self.name or f"tiny-{self.reward}"
+
+
+RewardModelSpec = Annotated[TinySpec, Field(discriminator="kind")]
+
+
+class BatchingConfig(StrictModel):
+    """Dynamic batching: requests arriving within `window_ms` of the first are scored in one forward."""
+
+    window_ms: float = Field(10.0, ge=0, le=1000)
+    max_queue: int = Field(4096, ge=1, description="images waiting per device before requests get 429")
+
+
+class LimitsConfig(StrictModel):
+    """Bounds on what one request may ask for; a request over any of them gets a 413 or 422."""
+
+    max_body_bytes: int = Field(64 * 2**20, ge=1024)
+    max_images: int = Field(256, ge=1, description="images per request")
+    max_pixels: int = Field(4096 * 4096, ge=1, description="width x height of one image (decompression bombs)")
+    max_prompt_chars: int = Field(2000, ge=1)
+    request_timeout_s: float = Field(60.0, gt=0, description="a request still waiting after this gets 503")
+
+
+class RewardServerConfig(StrictModel):
+    """`pso reward-server`: which models to serve, where, and how."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535, description="0 picks a free port")
+    models: list[RewardModelSpec] = Field(default_factory=lambda: [TinySpec()], min_length=1)
+    devices: list[str] = Field(default_factory=lambda: ["cpu"], min_length=1, description="one model copy per device")
+    workers: int = Field(1, ge=1, description="server processes; each loads its own copy of the models")
+    token_env: str = Field(
+        "PSO_REWARD_TOKEN", description="environment variable holding the bearer token; unset or empty: no auth"
+    )
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> RewardServerConfig:
+        names = [m.model_name for m in self.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"model names must be unique, repeated: {dupes}; set `name` on each")
+        return self
+
+    @field_validator("devices")
+    @classmethod
+    def _known_devices(cls, devices: list[str]) -> list[str]:
+        for d in devices:
+            if d != "cpu" and not d.startswith(("cuda", "mps", "xpu")):
+                raise ValueError(f"unknown device {d!r}: use cpu, cuda, cuda:N, mps or xpu")
+        return devices

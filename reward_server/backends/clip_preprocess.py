@@ -1,0 +1,102 @@
+"""CLIP image preprocessing in torch alone, matching transformers' PIL-based `CLIPImageProcessorPil`.
+
+Steps: resize the shortest side to `size` (bicubic, antialiased, as PIL does), center crop, scale
+to [0, 1], normalise. The resize runs on the uint8 image: torch's uint8 kernel is a port of PIL's,
+which rounds and clips between its horizontal and vertical passes; resizing in float instead
+differs by up to 20 grey levels on noisy images, where the uint8 kernel differs by at most 2.
+The pass order matters as much, so `resize` copies Pillow's choice (see there).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from reward_server.backends.base import RewardInputError, resolve_file
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+
+
+def resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bicubic antialiased resize of uint8 (N, C, H, W) images with Pillow's (>= 13) pass order.
+
+    torch resamples width first, then height. Pillow runs the height first when the height shrinks
+    by more than twice as many pixels as the width (Resample.c, ImagingResampleInner); with rounding
+    between passes, the order changes pixels by up to 14 grey levels.
+    """
+    height, width = image.shape[-2:]
+    if height - size[0] > max(0, 2 * (width - size[1])):
+        image = F.interpolate(image, size=(size[0], width), mode="bicubic", antialias=True)
+    return F.interpolate(image, size=size, mode="bicubic", antialias=True)
+
+
+def _edge(value: int | dict, key: str) -> int:
+    """`size`/`crop_size` are an int in old configs and a dict in newer ones."""
+    return value if isinstance(value, int) else value[key]
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """Shortest side to `size`, center crop to `crop` (height, width), normalise by `mean`/`std`."""
+
+    size: int = 224
+    crop: tuple[int, int] = (224, 224)
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+
+    def __post_init__(self):
+        if max(self.crop) > self.size:
+            raise ValueError(f"crop {self.crop} is larger than the resized shortest side {self.size}")
+
+    @classmethod
+    def from_config(cls, config: dict) -> ImageTransform:
+        """From the fields of a preprocessor_config.json; CLIP's defaults where it has none."""
+        size = _edge(config.get("size", 224), "shortest_edge")
+        crop = config.get("crop_size", size)
+        return cls(
+            size=size,
+            crop=(_edge(crop, "height"), _edge(crop, "width")),
+            mean=tuple(config.get("image_mean", CLIP_MEAN)),
+            std=tuple(config.get("image_std", CLIP_STD)),
+        )
+
+    @classmethod
+    def from_source(cls, source: str) -> ImageTransform:
+        """From the preprocessor_config.json of a local folder or hub repo; CLIP's defaults if it has none."""
+        from huggingface_hub.errors import RemoteEntryNotFoundError
+
+        path = Path(source).expanduser()
+        if path.is_dir() and not (path / PREPROCESSOR_CONFIG).is_file():
+            return cls()
+        try:
+            return cls.from_config(json.loads(resolve_file(source, PREPROCESSOR_CONFIG).read_text()))
+        except RemoteEntryNotFoundError:
+            return cls()
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        """uint8 (H, W, 3) -> float32 (3, crop height, crop width)."""
+        if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) == 0:
+            raise RewardInputError(
+                f"expected a non-empty uint8 (H, W, 3) image, got {image.dtype} of shape {tuple(image.shape)}"
+            )
+        height, width = image.shape[:2]
+        # as transformers (and torchvision) compute it: the long side is truncated, not rounded
+        if height <= width:
+            new_size = (self.size, int(self.size * width / height))
+        else:
+            new_size = (int(self.size * height / width), self.size)
+        x = image.permute(2, 0, 1).unsqueeze(0)
+        if new_size != (height, width):
+            x = resize(x, new_size)
+        top = (new_size[0] - self.crop[0]) // 2
+        left = (new_size[1] - self.crop[1]) // 2
+        x = x[0, :, top : top + self.crop[0], left : left + self.crop[1]].float() / 255.0
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        return ((x - mean) / std).contiguous()

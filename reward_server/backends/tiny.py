@@ -1,0 +1,55 @@
+"""The tiny world's built-in rewards (pso.tiny.rewards) as a served model."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+import pso
+from pso.config.reward_server import TinySpec
+from pso.tiny.rewards import REWARDS
+from pso.tiny.world import IMAGE_SIZE, parse_prompt
+from reward_server.backends.base import ModelInfo, RewardBackend, RewardInputError
+
+SCALES = {
+    "fidelity": "tiny-world fidelity: 0 (not the prompt) to 1 (exactly the prompt's scene)",
+    "large": "tiny-world 'large': foreground share of a crisp, on-prompt image, 0 to about 0.45",
+    "crispness": "tiny-world crispness: share of pixels on the palette, 0 to 1 (prompt ignored)",
+}
+
+
+class TinyBackend(RewardBackend):
+    kind = "tiny"
+
+    def __init__(self, spec: TinySpec, device: torch.device):
+        super().__init__(spec, device)
+        self.reward = REWARDS[spec.reward]
+
+    @property
+    def info(self) -> ModelInfo:
+        return ModelInfo(
+            name=self.spec.model_name,
+            kind=self.kind,
+            version=f"builtin:tiny/{self.spec.reward}@pso-{pso.__version__}",
+            scale=SCALES[self.spec.reward],
+            weight=self.spec.weight,
+        )
+
+    def check_prompt(self, prompt: str) -> None:
+        if self.spec.reward == "crispness":
+            return
+        try:
+            parse_prompt(prompt)
+        except ValueError as e:
+            raise RewardInputError(str(e)) from None
+
+    def preprocess(self, image: torch.Tensor) -> torch.Tensor:
+        if tuple(image.shape[:2]) != (IMAGE_SIZE, IMAGE_SIZE):
+            raise RewardInputError(
+                f"tiny-world rewards score {IMAGE_SIZE}x{IMAGE_SIZE} images, got {image.shape[1]}x{image.shape[0]}"
+            )
+        return image.permute(2, 0, 1).float() / 255
+
+    def score_batch(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        return self.reward(pixels.to(self.device), list(prompts)).float().cpu()

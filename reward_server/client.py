@@ -1,0 +1,136 @@
+"""A small synchronous client for the reward server, as the actors use it.
+
+Images go as one safetensors body (uint8, no PNG encoding); 429, 5xx and connection errors are
+retried with exponential backoff (honouring Retry-After); other errors raise at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import httpx
+import torch
+from safetensors.torch import save
+
+log = logging.getLogger("pso.reward_client")
+RETRY_STATUSES = {429, 500, 502, 503, 504}
+
+
+class RewardServerError(RuntimeError):
+    """The server refused the request (status and its JSON error), or stayed unreachable through every retry."""
+
+    def __init__(self, message: str, status: int | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.code = status, code
+
+
+@dataclass
+class Scores:
+    per_model: dict[str, list[float]]
+    total: list[float]
+    versions: dict[str, str]
+
+
+class RewardClient:
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        timeout: float = 60.0,
+        retries: int = 5,
+        backoff: float = 0.5,
+        max_backoff: float = 10.0,
+    ):
+        """`token` defaults to $PSO_REWARD_TOKEN; `retries` counts attempts after the first."""
+        token = os.environ.get("PSO_REWARD_TOKEN") if token is None else token
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+        self.retries, self.backoff, self.max_backoff = retries, backoff, max_backoff
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> RewardClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str], models: Sequence[str] | None = None) -> Scores:
+        """Score images: uint8 (N, H, W, 3), or float (N, 3, H, W) in [0, 1] as a decoder outputs them."""
+        if images.is_floating_point():
+            images = (images.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+        metadata = {"prompts": json.dumps(list(prompts))}
+        if models is not None:
+            metadata["models"] = json.dumps(list(models))
+        body = save({"images": images.cpu().contiguous()}, metadata=metadata)
+        data = self._request(
+            "POST", "/v1/score/safetensors", content=body, headers={"Content-Type": "application/octet-stream"}
+        ).json()
+        return Scores(data["scores"], data["total"], data["versions"])
+
+    def models(self) -> list[dict]:
+        return self._request("GET", "/v1/models").json()["models"]
+
+    def wait_ready(self, timeout: float = 300.0, interval: float = 0.5) -> None:
+        """Block until /readyz answers 200; RewardServerError if it does not within `timeout`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                r = self.http.get("/readyz")
+                if r.status_code == 200:
+                    return
+                reason = r.json().get("error") or "models still loading"
+            except (httpx.TransportError, ValueError) as e:
+                reason = f"{type(e).__name__}: {e}"
+            if time.monotonic() > deadline:
+                raise RewardServerError(f"reward server at {self.http.base_url} not ready after {timeout} s: {reason}")
+            time.sleep(interval)
+
+    def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
+        attempt = 0
+        while True:
+            try:
+                r = self.http.request(method, path, **kwargs)
+            except httpx.TransportError as e:
+                problem, wait = f"{type(e).__name__}: {e}", None
+            else:
+                if r.status_code < 400:
+                    return r
+                problem, wait = _describe(r), _retry_after(r)
+                if r.status_code not in RETRY_STATUSES:
+                    raise RewardServerError(problem, r.status_code, _code(r))
+            if attempt == self.retries:
+                raise RewardServerError(f"{method} {path} failed after {attempt + 1} attempts: {problem}")
+            delay = wait if wait is not None else min(self.max_backoff, self.backoff * 2**attempt)
+            delay *= random.uniform(0.8, 1.2)  # jitter, so many actors do not retry in lockstep
+            log.warning("%s %s: %s; retrying in %.1f s", method, path, problem, delay)
+            time.sleep(delay)
+            attempt += 1
+
+
+def _code(r: httpx.Response) -> str | None:
+    try:
+        return r.json()["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _describe(r: httpx.Response) -> str:
+    try:
+        return f"{r.status_code} {r.json()['error']['message']}"
+    except (ValueError, KeyError, TypeError):
+        return f"{r.status_code} {r.text[:200]}"
+
+
+def _retry_after(r: httpx.Response) -> float | None:
+    try:
+        return min(float(r.headers["Retry-After"]), 60.0)
+    except (KeyError, ValueError):
+        return None

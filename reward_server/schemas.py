@@ -1,0 +1,59 @@
+"""Request and response bodies of the REST API (they make the OpenAPI schema)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from reward_server.backends.base import ModelInfo
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ScoreRequest(_Request):
+    """One prompt per image; images as base64 PNG or JPEG (a `data:image/...;base64,` prefix is allowed)."""
+
+    prompts: list[str] = Field(min_length=1, examples=[["a red circle on a blue background"]])
+    images: list[str] = Field(min_length=1, description="base64-encoded PNG or JPEG, one per prompt")
+    models: list[str] | None = Field(None, description="models to score with (default: every served model)")
+
+
+class CompareRequest(_Request):
+    """Two or more candidate images for one prompt."""
+
+    prompt: str = Field(examples=["a red circle on a blue background"])
+    images: list[str] = Field(min_length=2, description="base64-encoded PNG or JPEG candidates")
+    models: list[str] | None = Field(None, description="models to score with (default: every served model)")
+    temperature: float = Field(1.0, gt=0, le=1e6, description="softmax temperature over the weighted totals")
+
+
+class ScoreResponse(BaseModel):
+    scores: dict[str, list[float]] = Field(description="raw score of each image, per model")
+    total: list[float] = Field(description="weighted sum of the models' scores per image (weights in /v1/models)")
+    versions: dict[str, str] = Field(description="version of each model that scored")
+
+
+class CompareResponse(ScoreResponse):
+    probabilities: list[float] = Field(description="softmax of total / temperature over the candidates")
+    winner: int = Field(description="index of the preferred image")
+
+
+class ModelsResponse(BaseModel):
+    models: list[ModelInfo]
+    devices: list[str]
+
+
+class ReadyResponse(BaseModel):
+    ready: bool
+    models: list[str] = Field(description="models loaded so far")
+    error: str | None = Field(None, description="why loading failed, if it did")
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="short machine-readable reason, e.g. bad_image, unknown_model")
+    message: str = Field(description="what was wrong, in words")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

@@ -1,0 +1,300 @@
+"""The reward server over real HTTP: uvicorn on a free local port, called with httpx and the client."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save
+
+from pso.config.reward_server import LimitsConfig, RewardServerConfig, TinySpec
+from pso.tiny.world import all_scenes, draw
+from reward_server.app import create_app
+from reward_server.backends import build_backend
+from reward_server.client import RewardClient, RewardServerError
+from reward_server.main import serve_in_background
+
+MODELS = [TinySpec(reward="large"), TinySpec(reward="fidelity", weight=0.5)]
+
+
+def scene_batch(n: int, seed: int = 0) -> tuple[torch.Tensor, list[str]]:
+    """n tiny-world images, uint8 (n, 32, 32, 3), and their prompts."""
+    rng = np.random.default_rng(seed)
+    scenes = [all_scenes()[i] for i in rng.integers(len(all_scenes()), size=n)]
+    images = np.stack([draw(s, rng) for s in scenes])
+    return torch.from_numpy(images), [f"a {s.fg} {s.shape} on a {s.bg} background" for s in scenes]
+
+
+def png_b64(image: torch.Tensor) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(image.numpy()).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def expected_scores(images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+    return {s.model_name: build_backend(s).score(list(images), prompts) for s in MODELS}
+
+
+@pytest.fixture(scope="module")
+def url():
+    config = RewardServerConfig(models=MODELS, limits=LimitsConfig(max_images=16, max_pixels=128 * 128))
+    with serve_in_background(create_app(config)) as base:
+        RewardClient(base).wait_ready(30)
+        yield base
+
+
+def error_of(r: httpx.Response) -> str:
+    assert r.headers["content-type"].startswith("application/json"), r.text
+    return r.json()["error"]["code"]
+
+
+def test_json_multipart_and_safetensors_scores_equal_the_in_process_models(url):
+    images, prompts = scene_batch(6)
+    want = expected_scores(images, prompts)
+    total = want["tiny-large"] + 0.5 * want["tiny-fidelity"]
+
+    by_json = httpx.post(f"{url}/v1/score", json={"prompts": prompts, "images": [png_b64(i) for i in images]}).json()
+    files = [("images", (f"{i}.png", base64.b64decode(png_b64(im)), "image/png")) for i, im in enumerate(images)]
+    by_form = httpx.post(f"{url}/v1/score/multipart", files=files, data={"prompts": json.dumps(prompts)}).json()
+    by_client = RewardClient(url).score(images, prompts)
+
+    for scores, totals in [
+        (by_json["scores"], by_json["total"]),
+        (by_form["scores"], by_form["total"]),
+        (by_client.per_model, by_client.total),
+    ]:
+        for name, expected in want.items():
+            assert scores[name] == pytest.approx(expected.tolist(), abs=1e-6)
+        assert totals == pytest.approx(total.tolist(), abs=1e-6)
+    assert by_client.versions["tiny-large"].startswith("builtin:tiny/large@")
+    assert max(by_json["scores"]["tiny-fidelity"]) > 0.5  # the data scores high: the test can tell
+
+
+def test_client_accepts_decoder_output_and_picks_models(url):
+    images, prompts = scene_batch(3, seed=1)
+    as_float = images.permute(0, 3, 1, 2).float() / 255
+    scores = RewardClient(url).score(as_float, prompts, models=["tiny-fidelity"])
+    assert list(scores.per_model) == ["tiny-fidelity"]
+    assert scores.total == pytest.approx((0.5 * expected_scores(images, prompts)["tiny-fidelity"]).tolist(), abs=1e-6)
+
+
+def test_compare_prefers_the_image_that_fits_the_prompt(url):
+    images, prompts = scene_batch(2, seed=2)
+    other = images[1] if prompts[1] != prompts[0] else torch.zeros_like(images[1])
+    body = {"prompt": prompts[0], "images": [png_b64(other), png_b64(images[0])]}
+    r = httpx.post(f"{url}/v1/compare", json=body)
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert data["winner"] == 1
+    assert sum(data["probabilities"]) == pytest.approx(1.0)
+    assert data["probabilities"][1] > data["probabilities"][0]
+
+
+def test_models_health_readiness_openapi(url):
+    models = httpx.get(f"{url}/v1/models").json()["models"]
+    assert [(m["name"], m["weight"], m["higher_is_better"]) for m in models] == [
+        ("tiny-large", 1.0, True),
+        ("tiny-fidelity", 0.5, True),
+    ]
+    assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{url}/readyz").json()["ready"] is True
+    paths = httpx.get(f"{url}/openapi.json").json()["paths"]
+    assert {"/v1/score", "/v1/score/safetensors", "/v1/score/multipart", "/v1/compare", "/v1/models"} <= set(paths)
+
+
+def test_concurrent_clients_are_batched_and_get_their_own_scores(url):
+    images, prompts = scene_batch(48, seed=3)
+    want = expected_scores(images, prompts)["tiny-large"]
+    before = _metric(url, "reward_batch_requests_count")
+    client = RewardClient(url)
+    barrier = threading.Barrier(16)
+
+    def one(i: int) -> list[float]:
+        barrier.wait() if i < 16 else None
+        return client.score(images[i : i + 1], prompts[i : i + 1], models=["tiny-large"]).per_model["tiny-large"]
+
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(one, range(48)))
+    assert [g[0] for g in got] == pytest.approx(want.tolist(), abs=1e-6)
+    batches = _metric(url, "reward_batch_requests_count") - before
+    assert batches < 48, f"48 concurrent requests ran in {batches} batches: no batching"
+    assert _metric(url, 'reward_images_scored_total{model="tiny-large"}') >= 48
+
+
+def _metric(url: str, name: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            if line.split(" ")[0] == name or "{" not in name:
+                return float(line.rsplit(" ", 1)[1])
+    raise KeyError(name)
+
+
+def _png_bytes(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _bad_requests():
+    images, prompts = scene_batch(2, seed=4)
+    good = png_b64(images[0])
+    png = _png_bytes(images[0].numpy())
+    huge = base64.b64encode(_png_bytes(np.zeros((200, 200, 3), np.uint8))).decode()  # 40,000 px > 128x128
+    J = "application/json"
+    st = "application/octet-stream"
+
+    def body(**kw):
+        return json.dumps({"prompts": prompts[:1], "images": [good], **kw}).encode()
+
+    def st_body(tensor, meta):
+        return save({"images": tensor}, metadata=meta)
+
+    return [
+        # name, path, content, content-type headers, status, code
+        ("malformed base64", "/v1/score", body(images=["not*base64!"]), J, 400, "bad_base64"),
+        ("not an image", "/v1/score", body(images=[base64.b64encode(b"hello world").decode()]), J, 400, "bad_image"),
+        ("truncated PNG", "/v1/score", body(images=[base64.b64encode(png[:-40]).decode()]), J, 400, "bad_image"),
+        ("GIF is not accepted", "/v1/score", body(images=[_gif_b64()]), J, 400, "bad_image"),
+        ("too many pixels", "/v1/score", body(images=[huge]), J, 413, "image_too_large"),
+        ("wrong content type", "/v1/score", body(), "text/plain", 415, "unsupported_media_type"),
+        ("no content type", "/v1/compare", body(), "", 415, "unsupported_media_type"),
+        ("invalid JSON", "/v1/score", b'{"prompts": [', J, 400, "bad_json"),
+        ("missing field", "/v1/score", json.dumps({"prompts": prompts}).encode(), J, 422, "invalid_request"),
+        ("count mismatch", "/v1/score", body(prompts=prompts), J, 422, "count_mismatch"),
+        ("unknown model", "/v1/score", body(models=["pickscore"]), J, 422, "unknown_model"),
+        ("empty model list", "/v1/score", body(models=[]), J, 422, "bad_field"),
+        ("too many images", "/v1/score", body(prompts=prompts[:1] * 17, images=[good] * 17), J, 413, "too_many_images"),
+        ("prompt too long", "/v1/score", body(prompts=["a" * 2001]), J, 422, "prompt_too_long"),
+        ("not a tiny-world prompt", "/v1/score", body(prompts=["a photo of a cat"]), J, 422, "bad_prompt"),
+        ("wrong image size", "/v1/score", body(images=[png_b64(torch.zeros(64, 64, 3, dtype=torch.uint8))]), J, 422,
+         "bad_image"),
+        ("compare needs two images", "/v1/compare", json.dumps({"prompt": prompts[0], "images": [good]}).encode(), J,
+         422, "invalid_request"),
+        ("compare temperature", "/v1/compare",
+         json.dumps({"prompt": prompts[0], "images": [good, good], "temperature": 0}).encode(), J, 422,
+         "invalid_request"),
+        ("body too large", "/v1/score", b" " * (64 * 2**20 + 1), J, 413, "body_too_large"),
+        ("garbage safetensors", "/v1/score/safetensors", b"\x00" * 64, st, 400, "bad_safetensors"),
+        ("float safetensors", "/v1/score/safetensors",
+         st_body(torch.zeros(1, 32, 32, 3), {"prompts": json.dumps(prompts[:1])}), st, 422, "bad_safetensors"),
+        ("safetensors without prompts", "/v1/score/safetensors", st_body(images[:1].contiguous(), {}), st, 422,
+         "bad_safetensors"),
+        ("safetensors prompts not a list", "/v1/score/safetensors",
+         st_body(images[:1].contiguous(), {"prompts": "a red circle"}), st, 422, "bad_field"),
+        ("multipart without prompts", "/v1/score/multipart", None, None, 422, "bad_field"),
+        ("unknown path", "/v1/nothing", body(), J, 404, "http_error"),
+    ]  # fmt: skip
+
+
+def _gif_b64() -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(buf, format="GIF")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.mark.parametrize("case", _bad_requests(), ids=lambda c: c[0])
+def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(url, case):
+    _, path, content, ctype, status, code = case
+    if content is None:  # a multipart form with a file but no prompts field
+        r = httpx.post(f"{url}{path}", files=[("images", ("a.png", b"x", "image/png"))])
+    else:
+        r = httpx.post(f"{url}{path}", content=content, headers={"content-type": ctype} if ctype else {})
+    assert (r.status_code, error_of(r)) == (status, code), r.text
+    assert len(r.json()["error"]["message"]) > 5
+    images, prompts = scene_batch(1)
+    assert RewardClient(url).score(images, prompts).total  # still serving
+
+
+def test_a_decompression_bomb_is_refused_before_decoding(url):
+    """A 20000 x 20000 PNG compresses to a few hundred KB; its header alone must get it refused."""
+    buf = io.BytesIO()
+    Image.new("L", (20000, 20000)).save(buf, format="PNG", optimize=False, compress_level=9)
+    r = httpx.post(f"{url}/v1/score", json={"prompts": ["x"], "images": [base64.b64encode(buf.getvalue()).decode()]})
+    assert (r.status_code, error_of(r)) == (413, "image_too_large")
+
+
+def test_bearer_token_is_required_when_configured(monkeypatch):
+    monkeypatch.setenv("TEST_REWARD_TOKEN", "s3cret")
+    config = RewardServerConfig(token_env="TEST_REWARD_TOKEN")
+    images, prompts = scene_batch(1)
+    with serve_in_background(create_app(config)) as url:
+        assert httpx.get(f"{url}/healthz").status_code == 200  # probes need no token
+        RewardClient(url).wait_ready(30)
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        r = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer wrong"})
+        assert (r.status_code, error_of(r), r.headers["www-authenticate"]) == (401, "unauthorized", "Bearer")
+        with pytest.raises(RewardServerError) as e:
+            RewardClient(url, token="wrong", retries=0).score(images, prompts)
+        assert e.value.status == 401
+        assert RewardClient(url, token="s3cret").score(images, prompts).total
+        monkeypatch.setenv("PSO_REWARD_TOKEN", "s3cret")
+        assert RewardClient(url).models()[0]["name"] == "tiny-large"
+
+
+def test_readiness_gate_holds_until_every_model_is_loaded():
+    gate = threading.Event()
+
+    def gated_build(spec, device):
+        gate.wait(30)
+        return build_backend(spec, device)
+
+    images, prompts = scene_batch(1)
+    with serve_in_background(create_app(RewardServerConfig(models=MODELS), builder=gated_build)) as url:
+        ready = httpx.get(f"{url}/readyz")
+        assert ready.status_code == 503 and ready.json()["ready"] is False
+        assert httpx.get(f"{url}/healthz").status_code == 200
+        r = httpx.post(f"{url}/v1/score", json={"prompts": prompts, "images": [png_b64(images[0])]})
+        assert (r.status_code, error_of(r)) == (503, "not_ready")
+        assert "reward_ready 0.0" in httpx.get(f"{url}/metrics").text
+        gate.set()
+        RewardClient(url).wait_ready(30)
+        assert httpx.get(f"{url}/readyz").json()["models"] == ["tiny-large@cpu", "tiny-fidelity@cpu"]
+        assert RewardClient(url).score(images, prompts).total
+
+
+def test_a_model_that_fails_to_load_keeps_readiness_down_with_the_reason():
+    failures = []
+
+    def broken_build(spec, device):
+        raise FileNotFoundError("/models/missing has no ImageReward.pt")
+
+    app = create_app(RewardServerConfig(), on_load_failure=failures.append, builder=broken_build)
+    with serve_in_background(app) as url:
+        with pytest.raises(RewardServerError, match="missing has no ImageReward.pt"):
+            RewardClient(url).wait_ready(2, interval=0.1)
+    assert failures == ["FileNotFoundError: /models/missing has no ImageReward.pt"]
+
+
+def test_client_retries_until_the_server_comes_up():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    images, prompts = scene_batch(2)
+    result = {}
+
+    def call():
+        result["scores"] = RewardClient(f"http://127.0.0.1:{port}", retries=8, backoff=0.2).score(images, prompts)
+
+    caller = threading.Thread(target=call)
+    caller.start()  # the first attempts meet a closed port
+    threading.Event().wait(0.5)
+    with serve_in_background(create_app(RewardServerConfig()), port=port):
+        caller.join(30)
+    assert result["scores"].per_model["tiny-large"] == pytest.approx(
+        build_backend(TinySpec()).score(list(images), prompts).tolist(), abs=1e-6
+    )
+
+
+def test_client_gives_up_with_a_clear_error_when_nobody_answers():
+    with pytest.raises(RewardServerError, match="failed after 3 attempts: ConnectError"):
+        RewardClient("http://127.0.0.1:9", retries=2, backoff=0.01).score(*scene_batch(1))
