@@ -49,6 +49,15 @@ CONTENT_TYPES = {
     "/v1/score/safetensors": ("application/octet-stream", "application/x-safetensors"),
     "/v1/score/multipart": ("multipart/form-data",),
 }
+_FORM = {
+    "type": "object",
+    "required": ["images", "prompts"],
+    "properties": {
+        "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
+        "prompts": {"type": "string", "description": "JSON list of strings, one per image"},
+        "models": {"type": "string", "description": "JSON list of model names"},
+    },
+}
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 413, 415, 422, 429, 503)}
 
 
@@ -130,19 +139,18 @@ def create_app(
         pool.select(None)
         return ModelsResponse(models=pool.infos, devices=config.devices)
 
-    async def score_decoded(images: list[torch.Tensor], prompts: list[str], names: list[str]) -> ScoreResponse:
-        inputs = await run_in_threadpool(pool.prepare, images, prompts, names)
+    async def score_images(decode_images: Callable[[], list], prompts: list[str], names: list[str]) -> ScoreResponse:
+        """Decode and preprocess on a worker thread (counted as in flight, so batchers wait for it), then
+        queue for the batcher."""
+        with _inflight(pool):
+            inputs = await run_in_threadpool(lambda: pool.prepare(decode_images(), prompts, names))
         return _response(pool, await pool.score(inputs, prompts), names)
 
     @app.post("/v1/score", dependencies=[Depends(authorized)], summary="Score images, one prompt each (JSON)")
     async def score(body: ScoreRequest) -> ScoreResponse:
         names = pool.select(body.models)
         _check_counts(limits, body.prompts, len(body.images))
-        with _inflight(pool):
-            images = await run_in_threadpool(
-                lambda: [decode.decode_base64_image(s, limits, f"images[{i}]") for i, s in enumerate(body.images)]
-            )
-            return await score_decoded(images, body.prompts, names)
+        return await score_images(lambda: _decode_base64(body.images, limits), body.prompts, names)
 
     @app.post(
         "/v1/score/safetensors",
@@ -157,8 +165,7 @@ def create_app(
         batch, prompts, wanted = await run_in_threadpool(decode.decode_safetensors, raw, limits)
         names = pool.select(wanted)
         _check_counts(limits, prompts, len(batch))
-        with _inflight(pool):
-            return await score_decoded(list(batch.unbind(0)), prompts, names)
+        return await score_images(lambda: list(batch.unbind(0)), prompts, names)
 
     @app.post(
         "/v1/score/multipart",
@@ -166,6 +173,7 @@ def create_app(
         summary="Score uploaded PNG/JPEG files (multipart form)",
         description="Form fields: `images` (one file part per image), `prompts` (JSON list of strings, one per "
         "image), optionally `models` (JSON list of names).",
+        openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": _FORM}}}},
     )
     async def score_multipart(request: Request) -> ScoreResponse:
         try:
@@ -180,28 +188,26 @@ def create_app(
         names = pool.select(decode.parse_string_list(fields["models"], "models") if "models" in fields else None)
         _check_counts(limits, prompts, len(files))
         raws = [await f.read() for f in files]
-        with _inflight(pool):
-            images = await run_in_threadpool(
-                lambda: [decode.decode_image_bytes(r, limits, f"images[{i}]") for i, r in enumerate(raws)]
-            )
-            return await score_decoded(images, prompts, names)
+        return await score_images(
+            lambda: [decode.decode_image_bytes(r, limits, f"images[{i}]") for i, r in enumerate(raws)], prompts, names
+        )
 
     @app.post("/v1/compare", dependencies=[Depends(authorized)], summary="Which of two or more images fits a prompt")
     async def compare(body: CompareRequest) -> CompareResponse:
         names = pool.select(body.models)
         prompts = [body.prompt] * len(body.images)
         _check_counts(limits, prompts, len(body.images))
-        with _inflight(pool):
-            images = await run_in_threadpool(
-                lambda: [decode.decode_base64_image(s, limits, f"images[{i}]") for i, s in enumerate(body.images)]
-            )
-            scored = await score_decoded(images, prompts, names)
+        scored = await score_images(lambda: _decode_base64(body.images, limits), prompts, names)
         probabilities = torch.softmax(torch.tensor(scored.total, dtype=torch.float64) / body.temperature, 0)
         return CompareResponse(
             **scored.model_dump(), probabilities=probabilities.tolist(), winner=int(probabilities.argmax())
         )
 
     return RequestGuard(app, max_body_bytes=limits.max_body_bytes, content_types=CONTENT_TYPES, metrics=metrics)
+
+
+def _decode_base64(images: list[str], limits) -> list[torch.Tensor]:
+    return [decode.decode_base64_image(s, limits, f"images[{i}]") for i, s in enumerate(images)]
 
 
 def _check_counts(limits, prompts: list[str], n_images: int) -> None:

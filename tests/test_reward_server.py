@@ -298,3 +298,45 @@ def test_client_retries_until_the_server_comes_up():
 def test_client_gives_up_with_a_clear_error_when_nobody_answers():
     with pytest.raises(RewardServerError, match="failed after 3 attempts: ConnectError"):
         RewardClient("http://127.0.0.1:9", retries=2, backoff=0.01).score(*scene_batch(1))
+
+
+def test_pso_reward_server_command_serves_the_tiny_reward_and_stops_cleanly(tmp_path):
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "server.log", "w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pso.cli", "reward-server", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT
+    )
+    try:
+        client = RewardClient(f"http://127.0.0.1:{port}")
+        client.wait_ready(120)
+        images, prompts = scene_batch(4, seed=5)
+        assert client.score(images, prompts).per_model["tiny-large"] == pytest.approx(
+            build_backend(TinySpec()).score(list(images), prompts).tolist(), abs=1e-6
+        )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(30)
+    log.seek(0)
+    text = log.read()
+    assert code in (0, -signal.SIGTERM), text  # uvicorn re-raises the signal after its graceful shutdown
+    assert "ready: tiny-large on cpu" in text and "Application shutdown complete" in text
+
+
+def test_pso_reward_server_rejects_a_bad_config_before_serving(tmp_path):
+    import subprocess
+    import sys
+
+    config = tmp_path / "bad.yaml"
+    config.write_text("reward_server:\n  models: [{kind: tiny, reward: huge}]\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "pso.cli", "reward-server", "--config", str(config)], capture_output=True, text=True
+    )
+    assert r.returncode == 2
+    assert "reward_server.models.0.reward" in r.stderr and "huge" in r.stderr

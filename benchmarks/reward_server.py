@@ -1,0 +1,172 @@
+"""Reward-server throughput and latency under concurrency, against the raw batched model.
+
+    python benchmarks/reward_server.py [--config FILE] [--clients 1 8 64] [--images-per-request 16]
+
+1. Raw: in this process, the same models' batched forward (`score_batch` at their max batch size,
+   inputs already preprocessed): images/s.
+2. Served: `pso reward-server` in its own process on a free port; N concurrent keep-alive clients
+   (asyncio streams) send safetensors requests for a fixed time; images/s and p50/p99 request latency.
+Prints a markdown table with served/raw. With no config: the built-in tiny-world reward on CPU.
+Both sides use the torch thread count given by --threads (default 1: the 2-core CI machine gives
+the other core to the clients).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)  # this file's name would shadow the reward_server package
+
+
+def scene_images(n: int, seed: int = 0) -> tuple[torch.Tensor, list[str]]:
+    from pso.tiny.world import all_scenes, draw
+
+    rng = np.random.default_rng(seed)
+    scenes = [all_scenes()[i] for i in rng.integers(len(all_scenes()), size=n)]
+    return torch.from_numpy(np.stack([draw(s, rng) for s in scenes])), [
+        f"a {s.fg} {s.shape} on a {s.bg} background" for s in scenes
+    ]
+
+
+def raw_throughput(config, images: torch.Tensor, prompts: list[str], seconds: float) -> float:
+    """Images/s of every model's batched forward on preprocessed inputs (the server's ceiling)."""
+    from reward_server.backends import build_backend
+
+    per_image = 0.0
+    for spec in config.models:
+        model = build_backend(spec, config.devices[0])
+        n = spec.max_batch
+        idx = [i % len(images) for i in range(n)]
+        pixels = torch.stack([model.preprocess(images[i]) for i in idx])
+        batch_prompts = [prompts[i] for i in idx]
+        with torch.inference_mode():
+            model.score_batch(pixels, batch_prompts)
+            start, done = time.perf_counter(), 0
+            while time.perf_counter() - start < seconds:
+                model.score_batch(pixels, batch_prompts)
+                done += n
+        per_image += (time.perf_counter() - start) / done
+    return 1 / per_image
+
+
+async def post(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> bytes:
+    """One HTTP/1.1 keep-alive POST on an open connection; the response body. A bare client, so that the
+    load generator's own overhead (it shares the machine) stays small beside the server's."""
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    length = int(next(h.split(b":", 1)[1] for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")))
+    body = await reader.readexactly(length)
+    if status != 200:
+        raise RuntimeError(f"{status}: {body[:300]!r}")
+    return body
+
+
+async def load(port: int, bodies: list[bytes], per_request: int, clients: int, seconds: float) -> dict:
+    requests = [
+        b"POST /v1/score/safetensors HTTP/1.1\r\nHost: bench\r\nContent-Type: application/octet-stream\r\n"
+        + f"Content-Length: {len(b)}\r\n\r\n".encode()
+        + b
+        for b in bodies
+    ]
+    latencies: list[float] = []
+
+    async def client(k: int, until: float) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        i = k
+        while time.perf_counter() < until:
+            t = time.perf_counter()
+            await post(reader, writer, requests[i % len(requests)])
+            latencies.append(time.perf_counter() - t)
+            i += clients
+        writer.close()
+
+    await asyncio.gather(*(client(k, time.perf_counter() + seconds / 5) for k in range(clients)))  # warm-up
+    latencies.clear()
+    start = time.perf_counter()
+    await asyncio.gather(*(client(k, start + seconds) for k in range(clients)))
+    elapsed = time.perf_counter() - start
+    lat = np.array(latencies) * 1000
+    return {
+        "clients": clients,
+        "images_per_s": len(lat) * per_request / elapsed,
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "requests": len(lat),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, help="config with a reward_server section (default: tiny reward)")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--images-per-request", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured time per concurrency level")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, raw and server alike")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from safetensors.torch import save
+
+    from pso.config import load_config
+    from pso.config.schema import PSOConfig
+    from reward_server.client import RewardClient
+
+    config = load_config(PSOConfig, args.config).reward_server
+    images, prompts = scene_images(512)
+    raw = raw_throughput(config, images, prompts, args.seconds)
+    print(f"raw batched forward: {raw:,.0f} images/s ({', '.join(m.model_name for m in config.models)})")
+
+    k = args.images_per_request
+    bodies = [
+        save({"images": images[i : i + k].contiguous()}, metadata={"prompts": json.dumps(prompts[i : i + k])})
+        for i in range(0, len(images) - k + 1, k)
+    ]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PSO_REWARD_TOKEN": ""}
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg_args = ["--config", str(args.config)] if args.config else []
+        log = open(Path(tmp) / "server.log", "w")
+        server = subprocess.Popen(
+            [sys.executable, "-m", "pso.cli", "reward-server", *cfg_args, "--port", str(port)],
+            env=env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            url = f"http://127.0.0.1:{port}"
+            RewardClient(url).wait_ready(600)
+            rows = [asyncio.run(load(port, bodies, k, c, args.seconds)) for c in args.clients]
+        finally:
+            server.terminate()
+            server.wait(30)
+
+    print(f"\n{k} images per request, {args.seconds:.0f} s per level, {args.threads} torch thread(s)\n")
+    print("| clients | served images/s | p50 ms | p99 ms | served / raw |")
+    print("|---:|---:|---:|---:|---:|")
+    for row in rows:
+        row["ratio"] = row["images_per_s"] / raw
+        print(
+            f"| {row['clients']} | {row['images_per_s']:,.0f} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} "
+            f"| {row['ratio']:.2f} |"
+        )
+    if args.json:
+        args.json.write_text(json.dumps({"raw_images_per_s": raw, "levels": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
