@@ -50,8 +50,11 @@ def serve(config: RewardServerConfig, access_log: bool = False) -> int:
 
 
 def app_from_env():
+    """The app in a worker process that uvicorn started (logging configured anew: nothing is inherited)."""
+    from pso.cli import setup_logging
     from reward_server.app import create_app
 
+    setup_logging(verbose=False)
     return create_app(RewardServerConfig.model_validate_json(os.environ[_CONFIG_ENV]))
 
 

@@ -40,11 +40,11 @@ class ModelPool:
         """Load every model on every device (off the event loop), then start one batcher per device."""
         try:
             per_device = []
-            for device in self.config.devices:
+            for device in _replica_names(self.config.devices):
                 models = {}
                 for spec in self.config.models:
                     log.info("loading %s (%s) on %s", spec.model_name, spec.kind, device)
-                    models[spec.model_name] = await asyncio.to_thread(self.builder, spec, device)
+                    models[spec.model_name] = await asyncio.to_thread(self.builder, spec, device.split("#")[0])
                     self.loaded.append(f"{spec.model_name}@{device}")
                 per_device.append((device, models))
         except Exception as e:
@@ -107,3 +107,13 @@ class ModelPool:
             raise ApiError(
                 503, "timeout", f"not scored within {self.config.limits.request_timeout_s} s", {"Retry-After": "1"}
             ) from None
+
+
+def _replica_names(devices: list[str]) -> list[str]:
+    """Devices named once each: a second copy on the same device is "cpu#1", and so on (metrics labels)."""
+    seen: dict[str, int] = {}
+    names = []
+    for d in devices:
+        names.append(d if d not in seen else f"{d}#{seen[d]}")
+        seen[d] = seen.get(d, 0) + 1
+    return names

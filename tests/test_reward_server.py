@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import save
 
 from pso.config.reward_server import LimitsConfig, RewardServerConfig, TinySpec
@@ -126,15 +127,17 @@ def test_concurrent_clients_are_batched_and_get_their_own_scores(url):
     assert [g[0] for g in got] == pytest.approx(want.tolist(), abs=1e-6)
     batches = _metric(url, "reward_batch_requests_count") - before
     assert batches < 48, f"48 concurrent requests ran in {batches} batches: no batching"
-    assert _metric(url, 'reward_images_scored_total{model="tiny-large"}') >= 48
+    assert _metric(url, "reward_images_scored_total", model="tiny-large") >= 48
 
 
-def _metric(url: str, name: str) -> float:
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            if line.split(" ")[0] == name or "{" not in name:
-                return float(line.rsplit(" ", 1)[1])
-    raise KeyError(name)
+def _metric(url: str, sample: str, **labels: str) -> float:
+    """Sum of a sample's values over label sets that include `labels` (0 before it first appears)."""
+    total = 0.0
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        for s in family.samples:
+            if s.name == sample and labels.items() <= s.labels.items():
+                total += s.value
+    return total
 
 
 def _png_bytes(image: np.ndarray) -> bytes:
@@ -300,7 +303,8 @@ def test_client_gives_up_with_a_clear_error_when_nobody_answers():
         RewardClient("http://127.0.0.1:9", retries=2, backoff=0.01).score(*scene_batch(1))
 
 
-def test_pso_reward_server_command_serves_the_tiny_reward_and_stops_cleanly(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_pso_reward_server_command_serves_the_tiny_reward_and_stops_cleanly(tmp_path, workers):
     import signal
     import socket
     import subprocess
@@ -311,7 +315,9 @@ def test_pso_reward_server_command_serves_the_tiny_reward_and_stops_cleanly(tmp_
         port = s.getsockname()[1]
     log = open(tmp_path / "server.log", "w+")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pso.cli", "reward-server", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT
+        [sys.executable, "-m", "pso.cli", "reward-server", "--port", str(port), "--workers", str(workers)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         client = RewardClient(f"http://127.0.0.1:{port}")
@@ -326,7 +332,7 @@ def test_pso_reward_server_command_serves_the_tiny_reward_and_stops_cleanly(tmp_
     log.seek(0)
     text = log.read()
     assert code in (0, -signal.SIGTERM), text  # uvicorn re-raises the signal after its graceful shutdown
-    assert "ready: tiny-large on cpu" in text and "Application shutdown complete" in text
+    assert text.count("ready: tiny-large on cpu") == workers and "Application shutdown complete" in text
 
 
 def test_pso_reward_server_rejects_a_bad_config_before_serving(tmp_path):
@@ -340,3 +346,18 @@ def test_pso_reward_server_rejects_a_bad_config_before_serving(tmp_path):
     )
     assert r.returncode == 2
     assert "reward_server.models.0.reward" in r.stderr and "huge" in r.stderr
+
+
+def test_two_model_copies_share_the_load():
+    config = RewardServerConfig(devices=["cpu", "cpu"], batching={"window_ms": 20})
+    images, prompts = scene_batch(64, seed=6)
+    want = build_backend(TinySpec()).score(list(images), prompts)
+    with serve_in_background(create_app(config)) as url:
+        client = RewardClient(url)
+        client.wait_ready(30)
+        assert httpx.get(f"{url}/readyz").json()["models"] == ["tiny-large@cpu", "tiny-large@cpu#1"]
+        with ThreadPoolExecutor(16) as pool:
+            got = list(pool.map(lambda i: client.score(images[i : i + 4], prompts[i : i + 4]).total, range(0, 64, 4)))
+        assert sum(got, []) == pytest.approx(want.tolist(), abs=1e-6)
+        for device in ("cpu", "cpu#1"):
+            assert _metric(url, "reward_batch_requests_count", device=device) > 0
