@@ -11,6 +11,9 @@ $(BIN)/pso: pyproject.toml
 	# the CPU build first, so nothing below pulls a multi-GB CUDA build of torch
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	# the original ImageReward model code, only for the test that proves our port scores the same;
+	# its own dependencies (timm, fairscale, clip, torchvision) do not work with current libraries
+	$(BIN)/python -m pip install -q --no-deps image-reward==1.5
 	touch $(BIN)/pso
 
 install: $(BIN)/pso

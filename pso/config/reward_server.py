@@ -36,7 +36,27 @@ class TinySpec(BackendSpec):
         return self.name or f"tiny-{self.reward}"
 
 
-RewardModelSpec = Annotated[TinySpec, Field(discriminator="kind")]
+class ImageRewardSpec(BackendSpec):
+    """ImageReward v1.0 (THUDM): BLIP ViT-L/16 + BERT-base + MLP, from the official ImageReward.pt."""
+
+    kind: Literal["image-reward"] = "image-reward"
+    checkpoint: str = Field(
+        "THUDM/ImageReward", description="hub repo id, a folder holding ImageReward.pt, or the file itself"
+    )
+    med_config: str | None = Field(
+        None,
+        description="path to the text encoder's med_config.json (default: the one beside the checkpoint file, "
+        "else the published values)",
+    )
+    vision_config: str | None = Field(
+        None,
+        description="path to a vision_config.json with BlipVisionConfig sizes (default: the one beside the "
+        "checkpoint file, else the published ViT-L/16 at 224 px)",
+    )
+    tokenizer: str = Field("bert-base-uncased", description="hub id or local folder of a BERT tokenizer")
+
+
+RewardModelSpec = Annotated[TinySpec | ImageRewardSpec, Field(discriminator="kind")]
 
 
 class BatchingConfig(StrictModel):

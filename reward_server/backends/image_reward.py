@@ -16,13 +16,13 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from huggingface_hub.constants import is_offline_mode
-from pydantic import Field
+from huggingface_hub import is_offline_mode
 from torch import nn
 from transformers import BertTokenizer, BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
 
+from pso.config.reward_server import ImageRewardSpec
+
 from .base import (
-    BackendSpec,
     ModelInfo,
     RewardBackend,
     RewardInputError,
@@ -70,6 +70,7 @@ REWARD_STD = 1.0333394966054072
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_TOKENS = 35  # the package pads and truncates every prompt to 35 tokens
+MAX_ASPECT = 20
 HEAD_WIDTHS = (1024, 128, 64, 16, 1)  # the MLP's layers; its ReLUs are commented out in the package
 
 # Official key prefix -> this model's; "{i}" stands for a layer number.
@@ -231,40 +232,27 @@ def load_tokenizer(source: str) -> BertTokenizer:
 
 def preprocess_image(image: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 (H, W, 3) -> float32 (3, size, size), as the package's torchvision transform does it on a PIL
-    image: bicubic resize of the shorter side to `size` (antialiased, rounded to 8-bit like PIL), centre
-    crop, scale to 0..1, normalise with CLIP's mean and std."""
+    image: antialiased bicubic resize of the shorter side to `size`, centre crop, scale to 0..1, normalise
+    with CLIP's mean and std. Images more than MAX_ASPECT times as long as wide are refused: the long side
+    is resized whole before the crop."""
     if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[-1] != 3:
         raise RewardInputError(f"expected a uint8 (H, W, 3) image, got {image.dtype} {tuple(image.shape)}")
     h, w = image.shape[:2]
+    if max(h, w) > MAX_ASPECT * min(h, w):
+        raise RewardInputError(f"image of {h}x{w} pixels: the long side may be at most {MAX_ASPECT} times the short")
     x = image.permute(2, 0, 1).unsqueeze(0).float()
     # torchvision's Resize(int): the short side becomes `size`, the long side int(size * long / short)
     new_h, new_w = (int(size * h / w), size) if w <= h else (size, int(size * w / h))
-    if (new_h, new_w) != (h, w):
-        x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
-        x = x.round().clamp(0, 255)
+    # Pillow resizes in two passes, horizontal then vertical (up to Pillow 12, which ImageReward was
+    # trained with), each rounded to 8 bits; an axis at scale 1 is the identity, so one axis per call
+    for size_hw in ((h, new_w), (new_h, new_w)):
+        if size_hw != tuple(x.shape[-2:]):
+            x = F.interpolate(x, size=size_hw, mode="bicubic", align_corners=False, antialias=True)
+            x = x.round().clamp(0, 255)
     top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
     x = x[0, :, top : top + size, left : left + size] / 255.0
     mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
     return (x - mean) / std
-
-
-class ImageRewardSpec(BackendSpec):
-    kind: Literal["image-reward"] = "image-reward"
-    checkpoint: str = Field(
-        "THUDM/ImageReward",
-        description=f"hub repo id, a folder holding {CHECKPOINT_FILE}, or the file itself",
-    )
-    med_config: str | None = Field(
-        None,
-        description=f"path to the text encoder's {MED_CONFIG_FILE} (default: the one beside the checkpoint file, "
-        "else the published values)",
-    )
-    vision_config: str | None = Field(
-        None,
-        description=f"path to a {VISION_CONFIG_FILE} with BlipVisionConfig sizes (default: the one beside the "
-        "checkpoint file, else the published ViT-L/16 at 224 px)",
-    )
-    tokenizer: str = Field("bert-base-uncased", description="hub id or local folder of a BERT tokenizer")
 
 
 def _config(explicit: str | None, beside: Path, default: dict[str, Any]) -> dict[str, Any]:
@@ -289,8 +277,9 @@ class ImageRewardBackend(RewardBackend):
         self.model.head.float()  # the package casts the [CLS] state to float32 before the MLP
         self.tokenizer = load_tokenizer(spec.tokenizer)
         if len(self.tokenizer) > med["vocab_size"]:
-            raise ValueError(f"tokenizer {spec.tokenizer} has {len(self.tokenizer)} tokens, the model reads only "
-                             f"{med['vocab_size']}")
+            raise ValueError(
+                f"tokenizer {spec.tokenizer} has {len(self.tokenizer)} tokens, the model reads only {med['vocab_size']}"
+            )
 
     @property
     def info(self) -> ModelInfo:
