@@ -361,3 +361,21 @@ def test_two_model_copies_share_the_load():
         assert sum(got, []) == pytest.approx(want.tolist(), abs=1e-6)
         for device in ("cpu", "cpu#1"):
             assert _metric(url, "reward_batch_requests_count", device=device) > 0
+
+
+def test_pso_reward_server_exits_when_a_model_cannot_be_loaded(tmp_path):
+    import subprocess
+    import sys
+
+    config = tmp_path / "missing.yaml"
+    config.write_text(
+        f"reward_server:\n  models: [{{kind: image-reward, checkpoint: {tmp_path}/none/ImageReward.pt}}]\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "pso.cli", "reward-server", "-c", str(config), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 1, r.stderr
+    assert "loading the reward models failed: FileNotFoundError" in r.stderr and "none/ImageReward.pt" in r.stderr

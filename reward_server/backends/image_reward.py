@@ -12,7 +12,7 @@ import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -365,12 +365,10 @@ def randomize_(module: nn.Module, seed: int) -> nn.Module:
     return module
 
 
-def build_random(out_dir: str | Path, *, size: Literal["tiny", "full"] = "tiny", seed: int = 0) -> Path:
+def build_random(out_dir: str | Path, *, seed: int = 0) -> Path:
     """A folder that `ImageRewardSpec(checkpoint=folder, tokenizer=folder)` loads offline: a tiny random
     model as ImageReward.pt (official key layout) with its med_config.json and vision_config.json, and a
     tiny BERT tokenizer. Full-size weights are never written; `full_size_model()` builds that architecture."""
-    if size != "tiny":
-        raise ValueError("only tiny random ImageReward models are written; full_size_model() builds the full one")
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     vocab = tiny_vocab()
