@@ -11,6 +11,9 @@ from pydantic import Field, field_validator, model_validator
 
 from pso.config.loader import StrictModel
 
+LAION_VIT_H = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+OPENAI_VIT_L = "openai/clip-vit-large-patch14"
+
 
 class BackendSpec(StrictModel):
     """Fields every reward model's config has; each back-end adds `kind` (its tag) and its own fields."""
@@ -56,7 +59,52 @@ class ImageRewardSpec(BackendSpec):
     tokenizer: str = Field("bert-base-uncased", description="hub id or local folder of a BERT tokenizer")
 
 
-RewardModelSpec = Annotated[TinySpec | ImageRewardSpec, Field(discriminator="kind")]
+class PickScoreSpec(BackendSpec):
+    """PickScore v1: a CLIP ViT-H/14 in transformers' format."""
+
+    kind: Literal["pickscore"] = "pickscore"
+    model: str = Field("yuvalkirstain/PickScore_v1", description="CLIPModel weights: hub repo id or local folder")
+    processor: str = Field(LAION_VIT_H, description="tokenizer and preprocessor_config.json: hub repo id or folder")
+
+
+class HPSv2Spec(BackendSpec):
+    """HPSv2.1: an open_clip ViT-H-14 checkpoint, converted to transformers' CLIPModel on load."""
+
+    kind: Literal["hpsv2"] = "hpsv2"
+    checkpoint: str = Field(
+        "xswu/HPSv2", description="open_clip ViT-H-14 checkpoint: a file, a folder holding checkpoint_file, or a hub id"
+    )
+    checkpoint_file: str = "HPS_v2.1_compressed.pt"
+    processor: str = Field(
+        LAION_VIT_H,
+        description="config.json (the architecture, in transformers' layout), tokenizer and preprocessor_config.json",
+    )
+
+
+class ClipScoreSpec(BackendSpec):
+    """CLIP score: max(100 x cosine, 0) of a CLIPModel's image and prompt features."""
+
+    kind: Literal["clip-score"] = "clip-score"
+    model: str = Field(OPENAI_VIT_L, description="CLIPModel weights: hub repo id or local folder")
+    processor: str | None = Field(None, description="tokenizer and preprocessor_config.json (default: model)")
+
+
+class AestheticSpec(BackendSpec):
+    """The LAION improved aesthetic predictor (v2): an MLP on CLIP ViT-L/14 image features."""
+
+    kind: Literal["aesthetic"] = "aesthetic"
+    model: str = Field(OPENAI_VIT_L, description="CLIP ViT-L/14 weights: hub repo id or local folder")
+    processor: str | None = Field(None, description="preprocessor_config.json source (default: model)")
+    head: str = Field(
+        "camenduru/improved-aesthetic-predictor",
+        description="the MLP head: a file, a folder holding head_file, or a hub repo id",
+    )
+    head_file: str = "sac+logos+ava1-l14-linearMSE.pth"
+
+
+RewardModelSpec = Annotated[
+    TinySpec | ImageRewardSpec | PickScoreSpec | HPSv2Spec | ClipScoreSpec | AestheticSpec, Field(discriminator="kind")
+]
 
 
 class BatchingConfig(StrictModel):

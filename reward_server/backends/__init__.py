@@ -13,6 +13,10 @@ from reward_server.backends.base import ModelInfo, RewardBackend, RewardInputErr
 BACKENDS = {
     "tiny": "reward_server.backends.tiny:TinyBackend",
     "image-reward": "reward_server.backends.image_reward:ImageRewardBackend",
+    "pickscore": "reward_server.backends.clip_rewards:PickScoreBackend",
+    "hpsv2": "reward_server.backends.clip_rewards:HPSv2Backend",
+    "clip-score": "reward_server.backends.clip_rewards:ClipScoreBackend",
+    "aesthetic": "reward_server.backends.clip_rewards:AestheticBackend",
 }
 
 

@@ -21,6 +21,8 @@ from reward_server.backends.base import RewardInputError, resolve_file
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
+# The resize keeps the aspect ratio before cropping, so a 1 x 10^6 image would become a 224 x 2*10^8 one.
+MAX_ASPECT = 20
 
 
 def resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -43,19 +45,24 @@ def _edge(value: int | dict, key: str) -> int:
 
 @dataclass(frozen=True)
 class ImageTransform:
-    """Shortest side to `size`, center crop to `crop` (height, width), normalise by `mean`/`std`."""
+    """Shortest side to `size`, center crop to `crop` (height, width), normalise by `mean`/`std`.
+
+    `round_crop`: torchvision's CenterCrop (what ImageReward, HPSv2 and the aesthetic predictor were
+    published with) rounds the crop offsets; transformers' processors truncate them.
+    """
 
     size: int = 224
     crop: tuple[int, int] = (224, 224)
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
+    round_crop: bool = False
 
     def __post_init__(self):
         if max(self.crop) > self.size:
             raise ValueError(f"crop {self.crop} is larger than the resized shortest side {self.size}")
 
     @classmethod
-    def from_config(cls, config: dict) -> ImageTransform:
+    def from_config(cls, config: dict, round_crop: bool = False) -> ImageTransform:
         """From the fields of a preprocessor_config.json; CLIP's defaults where it has none."""
         size = _edge(config.get("size", 224), "shortest_edge")
         crop = config.get("crop_size", size)
@@ -64,20 +71,21 @@ class ImageTransform:
             crop=(_edge(crop, "height"), _edge(crop, "width")),
             mean=tuple(config.get("image_mean", CLIP_MEAN)),
             std=tuple(config.get("image_std", CLIP_STD)),
+            round_crop=round_crop,
         )
 
     @classmethod
-    def from_source(cls, source: str) -> ImageTransform:
+    def from_source(cls, source: str, round_crop: bool = False) -> ImageTransform:
         """From the preprocessor_config.json of a local folder or hub repo; CLIP's defaults if it has none."""
         from huggingface_hub.errors import RemoteEntryNotFoundError
 
         path = Path(source).expanduser()
         if path.is_dir() and not (path / PREPROCESSOR_CONFIG).is_file():
-            return cls()
+            return cls(round_crop=round_crop)
         try:
-            return cls.from_config(json.loads(resolve_file(source, PREPROCESSOR_CONFIG).read_text()))
+            return cls.from_config(json.loads(resolve_file(source, PREPROCESSOR_CONFIG).read_text()), round_crop)
         except RemoteEntryNotFoundError:
-            return cls()
+            return cls(round_crop=round_crop)
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         """uint8 (H, W, 3) -> float32 (3, crop height, crop width)."""
@@ -86,6 +94,8 @@ class ImageTransform:
                 f"expected a non-empty uint8 (H, W, 3) image, got {image.dtype} of shape {tuple(image.shape)}"
             )
         height, width = image.shape[:2]
+        if max(height, width) > MAX_ASPECT * min(height, width):
+            raise RewardInputError(f"a {width}x{height} image is more than {MAX_ASPECT} times longer than it is wide")
         # as transformers (and torchvision) compute it: the long side is truncated, not rounded
         if height <= width:
             new_size = (self.size, int(self.size * width / height))
@@ -94,8 +104,8 @@ class ImageTransform:
         x = image.permute(2, 0, 1).unsqueeze(0)
         if new_size != (height, width):
             x = resize(x, new_size)
-        top = (new_size[0] - self.crop[0]) // 2
-        left = (new_size[1] - self.crop[1]) // 2
+        offset = (lambda d: int(round(d / 2))) if self.round_crop else (lambda d: d // 2)
+        top, left = offset(new_size[0] - self.crop[0]), offset(new_size[1] - self.crop[1])
         x = x[0, :, top : top + self.crop[0], left : left + self.crop[1]].float() / 255.0
         mean = torch.tensor(self.mean).view(3, 1, 1)
         std = torch.tensor(self.std).view(3, 1, 1)

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from huggingface_hub import is_offline_mode
 from torch import nn
 from transformers import BertTokenizer, BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
@@ -25,11 +24,11 @@ from pso.config.reward_server import ImageRewardSpec
 from .base import (
     ModelInfo,
     RewardBackend,
-    RewardInputError,
     load_state_dict,
     resolve_file,
     tensor_digest,
 )
+from .clip_preprocess import ImageTransform
 
 CHECKPOINT_FILE = "ImageReward.pt"
 MED_CONFIG_FILE = "med_config.json"
@@ -67,10 +66,7 @@ PUBLISHED_VISION_CONFIG: dict[str, int] = {
 
 REWARD_MEAN = 0.16717362830052426
 REWARD_STD = 1.0333394966054072
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_TOKENS = 35  # the package pads and truncates every prompt to 35 tokens
-MAX_ASPECT = 20
 HEAD_WIDTHS = (1024, 128, 64, 16, 1)  # the MLP's layers; its ReLUs are commented out in the package
 
 # Official key prefix -> this model's; "{i}" stands for a layer number.
@@ -230,31 +226,6 @@ def load_tokenizer(source: str) -> BertTokenizer:
     return tokenizer
 
 
-def preprocess_image(image: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 (H, W, 3) -> float32 (3, size, size), as the package's torchvision transform does it on a PIL
-    image: antialiased bicubic resize of the shorter side to `size`, centre crop, scale to 0..1, normalise
-    with CLIP's mean and std. Images more than MAX_ASPECT times as long as wide are refused: the long side
-    is resized whole before the crop."""
-    if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[-1] != 3:
-        raise RewardInputError(f"expected a uint8 (H, W, 3) image, got {image.dtype} {tuple(image.shape)}")
-    h, w = image.shape[:2]
-    if max(h, w) > MAX_ASPECT * min(h, w):
-        raise RewardInputError(f"image of {h}x{w} pixels: the long side may be at most {MAX_ASPECT} times the short")
-    x = image.permute(2, 0, 1).unsqueeze(0).float()
-    # torchvision's Resize(int): the short side becomes `size`, the long side int(size * long / short)
-    new_h, new_w = (int(size * h / w), size) if w <= h else (size, int(size * w / h))
-    # Pillow resizes in two passes, horizontal then vertical (up to Pillow 12, which ImageReward was
-    # trained with), each rounded to 8 bits; an axis at scale 1 is the identity, so one axis per call
-    for size_hw in ((h, new_w), (new_h, new_w)):
-        if size_hw != tuple(x.shape[-2:]):
-            x = F.interpolate(x, size=size_hw, mode="bicubic", align_corners=False, antialias=True)
-            x = x.round().clamp(0, 255)
-    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
-    x = x[0, :, top : top + size, left : left + size] / 255.0
-    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
-    return (x - mean) / std
-
-
 def _config(explicit: str | None, beside: Path, default: dict[str, Any]) -> dict[str, Any]:
     path = Path(explicit).expanduser() if explicit else beside
     if explicit and not path.is_file():
@@ -273,6 +244,8 @@ class ImageRewardBackend(RewardBackend):
         model = load_model(path, vision, med)
         self._version = f"{spec.checkpoint}@{tensor_digest(model)}"
         self.image_size = model.vision.config.image_size
+        # the package's torchvision transform: Resize(image_size, bicubic), CenterCrop, ToTensor, Normalize
+        self.transform = ImageTransform(self.image_size, (self.image_size,) * 2, round_crop=True)
         self.model = model.to(device=self.device, dtype=self.dtype)
         self.model.head.float()  # the package casts the [CLS] state to float32 before the MLP
         self.tokenizer = load_tokenizer(spec.tokenizer)
@@ -292,7 +265,7 @@ class ImageRewardBackend(RewardBackend):
         )
 
     def preprocess(self, image: torch.Tensor) -> torch.Tensor:
-        return preprocess_image(image, self.image_size)
+        return self.transform(image)
 
     def tokenize(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Token ids and attention mask as the package makes them: padded and truncated to 35 tokens."""
