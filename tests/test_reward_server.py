@@ -379,3 +379,34 @@ def test_pso_reward_server_exits_when_a_model_cannot_be_loaded(tmp_path):
     )
     assert r.returncode == 1, r.stderr
     assert "loading the reward models failed: FileNotFoundError" in r.stderr and "none/ImageReward.pt" in r.stderr
+
+
+def test_neural_reward_models_over_http_score_as_in_process(tmp_path):
+    """Tiny random ImageReward, PickScore, HPSv2 and aesthetic models served together with the tiny reward:
+    per-model scores equal each model's own in-process scores, and the total is their weighted sum."""
+    from pso.config.reward_server import AestheticSpec, HPSv2Spec, ImageRewardSpec, PickScoreSpec
+    from reward_server.backends import clip_rewards, image_reward
+
+    ir = image_reward.build_random(tmp_path / "ir")
+    folders = {k: clip_rewards.build_random(k, tmp_path / k) for k in ("pickscore", "hpsv2", "aesthetic")}
+    models = [
+        TinySpec(),
+        ImageRewardSpec(checkpoint=str(ir), tokenizer=str(ir), weight=0.5),
+        PickScoreSpec(model=str(folders["pickscore"]), processor=str(folders["pickscore"]), weight=0.01),
+        HPSv2Spec(checkpoint=str(folders["hpsv2"]), processor=str(folders["hpsv2"]), max_batch=3),
+        AestheticSpec(model=str(folders["aesthetic"]), head=str(folders["aesthetic"]), weight=0.1),
+    ]
+    images, prompts = scene_batch(7, seed=7)
+    with serve_in_background(create_app(RewardServerConfig(models=models))) as url:
+        client = RewardClient(url)
+        client.wait_ready(60)
+        served = client.score(images, prompts)
+        info = {m["name"]: m for m in client.models()}
+    total = torch.zeros(7, dtype=torch.float64)
+    for spec in models:
+        want = build_backend(spec).score(list(images), prompts)
+        assert served.per_model[spec.model_name] == pytest.approx(want.tolist(), rel=1e-5, abs=1e-6), spec.kind
+        assert served.versions[spec.model_name] == info[spec.model_name]["version"]
+        total += spec.weight * want.double()
+    assert served.total == pytest.approx(total.tolist(), rel=1e-5, abs=1e-6)
+    assert len(set(served.per_model["image-reward"])) == 7  # the scores tell the images apart
