@@ -20,7 +20,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import pso
@@ -139,18 +138,31 @@ def create_app(
         pool.select(None)
         return ModelsResponse(models=pool.infos, devices=config.devices)
 
-    async def score_images(decode_images: Callable[[], list], prompts: list[str], names: list[str]) -> ScoreResponse:
-        """Decode and preprocess on a worker thread (counted as in flight, so batchers wait for it), then
-        queue for the batcher."""
-        with _inflight(pool):
-            inputs = await run_in_threadpool(lambda: pool.prepare(decode_images(), prompts, names))
-        return _response(pool, await pool.score(inputs, prompts), names)
+    async def score_images(read: Callable[[], tuple[list[torch.Tensor], list[str], list[str]]]) -> dict:
+        """`read` (decode the request: images, prompts, model names) and preprocessing run together on a
+        worker thread, counted as in flight so that batchers wait for them; then the batcher scores."""
 
-    @app.post("/v1/score", dependencies=[Depends(authorized)], summary="Score images, one prompt each (JSON)")
-    async def score(body: ScoreRequest) -> ScoreResponse:
-        names = pool.select(body.models)
-        _check_counts(limits, body.prompts, len(body.images))
-        return await score_images(lambda: _decode_base64(body.images, limits), body.prompts, names)
+        def prepare():
+            images, prompts, names = read()
+            return pool.prepare(images, prompts, names), prompts, names
+
+        with _inflight(pool):
+            inputs, prompts, names = await asyncio.get_running_loop().run_in_executor(pool.prepare_executor, prepare)
+        return _scored(pool, await pool.score(inputs, prompts), names)
+
+    @app.post(
+        "/v1/score",
+        dependencies=[Depends(authorized)],
+        summary="Score images, one prompt each (JSON)",
+        response_model=ScoreResponse,
+    )
+    async def score(body: ScoreRequest) -> JSONResponse:
+        def read():
+            names = pool.select(body.models)
+            _check_counts(limits, body.prompts, len(body.images))
+            return _decode_base64(body.images, limits), body.prompts, names
+
+        return JSONResponse(await score_images(read))
 
     @app.post(
         "/v1/score/safetensors",
@@ -159,13 +171,18 @@ def create_app(
         description="Body: a safetensors file with tensor `images` (uint8, N x H x W x 3) and header metadata "
         "`prompts` (JSON list of N strings) and optionally `models` (JSON list of names).",
         openapi_extra={"requestBody": {"content": {"application/octet-stream": {}}, "required": True}},
+        response_model=ScoreResponse,
     )
-    async def score_safetensors(request: Request) -> ScoreResponse:
+    async def score_safetensors(request: Request) -> JSONResponse:
         raw = await request.body()
-        batch, prompts, wanted = await run_in_threadpool(decode.decode_safetensors, raw, limits)
-        names = pool.select(wanted)
-        _check_counts(limits, prompts, len(batch))
-        return await score_images(lambda: list(batch.unbind(0)), prompts, names)
+
+        def read():
+            batch, prompts, wanted = decode.decode_safetensors(raw, limits)
+            names = pool.select(wanted)
+            _check_counts(limits, prompts, len(batch))
+            return list(batch.unbind(0)), prompts, names
+
+        return JSONResponse(await score_images(read))
 
     @app.post(
         "/v1/score/multipart",
@@ -174,34 +191,43 @@ def create_app(
         description="Form fields: `images` (one file part per image), `prompts` (JSON list of strings, one per "
         "image), optionally `models` (JSON list of names).",
         openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": _FORM}}}},
+        response_model=ScoreResponse,
     )
-    async def score_multipart(request: Request) -> ScoreResponse:
+    async def score_multipart(request: Request) -> JSONResponse:
         try:
             form = await request.form(max_files=limits.max_images + 1, max_fields=8)
         except Exception as e:
             raise ApiError(400, "bad_form", f"cannot parse the multipart form: {e}") from None
         files = [f for f in form.getlist("images") if not isinstance(f, str)]
         fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
-        if "prompts" not in fields:
-            raise unprocessable("bad_field", "form field 'prompts' (a JSON list of strings) is missing")
-        prompts = decode.parse_string_list(fields["prompts"], "prompts")
-        names = pool.select(decode.parse_string_list(fields["models"], "models") if "models" in fields else None)
-        _check_counts(limits, prompts, len(files))
         raws = [await f.read() for f in files]
-        return await score_images(
-            lambda: [decode.decode_image_bytes(r, limits, f"images[{i}]") for i, r in enumerate(raws)], prompts, names
-        )
 
-    @app.post("/v1/compare", dependencies=[Depends(authorized)], summary="Which of two or more images fits a prompt")
-    async def compare(body: CompareRequest) -> CompareResponse:
-        names = pool.select(body.models)
-        prompts = [body.prompt] * len(body.images)
-        _check_counts(limits, prompts, len(body.images))
-        scored = await score_images(lambda: _decode_base64(body.images, limits), prompts, names)
-        probabilities = torch.softmax(torch.tensor(scored.total, dtype=torch.float64) / body.temperature, 0)
-        return CompareResponse(
-            **scored.model_dump(), probabilities=probabilities.tolist(), winner=int(probabilities.argmax())
-        )
+        def read():
+            if "prompts" not in fields:
+                raise unprocessable("bad_field", "form field 'prompts' (a JSON list of strings) is missing")
+            prompts = decode.parse_string_list(fields["prompts"], "prompts")
+            names = pool.select(decode.parse_string_list(fields["models"], "models") if "models" in fields else None)
+            _check_counts(limits, prompts, len(raws))
+            return [decode.decode_image_bytes(r, limits, f"images[{i}]") for i, r in enumerate(raws)], prompts, names
+
+        return JSONResponse(await score_images(read))
+
+    @app.post(
+        "/v1/compare",
+        dependencies=[Depends(authorized)],
+        summary="Which of two or more images fits a prompt",
+        response_model=CompareResponse,
+    )
+    async def compare(body: CompareRequest) -> JSONResponse:
+        def read():
+            names = pool.select(body.models)
+            prompts = [body.prompt] * len(body.images)
+            _check_counts(limits, prompts, len(body.images))
+            return _decode_base64(body.images, limits), prompts, names
+
+        scored = await score_images(read)
+        probabilities = torch.softmax(torch.tensor(scored["total"], dtype=torch.float64) / body.temperature, 0)
+        return JSONResponse({**scored, "probabilities": probabilities.tolist(), "winner": int(probabilities.argmax())})
 
     return RequestGuard(app, max_body_bytes=limits.max_body_bytes, content_types=CONTENT_TYPES, metrics=metrics)
 
@@ -237,14 +263,14 @@ class _inflight:
         self.counter.value -= 1
 
 
-def _response(pool: ModelPool, scores: dict[str, torch.Tensor], names: list[str]) -> ScoreResponse:
-    weights = {n: pool.models[n].spec.weight for n in names}
-    total = sum(weights[n] * scores[n].double() for n in names)
-    return ScoreResponse(
-        scores={n: scores[n].tolist() for n in names},
-        total=total.tolist(),
-        versions={n: pool.models[n].info.version for n in names},
-    )
+def _scored(pool: ModelPool, scores: dict[str, torch.Tensor], names: list[str]) -> dict:
+    """A ScoreResponse's content, built directly: it is the hot path, and its types are fixed here."""
+    total = sum(pool.models[n].spec.weight * scores[n].double() for n in names)
+    return {
+        "scores": {n: scores[n].tolist() for n in names},
+        "total": total.tolist(),
+        "versions": {n: pool.versions[n] for n in names},
+    }
 
 
 def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:

@@ -79,12 +79,15 @@ class DeviceBatcher:
             size = jobs[0].size
             deadline = loop.time() + self.window_s
             while size < self.max_batch:
-                if self.queue.empty() and self.inflight.value == 0:
+                if not self.queue.empty():
+                    job = self.queue.get_nowait()
+                elif self.inflight.value == 0:
                     break  # nobody else is coming: waiting would only add latency
-                try:
-                    job = await asyncio.wait_for(self.queue.get(), max(deadline - loop.time(), 0))
-                except TimeoutError:
-                    break
+                else:
+                    try:
+                        job = await asyncio.wait_for(self.queue.get(), max(deadline - loop.time(), 0))
+                    except TimeoutError:
+                        break
                 jobs.append(job)
                 size += job.size
             self.queued -= size

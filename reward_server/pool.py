@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -31,6 +33,9 @@ class ModelPool:
         self.inflight = InflightCounter()
         self.batchers: list[DeviceBatcher] = []
         self.models: dict[str, RewardBackend] = {}  # the first device's copies: preprocessing and info
+        self.versions: dict[str, str] = {}
+        # decoding and preprocessing: a few threads do it as fast as many, with less contention for the GIL
+        self.prepare_executor = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="reward-prepare")
 
     @property
     def infos(self) -> list[ModelInfo]:
@@ -54,6 +59,7 @@ class ModelPool:
                 on_failure(self.error)
             return
         self.models = per_device[0][1]
+        self.versions = {name: m.info.version for name, m in self.models.items()}
         window = self.config.batching.window_ms / 1000
         for device, models in per_device:
             batcher = DeviceBatcher(device, models, self.metrics, window, self.config.batching.max_queue, self.inflight)
@@ -65,6 +71,7 @@ class ModelPool:
 
     async def close(self) -> None:
         await asyncio.gather(*(b.stop() for b in self.batchers))
+        self.prepare_executor.shutdown(wait=False, cancel_futures=True)
 
     def select(self, names: list[str] | None) -> list[str]:
         if not self.ready:
