@@ -1,12 +1,14 @@
 """Reward-server throughput and latency under concurrency, against the raw batched model.
 
     python benchmarks/reward_server.py [--config FILE] [--clients 1 8 64] [--images-per-request 16]
+    python benchmarks/reward_server.py --random pickscore --full --device cuda:0 --dtype float16 --image-size 512
 
 1. Raw: in this process, the same models' batched forward (`score_batch` at their max batch size,
    inputs already preprocessed): images/s.
 2. Served: `pso reward-server` in its own process on a free port; N concurrent keep-alive clients
    (asyncio streams) send safetensors requests for a fixed time; images/s and p50/p99 request latency.
-Prints a markdown table with served/raw. With no config: the built-in tiny-world reward on CPU.
+Prints a markdown table with served/raw. With no config: the built-in tiny-world reward on CPU;
+`--random KIND` serves a random model of that kind instead (tiny, or `--full` the published size).
 Both sides use the torch thread count given by --threads (default 1: the 2-core CI machine gives
 the other core to the clients).
 """
@@ -17,6 +19,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -31,14 +34,34 @@ if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)  # this file's name would shadow the reward_server package
 
 
-def scene_images(n: int, seed: int = 0) -> tuple[torch.Tensor, list[str]]:
-    from pso.tiny.world import all_scenes, draw
+def scene_images(n: int, size: int, seed: int = 0) -> tuple[torch.Tensor, list[str]]:
+    """n tiny-world scenes as uint8 (n, size, size, 3) (upscaled, nearest, from 32 px) and their prompts."""
+    from pso.tiny.world import IMAGE_SIZE, all_scenes, draw
 
     rng = np.random.default_rng(seed)
     scenes = [all_scenes()[i] for i in rng.integers(len(all_scenes()), size=n)]
-    return torch.from_numpy(np.stack([draw(s, rng) for s in scenes])), [
-        f"a {s.fg} {s.shape} on a {s.bg} background" for s in scenes
-    ]
+    images = torch.from_numpy(np.stack([draw(s, rng) for s in scenes]))
+    if size != IMAGE_SIZE:
+        images = torch.nn.functional.interpolate(images.permute(0, 3, 1, 2), size=(size, size), mode="nearest")
+        images = images.permute(0, 2, 3, 1).contiguous()
+    return images, [f"a {s.fg} {s.shape} on a {s.bg} background" for s in scenes]
+
+
+def random_model_config(kind: str, folder: Path, full: bool, device: str, dtype: str):
+    """A reward-server config serving one random model of `kind`, written under `folder`."""
+    from pso.config.reward_server import RewardServerConfig
+    from reward_server.backends import clip_rewards, image_reward
+
+    if kind == "image-reward":
+        path = str(image_reward.build_random(folder, full=full))
+        model = {"kind": kind, "checkpoint": path, "tokenizer": path}
+    else:
+        path = str(clip_rewards.build_random(kind, folder, full=full))
+        sources = {"hpsv2": ("checkpoint", "processor"), "aesthetic": ("model", "head")}.get(
+            kind, ("model", "processor")
+        )
+        model = {"kind": kind, **dict.fromkeys(sources, path)}
+    return RewardServerConfig(models=[{**model, "dtype": dtype}], devices=[device])
 
 
 def raw_throughput(config, images: torch.Tensor, prompts: list[str], seconds: float) -> float:
@@ -59,6 +82,9 @@ def raw_throughput(config, images: torch.Tensor, prompts: list[str], seconds: fl
                 model.score_batch(pixels, batch_prompts)
                 done += n
         per_image += (time.perf_counter() - start) / done
+        del model, pixels
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the server process needs the memory next
     return 1 / per_image
 
 
@@ -109,9 +135,33 @@ async def load(port: int, bodies: list[bytes], per_request: int, clients: int, s
     }
 
 
+def wait_for_server(server: subprocess.Popen, client, log: Path, timeout: float = 600) -> None:
+    """Until the server is ready; its log, and an error, if it exits or times out first."""
+    from reward_server.client import RewardServerError
+
+    deadline = time.monotonic() + timeout
+    while server.poll() is None and time.monotonic() < deadline:
+        try:
+            client.wait_ready(timeout=2)
+            return
+        except RewardServerError:
+            continue
+    print(log.read_text()[-5000:], file=sys.stderr)
+    raise SystemExit(f"the reward server {'exited' if server.poll() is not None else 'did not get ready'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, help="config with a reward_server section (default: tiny reward)")
+    parser.add_argument(
+        "--random",
+        choices=["image-reward", "pickscore", "hpsv2", "clip-score", "aesthetic"],
+        help="serve a random model",
+    )
+    parser.add_argument("--full", action="store_true", help="with --random: the published size, not a tiny one")
+    parser.add_argument("--device", default="cpu", help="with --random (default cpu)")
+    parser.add_argument("--dtype", default="float32", help="with --random (default float32)")
+    parser.add_argument("--image-size", type=int, default=32, help="side of the square test images (default 32)")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--images-per-request", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=10.0, help="measured time per concurrency level")
@@ -122,14 +172,21 @@ def main() -> None:
 
     from safetensors.torch import save
 
-    from pso.config import load_config
+    from pso.config import dump_config, load_config
     from pso.config.schema import PSOConfig
     from reward_server.client import RewardClient
 
+    tmp = Path(tempfile.mkdtemp(prefix="bench-reward-"))
+    t0 = time.perf_counter()
+    if args.random:
+        config = random_model_config(args.random, tmp / "model", args.full, args.device, args.dtype)
+        print(f"built a random {args.random} model in {time.perf_counter() - t0:.0f} s", flush=True)
+        args.config = tmp / "config.yaml"
+        args.config.write_text(dump_config(PSOConfig(reward_server=config)))
     config = load_config(PSOConfig, args.config).reward_server
-    images, prompts = scene_images(512)
+    images, prompts = scene_images(512, args.image_size)
     raw = raw_throughput(config, images, prompts, args.seconds)
-    print(f"raw batched forward: {raw:,.0f} images/s ({', '.join(m.model_name for m in config.models)})")
+    print(f"raw batched forward: {raw:,.0f} images/s ({', '.join(m.model_name for m in config.models)})", flush=True)
 
     k = args.images_per_request
     bodies = [
@@ -140,22 +197,26 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PSO_REWARD_TOKEN": ""}
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg_args = ["--config", str(args.config)] if args.config else []
-        log = open(Path(tmp) / "server.log", "w")
+    cfg_args = ["--config", str(args.config)] if args.config else []
+    with open(tmp / "server.log", "w") as log:
         server = subprocess.Popen(
             [sys.executable, "-m", "pso.cli", "reward-server", *cfg_args, "--port", str(port)],
             env=env, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         try:
-            url = f"http://127.0.0.1:{port}"
-            RewardClient(url).wait_ready(600)
+            wait_for_server(server, RewardClient(f"http://127.0.0.1:{port}"), tmp / "server.log")
+            print(f"server ready after {time.perf_counter() - t0:.0f} s", flush=True)
             rows = [asyncio.run(load(port, bodies, k, c, args.seconds)) for c in args.clients]
         finally:
             server.terminate()
             server.wait(30)
+    shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"\n{k} images per request, {args.seconds:.0f} s per level, {args.threads} torch thread(s)\n")
+    device = torch.cuda.get_device_name() if config.devices[0].startswith("cuda") else "CPU"
+    print(
+        f"\n{k} images of {args.image_size} px per request, {args.seconds:.0f} s per level, "
+        f"{args.threads} torch thread(s), {device}\n"
+    )
     print("| clients | served images/s | p50 ms | p99 ms | served / raw |")
     print("|---:|---:|---:|---:|---:|")
     for row in rows:

@@ -20,7 +20,7 @@ from pso.config.reward_server import AestheticSpec, ClipScoreSpec, HPSv2Spec, Pi
 from reward_server.backends.base import RewardInputError, load_state_dict
 from reward_server.backends.clip_convert import openclip_shapes, openclip_to_transformers
 from reward_server.backends.clip_preprocess import CLIP_STD, ImageTransform
-from reward_server.backends.clip_rewards import CLIP_BACKENDS, AestheticHead, build_random
+from reward_server.backends.clip_rewards import CLIP_BACKENDS, VIT_H14, VIT_L14, AestheticHead, build_random
 
 HPSV2_FILE, AESTHETIC_FILE = HPSv2Spec().checkpoint_file, AestheticSpec().head_file
 
@@ -315,21 +315,6 @@ def test_info_and_specs(tiny, backends):
 
 
 # --- full-size layouts (meta tensors, no weights) ----------------------------------------------
-
-VIT_H14 = dict(
-    vision=dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16, intermediate_size=5120,
-                patch_size=14, image_size=224, hidden_act="gelu"),
-    text=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-              vocab_size=49408, max_position_embeddings=77, hidden_act="gelu"),
-    projection_dim=1024,
-)  # fmt: skip
-VIT_L14 = dict(
-    vision=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-                patch_size=14, image_size=224, hidden_act="quick_gelu"),
-    text=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-              vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu"),
-    projection_dim=768,
-)  # fmt: skip
 
 
 def published_openclip_layout(vision_width, vision_layers, text_width, text_layers, embed, patch=14, grid=16):

@@ -410,3 +410,17 @@ def test_neural_reward_models_over_http_score_as_in_process(tmp_path):
         total += spec.weight * want.double()
     assert served.total == pytest.approx(total.tolist(), rel=1e-5, abs=1e-6)
     assert len(set(served.per_model["image-reward"])) == 7  # the scores tell the images apart
+
+
+def test_every_shipped_config_names_served_models_that_exist():
+    from pathlib import Path
+
+    from pso.config import load_config
+    from pso.config.schema import PSOConfig
+    from reward_server.backends import BACKENDS
+
+    for path in sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")):
+        config = load_config(PSOConfig, path).reward_server
+        assert {m.kind for m in config.models} <= set(BACKENDS), path
+    service = load_config(PSOConfig, Path(__file__).parents[1] / "configs" / "reward-server.yaml").reward_server
+    assert [m.model_name for m in service.models] == ["pickscore", "image-reward", "hpsv2", "aesthetic"]

@@ -212,6 +212,23 @@ TINY_IMAGE, TINY_PATCH, TINY_PROJECTION = 32, 8, 40
 TINY_MEAN, TINY_STD = (0.5, 0.45, 0.4), (0.25, 0.3, 0.35)
 
 
+# The published architectures: open_clip's ViT-H-14 (PickScore's and HPSv2's base) and OpenAI's ViT-L/14.
+VIT_H14 = dict(
+    vision=dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16, intermediate_size=5120,
+                patch_size=14, image_size=224, hidden_act="gelu"),
+    text=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+              vocab_size=49408, max_position_embeddings=77, hidden_act="gelu"),
+    projection_dim=1024,
+)  # fmt: skip
+VIT_L14 = dict(
+    vision=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                patch_size=14, image_size=224, hidden_act="quick_gelu"),
+    text=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+              vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu"),
+    projection_dim=768,
+)  # fmt: skip
+
+
 def tiny_clip_config(tokenizer: CLIPTokenizer, hidden_act: str = "quick_gelu") -> CLIPConfig:
     """A 2-layer CLIP whose text side is the tiny pipelines' text encoder and whose special ids are the tokenizer's.
 
@@ -242,8 +259,21 @@ def _random_openclip(config: CLIPConfig) -> dict[str, torch.Tensor]:
     return state
 
 
-def build_random(kind: str, out_dir: str | Path, seed: int = 0) -> Path:
-    """Write a tiny random model of `kind` to `out_dir` and return it.
+def full_clip_config(kind: str, tokenizer: CLIPTokenizer) -> CLIPConfig:
+    """The published architecture for `kind`, with the tokenizer's special token ids."""
+    arch = VIT_H14 if kind in ("pickscore", "hpsv2") else VIT_L14
+    ids = {f"{t}_token_id": getattr(tokenizer, f"{t}_token_id") for t in ("bos", "eos", "pad")}
+    return CLIPConfig(
+        text_config={**arch["text"], **ids},
+        vision_config=arch["vision"],
+        projection_dim=arch["projection_dim"],
+        logit_scale_init_value=math.log(100),
+    )
+
+
+def build_random(kind: str, out_dir: str | Path, seed: int = 0, full: bool = False) -> Path:
+    """Write a random model of `kind` to `out_dir` and return it: tiny, or with `full` the published
+    architecture (weights stored in float16; for benchmarks).
 
     The folder loads through the same spec fields as a real model in a local folder: `model` and
     `processor` (pickscore, clip-score, aesthetic), `checkpoint` and `processor` (hpsv2: an
@@ -258,20 +288,25 @@ def build_random(kind: str, out_dir: str | Path, seed: int = 0) -> Path:
         raise ValueError(f"unknown kind {kind!r}; one of {sorted(CLIP_BACKENDS)}")
     out_dir = Path(out_dir)
     tokenizer = build_clip_tokenizer(out_dir)
-    config = tiny_clip_config(tokenizer, "gelu" if kind in ("pickscore", "hpsv2") else "quick_gelu")
-    CLIPImageProcessorPil(
-        size={"shortest_edge": TINY_IMAGE},
-        crop_size={"height": TINY_IMAGE, "width": TINY_IMAGE},
-        image_mean=list(TINY_MEAN),
-        image_std=list(TINY_STD),
-    ).save_pretrained(out_dir)
+    if full:
+        config = full_clip_config(kind, tokenizer)
+        CLIPImageProcessorPil().save_pretrained(out_dir)  # CLIP's 224 px and mean/std
+    else:
+        config = tiny_clip_config(tokenizer, "gelu" if kind in ("pickscore", "hpsv2") else "quick_gelu")
+        CLIPImageProcessorPil(
+            size={"shortest_edge": TINY_IMAGE},
+            crop_size={"height": TINY_IMAGE, "width": TINY_IMAGE},
+            image_mean=list(TINY_MEAN),
+            image_std=list(TINY_STD),
+        ).save_pretrained(out_dir)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if kind == "hpsv2":
             config.save_pretrained(out_dir)
             torch.save({"state_dict": _random_openclip(config)}, out_dir / HPSv2Spec().checkpoint_file)
         else:
-            CLIPModel(config).save_pretrained(out_dir)
+            model = CLIPModel(config)
+            (model.half() if full else model).save_pretrained(out_dir)
         if kind == "aesthetic":
-            torch.save(AestheticHead(TINY_PROJECTION).state_dict(), out_dir / AestheticSpec().head_file)
+            torch.save(AestheticHead(config.projection_dim).state_dict(), out_dir / AestheticSpec().head_file)
     return out_dir

@@ -338,18 +338,19 @@ def randomize_(module: nn.Module, seed: int) -> nn.Module:
     return module
 
 
-def build_random(out_dir: str | Path, *, seed: int = 0) -> Path:
-    """A folder that `ImageRewardSpec(checkpoint=folder, tokenizer=folder)` loads offline: a tiny random
-    model as ImageReward.pt (official key layout) with its med_config.json and vision_config.json, and a
-    tiny BERT tokenizer. Full-size weights are never written; `full_size_model()` builds that architecture."""
+def build_random(out_dir: str | Path, *, seed: int = 0, full: bool = False) -> Path:
+    """A folder that `ImageRewardSpec(checkpoint=folder, tokenizer=folder)` loads offline: a random model as
+    ImageReward.pt (official key layout; tiny, or with `full` the published size in float16, for benchmarks)
+    with its med_config.json and vision_config.json, and a tiny BERT tokenizer."""
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     vocab = tiny_vocab()
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
     (folder / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True, "model_max_length": 512}))
-    med = {**TINY_MED_CONFIG, "vocab_size": len(vocab) + 2}  # + [DEC] and [ENC]
+    vision = PUBLISHED_VISION_CONFIG if full else TINY_VISION_CONFIG
+    med = PUBLISHED_MED_CONFIG if full else {**TINY_MED_CONFIG, "vocab_size": len(vocab) + 2}  # + [DEC], [ENC]
     (folder / MED_CONFIG_FILE).write_text(json.dumps(med, indent=2))
-    (folder / VISION_CONFIG_FILE).write_text(json.dumps(TINY_VISION_CONFIG, indent=2))
-    model = randomize_(build_model(TINY_VISION_CONFIG, med), seed)
-    torch.save(to_official(model.state_dict()), folder / CHECKPOINT_FILE)
+    (folder / VISION_CONFIG_FILE).write_text(json.dumps(vision, indent=2))
+    model = randomize_(build_model(vision, med), seed)
+    torch.save(to_official((model.half() if full else model).state_dict()), folder / CHECKPOINT_FILE)
     return folder
