@@ -7,29 +7,27 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import os
 from collections.abc import Callable
 from contextlib import asynccontextmanager
-from typing import Annotated
 
 import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import pso
-from pso.config.reward_server import BackendSpec, RewardServerConfig
+from pso.config.reward_server import BackendSpec, LimitsConfig, RewardServerConfig
 from reward_server import decode
 from reward_server.backends import RewardBackend, build_backend
 from reward_server.errors import ApiError, unprocessable
 from reward_server.guard import RequestGuard
 from reward_server.metrics import ServerMetrics
-from reward_server.pool import ModelPool
+from reward_server.pool import ModelPool, Reader
 from reward_server.schemas import (
     CompareRequest,
     CompareResponse,
@@ -42,6 +40,7 @@ from reward_server.schemas import (
 
 log = logging.getLogger("pso.reward_server")
 
+OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
 CONTENT_TYPES = {
     "/v1/score": ("application/json",),
     "/v1/compare": ("application/json",),
@@ -60,14 +59,9 @@ _FORM = {
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 413, 415, 422, 429, 503)}
 
 
+# Enforced by RequestGuard before the body is read; declared here so the OpenAPI schema shows the scheme.
 _bearer = HTTPBearer(auto_error=False, description="required when the server's token variable is set")
-
-
-def authorized(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
-    """Constant-time check of the bearer token, when the server has one."""
-    token = request.app.state.token
-    if token and not (credentials and hmac.compare_digest(credentials.credentials.encode(), token.encode())):
-        raise ApiError(401, "unauthorized", "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+_SECURED = [Depends(_bearer)]
 
 
 def create_app(
@@ -79,6 +73,9 @@ def create_app(
     metrics = ServerMetrics()
     pool = ModelPool(config, metrics, builder)
     limits = config.limits
+    token = os.environ.get(config.token_env, "").strip()
+    if not token and config.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s without a token: set $%s to require one", config.host, config.token_env)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -96,7 +93,6 @@ def create_app(
     )
     app.state.pool = pool
     app.state.metrics = metrics
-    app.state.token = os.environ.get(config.token_env, "")
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError):
@@ -104,20 +100,19 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):
-        if any(err["type"] == "json_invalid" for err in e.errors()):
+        errors = e.errors()
+        if any(err["type"] == "json_invalid" for err in errors):
             return _error(400, "bad_json", "the body is not valid JSON")
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()[:10]
-        )  # fmt: skip
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in errors[:10])
         return _error(422, "invalid_request", problems)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException):
-        return _error(e.status_code, "http_error", str(e.detail), getattr(e, "headers", None))
+        code = "bad_request" if e.status_code == 400 else "http_error"
+        return _error(e.status_code, code, str(e.detail), getattr(e, "headers", None))
 
     @app.exception_handler(Exception)
-    async def _internal(request: Request, e: Exception):
-        log.exception("unhandled error on %s", request.url.path)
+    async def _internal(request: Request, e: Exception):  # logged once, by uvicorn, with the traceback
         return _error(500, "internal", "internal error; see the server log")
 
     @app.get("/healthz", summary="The process is alive")
@@ -133,40 +128,38 @@ def create_app(
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", dependencies=[Depends(authorized)])
+    @app.get("/v1/models", dependencies=_SECURED)
     async def models() -> ModelsResponse:
         pool.select(None)
-        return ModelsResponse(models=pool.infos, devices=config.devices)
+        return ModelsResponse(models=pool.infos, devices=config.devices, limits=limits)
 
-    async def score_images(read: Callable[[], tuple[list[torch.Tensor], list[str], list[str]]]) -> dict:
-        """`read` (decode the request: images, prompts, model names) and preprocessing run together on a
-        worker thread, counted as in flight so that batchers wait for them; then the batcher scores."""
-
-        def prepare():
-            images, prompts, names = read()
-            return pool.prepare(images, prompts, names), prompts, names
-
-        with _inflight(pool):
-            inputs, prompts, names = await asyncio.get_running_loop().run_in_executor(pool.prepare_executor, prepare)
-        return _scored(pool, await pool.score(inputs, prompts), names)
+    async def scored(read: Reader) -> dict:
+        """A ScoreResponse's content, built directly: it is the hot path, and its types are fixed here."""
+        scores, names = await pool.run(read)
+        total = sum(pool.models[n].spec.weight * scores[n].double() for n in names)
+        if not all(torch.isfinite(scores[n]).all() for n in names):
+            raise ApiError(500, "non_finite_score", "a model returned a non-finite score; see /v1/models for dtypes")
+        return {
+            "scores": {n: scores[n].tolist() for n in names},
+            "total": total.tolist(),
+            "versions": {n: pool.versions[n] for n in names},
+        }
 
     @app.post(
-        "/v1/score",
-        dependencies=[Depends(authorized)],
-        summary="Score images, one prompt each (JSON)",
-        response_model=ScoreResponse,
+        "/v1/score", dependencies=_SECURED, summary="Score images, one prompt each (JSON)", response_model=ScoreResponse
     )
     async def score(body: ScoreRequest) -> JSONResponse:
         def read():
             names = pool.select(body.models)
-            _check_counts(limits, body.prompts, len(body.images))
-            return _decode_base64(body.images, limits), body.prompts, names
+            _check_request(limits, body.prompts, len(body.images))
+            raws = [decode.base64_bytes(s, f"images[{i}]") for i, s in enumerate(body.images)]
+            return decode.open_images(raws, limits), body.prompts, names
 
-        return JSONResponse(await score_images(read))
+        return JSONResponse(await scored(read))
 
     @app.post(
         "/v1/score/safetensors",
-        dependencies=[Depends(authorized)],
+        dependencies=_SECURED,
         summary="Score a uint8 (N, H, W, 3) tensor (safetensors body)",
         description="Body: a safetensors file with tensor `images` (uint8, N x H x W x 3) and header metadata "
         "`prompts` (JSON list of N strings) and optionally `models` (JSON list of names).",
@@ -177,16 +170,16 @@ def create_app(
         raw = await request.body()
 
         def read():
-            batch, prompts, wanted = decode.decode_safetensors(raw, limits)
+            images, prompts, wanted = decode.decode_safetensors(raw, limits)
             names = pool.select(wanted)
-            _check_counts(limits, prompts, len(batch))
-            return list(batch.unbind(0)), prompts, names
+            _check_request(limits, prompts, len(images))
+            return images, prompts, names
 
-        return JSONResponse(await score_images(read))
+        return JSONResponse(await scored(read))
 
     @app.post(
         "/v1/score/multipart",
-        dependencies=[Depends(authorized)],
+        dependencies=_SECURED,
         summary="Score uploaded PNG/JPEG files (multipart form)",
         description="Form fields: `images` (one file part per image), `prompts` (JSON list of strings, one per "
         "image), optionally `models` (JSON list of names).",
@@ -195,26 +188,33 @@ def create_app(
     )
     async def score_multipart(request: Request) -> JSONResponse:
         try:
-            form = await request.form(max_files=limits.max_images + 1, max_fields=8)
+            form = await request.form(max_files=limits.max_images, max_fields=8)
         except Exception as e:
+            if "Too many files" in str(e):
+                raise ApiError(413, "too_many_images", f"at most {limits.max_images} files per request") from None
             raise ApiError(400, "bad_form", f"cannot parse the multipart form: {e}") from None
-        files = [f for f in form.getlist("images") if not isinstance(f, str)]
-        fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
-        raws = [await f.read() for f in files]
+        try:
+            parts = form.getlist("images")
+            if any(isinstance(p, str) for p in parts):
+                raise unprocessable("bad_field", "every 'images' part must be a file (give it a filename)")
+            raws = [await p.read() for p in parts]
+            fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
+        finally:
+            await form.close()
 
         def read():
             if "prompts" not in fields:
                 raise unprocessable("bad_field", "form field 'prompts' (a JSON list of strings) is missing")
             prompts = decode.parse_string_list(fields["prompts"], "prompts")
             names = pool.select(decode.parse_string_list(fields["models"], "models") if "models" in fields else None)
-            _check_counts(limits, prompts, len(raws))
-            return [decode.decode_image_bytes(r, limits, f"images[{i}]") for i, r in enumerate(raws)], prompts, names
+            _check_request(limits, prompts, len(raws))
+            return decode.open_images(raws, limits), prompts, names
 
-        return JSONResponse(await score_images(read))
+        return JSONResponse(await scored(read))
 
     @app.post(
         "/v1/compare",
-        dependencies=[Depends(authorized)],
+        dependencies=_SECURED,
         summary="Which of two or more images fits a prompt",
         response_model=CompareResponse,
     )
@@ -222,21 +222,21 @@ def create_app(
         def read():
             names = pool.select(body.models)
             prompts = [body.prompt] * len(body.images)
-            _check_counts(limits, prompts, len(body.images))
-            return _decode_base64(body.images, limits), prompts, names
+            _check_request(limits, prompts, len(body.images))
+            raws = [decode.base64_bytes(s, f"images[{i}]") for i, s in enumerate(body.images)]
+            return decode.open_images(raws, limits), prompts, names
 
-        scored = await score_images(read)
-        probabilities = torch.softmax(torch.tensor(scored["total"], dtype=torch.float64) / body.temperature, 0)
-        return JSONResponse({**scored, "probabilities": probabilities.tolist(), "winner": int(probabilities.argmax())})
+        result = await scored(read)
+        total = torch.tensor(result["total"], dtype=torch.float64)
+        probabilities = torch.softmax((total - total.max()) / body.temperature, 0)  # finite for any temperature
+        return JSONResponse({**result, "probabilities": probabilities.tolist(), "winner": int(total.argmax())})
 
-    return RequestGuard(app, max_body_bytes=limits.max_body_bytes, content_types=CONTENT_TYPES, metrics=metrics)
+    return RequestGuard(
+        app, token=token, limits=limits, content_types=CONTENT_TYPES, metrics=metrics, open_paths=OPEN_PATHS
+    )
 
 
-def _decode_base64(images: list[str], limits) -> list[torch.Tensor]:
-    return [decode.decode_base64_image(s, limits, f"images[{i}]") for i, s in enumerate(images)]
-
-
-def _check_counts(limits, prompts: list[str], n_images: int) -> None:
+def _check_request(limits: LimitsConfig, prompts: list[str], n_images: int) -> None:
     if n_images == 0:
         raise unprocessable("no_images", "no images to score")
     if n_images > limits.max_images:
@@ -248,29 +248,13 @@ def _check_counts(limits, prompts: list[str], n_images: int) -> None:
             raise unprocessable(
                 "prompt_too_long", f"prompts[{i}] has {len(p)} characters; at most {limits.max_prompt_chars}"
             )
-
-
-class _inflight:
-    """Counts a request as on its way to a batcher while it decodes, so batchers wait for it."""
-
-    def __init__(self, pool: ModelPool):
-        self.counter = pool.inflight
-
-    def __enter__(self):
-        self.counter.value += 1
-
-    def __exit__(self, *exc):
-        self.counter.value -= 1
-
-
-def _scored(pool: ModelPool, scores: dict[str, torch.Tensor], names: list[str]) -> dict:
-    """A ScoreResponse's content, built directly: it is the hot path, and its types are fixed here."""
-    total = sum(pool.models[n].spec.weight * scores[n].double() for n in names)
-    return {
-        "scores": {n: scores[n].tolist() for n in names},
-        "total": total.tolist(),
-        "versions": {n: pool.versions[n] for n in names},
-    }
+        if not p.isascii():
+            try:
+                p.encode("utf-8")
+            except UnicodeEncodeError:
+                raise unprocessable(
+                    "bad_prompt", f"prompts[{i}] is not valid Unicode text (a lone surrogate)"
+                ) from None
 
 
 def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:

@@ -28,5 +28,7 @@ class ServerMetrics:
         self.forward_seconds = Histogram(
             "reward_forward_seconds", "time of one batch on a device", ["device"], registry=r
         )
-        self.queued_images = Gauge("reward_queued_images", "images waiting to be scored", ["device"], registry=r)
+        self.pending_images = Gauge(
+            "reward_pending_images", "images accepted and not yet scored", ["device"], registry=r
+        )
         self.ready = Gauge("reward_ready", "1 once every configured model is loaded", registry=r)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
+from PIL import Image
 
 from pso.config.reward_server import BackendSpec, RewardServerConfig
+from reward_server import decode
 from reward_server.backends import ModelInfo, RewardBackend, RewardInputError, build_backend
 from reward_server.batcher import DeviceBatcher, InflightCounter, Job
 from reward_server.errors import ApiError, unprocessable
@@ -35,6 +38,7 @@ class ModelPool:
         self.models: dict[str, RewardBackend] = {}  # the first device's copies: preprocessing and info
         self.versions: dict[str, str] = {}
         # decoding and preprocessing: a few threads do it as fast as many, with less contention for the GIL
+        self._turn = 0
         self.prepare_executor = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="reward-prepare")
 
     @property
@@ -43,21 +47,22 @@ class ModelPool:
 
     async def load(self, on_failure: Callable[[str], None] | None = None) -> None:
         """Load every model on every device (off the event loop), then start one batcher per device."""
-        try:
-            per_device = []
-            for device in _replica_names(self.config.devices):
-                models = {}
-                for spec in self.config.models:
-                    log.info("loading %s (%s) on %s", spec.model_name, spec.kind, device)
+        per_device = []
+        for device in _replica_names(self.config.devices):
+            models = {}
+            for spec in self.config.models:
+                log.info("loading %s (%s) on %s", spec.model_name, spec.kind, device)
+                try:
                     models[spec.model_name] = await asyncio.to_thread(self.builder, spec, device.split("#")[0])
-                    self.loaded.append(f"{spec.model_name}@{device}")
-                per_device.append((device, models))
-        except Exception as e:
-            self.error = f"{type(e).__name__}: {e}"
-            log.error("loading the reward models failed: %s", self.error)
-            if on_failure:
-                on_failure(self.error)
-            return
+                except Exception as e:
+                    # the details (paths, hub ids) go to the log only: /readyz is unauthenticated
+                    self.error = f"{spec.model_name} failed to load on {device} ({type(e).__name__}); see the log"
+                    log.error("loading the reward models failed: %s: %s", type(e).__name__, e)
+                    if on_failure:
+                        on_failure(f"{type(e).__name__}: {e}")
+                    return
+                self.loaded.append(f"{spec.model_name}@{device}")
+            per_device.append((device, models))
         self.models = per_device[0][1]
         self.versions = {name: m.info.version for name, m in self.models.items()}
         window = self.config.batching.window_ms / 1000
@@ -85,35 +90,89 @@ class ModelPool:
             raise unprocessable("bad_field", "models must name at least one model (or be left out for all)")
         return list(dict.fromkeys(names))
 
-    def prepare(self, images: list[torch.Tensor], prompts: list[str], names: list[str]) -> dict[str, list]:
-        """Check prompts and preprocess every image for every model (runs on a request thread)."""
-        inputs: dict[str, list[torch.Tensor]] = {}
+    def reserve(self, n: int) -> DeviceBatcher:
+        """Room for `n` images on the device with the fewest pending (ties in turn); 429 if none has room."""
+        self._turn += 1
+        order = sorted(
+            range(len(self.batchers)), key=lambda i: (self.batchers[i].pending, (i - self._turn) % len(self.batchers))
+        )
+        for i in order:
+            if self.batchers[i].try_reserve(n):
+                return self.batchers[i]
+        raise ApiError(429, "busy", f"every device has {self.config.batching.max_queue} images pending; retry shortly",
+                       {"Retry-After": "1"})  # fmt: skip
+
+    def prepare(self, read: Reader) -> Prepared:
+        """Read the request, check its prompts, reserve room, then decode and preprocess one image at a
+        time for every model asked for (runs on a preprocessing thread)."""
+        images, prompts, names = read()
         for name in names:
-            model = self.models[name]
             for i, prompt in enumerate(prompts):
                 try:
-                    model.check_prompt(prompt)
+                    self.models[name].check_prompt(prompt)
                 except RewardInputError as e:
                     raise unprocessable("bad_prompt", f"prompts[{i}] for {name}: {e}") from None
-            batch = []
-            for i, image in enumerate(images):
-                try:
-                    batch.append(model.preprocess(image))
-                except RewardInputError as e:
-                    raise unprocessable("bad_image", f"images[{i}] for {name}: {e}") from None
-            inputs[name] = batch
-        return inputs
-
-    async def score(self, inputs: dict[str, list[torch.Tensor]], prompts: list[str]) -> dict[str, torch.Tensor]:
-        future = asyncio.get_running_loop().create_future()
-        batcher = min(self.batchers, key=lambda b: b.queued)
-        batcher.submit(Job(inputs, prompts, future))
+        batcher = self.reserve(len(images))
         try:
-            return await asyncio.wait_for(future, self.config.limits.request_timeout_s)
-        except TimeoutError:
-            raise ApiError(
-                503, "timeout", f"not scored within {self.config.limits.request_timeout_s} s", {"Retry-After": "1"}
-            ) from None
+            inputs: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+            for i, item in enumerate(images):
+                image = decode.to_tensor(item, f"images[{i}]")
+                for name in names:
+                    try:
+                        inputs[name].append(self.models[name].preprocess(image))
+                    except RewardInputError as e:
+                        raise unprocessable("bad_image", f"images[{i}] for {name}: {e}") from None
+        except BaseException:
+            batcher.release(len(images))
+            raise
+        return Prepared(inputs, prompts, names, batcher)
+
+    async def run(self, read: Reader) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """Prepare (counted as in flight, so batchers wait for it), queue and await the scores, all within
+        the request timeout; returns per-model scores and the model names."""
+        loop = asyncio.get_running_loop()
+        timeout = self.config.limits.request_timeout_s
+        deadline = loop.time() + timeout
+        self.inflight.value += 1
+        try:
+            preparing = loop.run_in_executor(self.prepare_executor, self.prepare, read)
+            try:
+                prepared = await asyncio.wait_for(asyncio.shield(preparing), timeout)
+            except BaseException:
+                preparing.add_done_callback(_release_unused)  # the room it reserves must come back
+                raise
+        except asyncio.TimeoutError:
+            raise _timeout(timeout) from None
+        finally:
+            self.inflight.value -= 1
+        future = loop.create_future()
+        prepared.batcher.enqueue(Job(prepared.inputs, prepared.prompts, future))
+        try:
+            return await asyncio.wait_for(future, max(deadline - loop.time(), 0)), prepared.names
+        except asyncio.TimeoutError:  # the batcher skips the cancelled job and gives its room back
+            raise _timeout(timeout) from None
+
+
+Reader = Callable[[], tuple[Sequence[Image.Image | torch.Tensor], list[str], list[str]]]
+"""Reads a request on a preprocessing thread: its images (opened or decoded), prompts and model names."""
+
+
+@dataclass
+class Prepared:
+    inputs: dict[str, list[torch.Tensor]]
+    prompts: list[str]
+    names: list[str]
+    batcher: DeviceBatcher
+
+
+def _release_unused(preparing: asyncio.Future) -> None:
+    if not preparing.cancelled() and preparing.exception() is None:
+        prepared = preparing.result()
+        prepared.batcher.release(len(prepared.prompts))
+
+
+def _timeout(seconds: float) -> ApiError:
+    return ApiError(503, "timeout", f"not scored within {seconds} s", {"Retry-After": "1"})
 
 
 def _replica_names(devices: list[str]) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pso.config.reward_server import MAX_LIST, LimitsConfig
 from reward_server.backends.base import ModelInfo
 
 
@@ -14,17 +15,23 @@ class _Request(BaseModel):
 class ScoreRequest(_Request):
     """One prompt per image; images as base64 PNG or JPEG (a `data:image/...;base64,` prefix is allowed)."""
 
-    prompts: list[str] = Field(min_length=1, examples=[["a red circle on a blue background"]])
-    images: list[str] = Field(min_length=1, description="base64-encoded PNG or JPEG, one per prompt")
-    models: list[str] | None = Field(None, description="models to score with (default: every served model)")
+    prompts: list[str] = Field(min_length=1, max_length=MAX_LIST, examples=[["a red circle on a blue background"]])
+    images: list[str] = Field(
+        min_length=1, max_length=MAX_LIST, description="base64-encoded PNG or JPEG, one per prompt"
+    )
+    models: list[str] | None = Field(
+        None, max_length=64, description="models to score with (default: every served model)"
+    )
 
 
 class CompareRequest(_Request):
     """Two or more candidate images for one prompt."""
 
     prompt: str = Field(examples=["a red circle on a blue background"])
-    images: list[str] = Field(min_length=2, description="base64-encoded PNG or JPEG candidates")
-    models: list[str] | None = Field(None, description="models to score with (default: every served model)")
+    images: list[str] = Field(min_length=2, max_length=MAX_LIST, description="base64-encoded PNG or JPEG candidates")
+    models: list[str] | None = Field(
+        None, max_length=64, description="models to score with (default: every served model)"
+    )
     temperature: float = Field(1.0, gt=0, le=1e6, description="softmax temperature over the weighted totals")
 
 
@@ -42,6 +49,7 @@ class CompareResponse(ScoreResponse):
 class ModelsResponse(BaseModel):
     models: list[ModelInfo]
     devices: list[str]
+    limits: LimitsConfig = Field(description="what one request may ask for")
 
 
 class ReadyResponse(BaseModel):

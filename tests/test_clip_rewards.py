@@ -82,7 +82,7 @@ def test_preprocess_matches_transformers_pil_processor(source, tiny):
     for image in random_images(PREPROCESS_SHAPES):
         expected = torch.from_numpy(theirs(images=image.numpy(), return_tensors="np")["pixel_values"][0])
         got = ours(image)
-        assert got.shape == expected.shape == (3, *ours.crop)
+        assert got.shape == expected.shape == (3, *ours.crop_size)
         diff = (got - expected).abs()
         assert diff.max() <= MAX_LEVELS * level + 1e-6, (tuple(image.shape), diff.max())
         assert diff.mean() < MEAN_ABS_TOL
@@ -91,7 +91,7 @@ def test_preprocess_matches_transformers_pil_processor(source, tiny):
 def test_preprocess_defaults_and_input_errors(tmp_path):
     assert ImageTransform.from_source(str(tmp_path)) == ImageTransform()  # a folder without the config
     assert ImageTransform().std == CLIP_STD
-    transform = ImageTransform(size=32, crop=(32, 32))
+    transform = ImageTransform(size=32, crop_size=(32, 32))
     for shape in [(15, 300, 3), (300, 15, 3), (1, 1, 3)]:  # tiny images and aspect ratios up to 20 work
         assert transform(torch.zeros(shape, dtype=torch.uint8)).shape == (3, 32, 32)
     with pytest.raises(RewardInputError, match="more than 20 times"):
@@ -100,7 +100,7 @@ def test_preprocess_defaults_and_input_errors(tmp_path):
         with pytest.raises(RewardInputError, match="uint8"):
             transform(bad)
     with pytest.raises(ValueError, match="larger"):
-        ImageTransform(size=32, crop=(40, 32))
+        ImageTransform(size=32, crop_size=(40, 32))
 
 
 # --- parity with independent computations ------------------------------------------------------

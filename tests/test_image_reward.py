@@ -114,7 +114,7 @@ def test_preprocess_non_square_and_bad_input(backend):
     size = backend.image_size
     for shape in [(40, 90), (90, 40), (size, size), (7, 5)]:
         out = backend.preprocess(torch.zeros(*shape, 3, dtype=torch.uint8))
-        assert out.shape == (3, size, size) and out.dtype == torch.float32
+        assert out.shape == (3, size, size) and out.dtype == torch.uint8  # normalised on the device
     scores = backend.score(images(2, shape=(30, 100)) + images(1, shape=(100, 30)), PROMPTS[:3])
     assert torch.isfinite(scores).all()
     for bad in [torch.zeros(8, 8, 3), torch.zeros(8, 8, 4, dtype=torch.uint8), torch.zeros(8, 8, dtype=torch.uint8)]:
@@ -205,7 +205,8 @@ def test_matches_the_package_model_code(tmp_path, tiny):
     assert torch.equal(ours.tokenize(prompts)["input_ids"], tokens.input_ids)
     assert torch.equal(ours.tokenize(prompts)["attention_mask"], tokens.attention_mask)
     with torch.inference_mode():
-        expected = original.score_gard(tokens.input_ids, tokens.attention_mask, pixels).squeeze(-1)
+        expected = original.score_gard(tokens.input_ids, tokens.attention_mask, ours.transform.normalize(pixels))
+        expected = expected.squeeze(-1)
         got = ours.score_batch(pixels, prompts)
     assert expected.std() > 0.1  # the weights make scores differ, so a wrong port shows
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)

@@ -271,8 +271,9 @@ def test_a_model_that_fails_to_load_keeps_readiness_down_with_the_reason():
 
     app = create_app(RewardServerConfig(), on_load_failure=failures.append, builder=broken_build)
     with serve_in_background(app) as url:
-        with pytest.raises(RewardServerError, match="missing has no ImageReward.pt"):
+        with pytest.raises(RewardServerError, match=r"tiny-large failed to load on cpu \(FileNotFoundError\)"):
             RewardClient(url).wait_ready(2, interval=0.1)
+        assert "/models/missing" not in httpx.get(f"{url}/readyz").text  # paths stay in the log
     assert failures == ["FileNotFoundError: /models/missing has no ImageReward.pt"]
 
 

@@ -57,7 +57,8 @@ class ClipTower:
         self.context = model.config.text_config.max_position_embeddings
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        pixels = pixels.to(self.model.device, self.model.dtype)
+        """Unit-norm features of uint8 crops (B, 3, h, w), as `transform.crop` makes them."""
+        pixels = self.transform.normalize(pixels.to(self.model.device)).to(self.model.dtype)
         return F.normalize(self.model.get_image_features(pixel_values=pixels).pooler_output.float(), dim=-1)
 
     def text_features(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -121,7 +122,7 @@ class ClipBackend(RewardBackend):
         )
 
     def preprocess(self, image: torch.Tensor) -> torch.Tensor:
-        return self.tower.transform(image)
+        return self.tower.transform.crop(image)
 
     def score_batch(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         return self._score(pixels, prompts).float().cpu()

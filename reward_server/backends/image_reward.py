@@ -265,7 +265,7 @@ class ImageRewardBackend(RewardBackend):
         )
 
     def preprocess(self, image: torch.Tensor) -> torch.Tensor:
-        return self.transform(image)
+        return self.transform.crop(image)
 
     def tokenize(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Token ids and attention mask as the package makes them: padded and truncated to 35 tokens."""
@@ -277,7 +277,7 @@ class ImageRewardBackend(RewardBackend):
     def score_batch(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         tokens = self.tokenize(prompts)
         scores = self.model(
-            pixels.to(self.device, self.dtype),
+            self.transform.normalize(pixels.to(self.device)).to(self.dtype),
             tokens["input_ids"].to(self.device),
             tokens["attention_mask"].to(self.device),
         )
