@@ -42,13 +42,14 @@ class RewardClient:
         self,
         url: str,
         token: str | None = None,
-        timeout: float = 60.0,
+        timeout: float = 120.0,
         retries: int = 5,
         backoff: float = 0.5,
         max_backoff: float = 10.0,
     ):
-        """`token` defaults to $PSO_REWARD_TOKEN; `retries` counts attempts after the first."""
-        token = os.environ.get("PSO_REWARD_TOKEN") if token is None else token
+        """`token` defaults to $PSO_REWARD_TOKEN; `retries` counts attempts after the first; `timeout` (per
+        attempt) should exceed the server's request timeout (60 s by default), which answers 503 first."""
+        token = (os.environ.get("PSO_REWARD_TOKEN", "") if token is None else token).strip()
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
         self.retries, self.backoff, self.max_backoff = retries, backoff, max_backoff
@@ -96,6 +97,7 @@ class RewardClient:
     def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
         attempt = 0
         while True:
+            status = code = None
             try:
                 r = self.http.request(method, path, **kwargs)
             except httpx.TransportError as e:
@@ -103,11 +105,11 @@ class RewardClient:
             else:
                 if r.status_code < 400:
                     return r
-                problem, wait = _describe(r), _retry_after(r)
+                problem, wait, status, code = _describe(r), _retry_after(r), r.status_code, _code(r)
                 if r.status_code not in RETRY_STATUSES:
-                    raise RewardServerError(problem, r.status_code, _code(r))
+                    raise RewardServerError(problem, status, code)
             if attempt == self.retries:
-                raise RewardServerError(f"{method} {path} failed after {attempt + 1} attempts: {problem}")
+                raise RewardServerError(f"{method} {path} failed after {attempt + 1} attempts: {problem}", status, code)
             delay = wait if wait is not None else min(self.max_backoff, self.backoff * 2**attempt)
             delay *= random.uniform(0.8, 1.2)  # jitter, so many actors do not retry in lockstep
             log.warning("%s %s: %s; retrying in %.1f s", method, path, problem, delay)

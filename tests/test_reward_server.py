@@ -46,7 +46,8 @@ def expected_scores(images: torch.Tensor, prompts: list[str]) -> dict[str, torch
 
 @pytest.fixture(scope="module")
 def url():
-    config = RewardServerConfig(models=MODELS, limits=LimitsConfig(max_images=16, max_pixels=128 * 128))
+    limits = LimitsConfig(max_images=16, max_pixels=128 * 128, max_total_pixels=8 * 128 * 128)
+    config = RewardServerConfig(models=MODELS, limits=limits)
     with serve_in_background(create_app(config)) as base:
         RewardClient(base).wait_ready(30)
         yield base
@@ -425,3 +426,116 @@ def test_every_shipped_config_names_served_models_that_exist():
         assert {m.kind for m in config.models} <= set(BACKENDS), path
     service = load_config(PSOConfig, Path(__file__).parents[1] / "configs" / "reward-server.yaml").reward_server
     assert [m.model_name for m in service.models] == ["pickscore", "image-reward", "hpsv2", "aesthetic"]
+
+
+def _png(array: np.ndarray, **save) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", **save)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_hardened_inputs(url):
+    images, prompts = scene_batch(2, seed=8)
+    good = png_b64(images[0])
+
+    def post(path, **kw):
+        return httpx.post(f"{url}{path}", **kw)
+
+    # a whole request's pixels are bounded, not just each image's (checked from the headers)
+    many = [_png(np.zeros((120, 120, 3), np.uint8))] * 16
+    r = post("/v1/score", json={"prompts": ["x"] * 16, "images": many})
+    assert (r.status_code, error_of(r)) == (413, "too_many_pixels")
+    # a long list of wrong items fails on its length, at once
+    r = post("/v1/score", json={"prompts": [0] * 100_000, "images": [good]})
+    assert (r.status_code, error_of(r)) == (422, "invalid_request") and "at most 4096" in r.text
+    # a lone surrogate cannot reach a tokenizer
+    body = save({"images": images[:1].contiguous()}, metadata={"prompts": '["\\ud800"]'})
+    r = post("/v1/score/safetensors", content=body, headers={"content-type": "application/octet-stream"})
+    assert (r.status_code, error_of(r)) == (422, "bad_prompt")
+    # a vanishing temperature still gives finite probabilities
+    r = post("/v1/compare", json={"prompt": prompts[0], "images": [good, good], "temperature": 5e-324})
+    assert r.status_code == 200 and r.json()["probabilities"] in ([1.0, 0.0], [0.5, 0.5])
+    # safetensors headers the library cannot read are a 400, not a 500
+    for dtype, shape in [("F8_E8M0", [1, 32, 32, 3]), ("U8", [2**62, 0, 0, 3]), ("U8", [1, 32, 32, 3])]:
+        header = json.dumps({"images": {"dtype": dtype, "shape": shape, "data_offsets": [0, 7]}}).encode()
+        raw = len(header).to_bytes(8, "little") + header + b"\0" * 7
+        r = post("/v1/score/safetensors", content=raw, headers={"content-type": "application/octet-stream"})
+        assert 400 <= r.status_code < 500, (dtype, shape, r.text)
+    # multipart: too many files is a 413, a part without a filename is named
+    files = [("images", (f"{i}.png", base64.b64decode(good), "image/png")) for i in range(17)]
+    r = post("/v1/score/multipart", files=files, data={"prompts": json.dumps(prompts[:1] * 17)})
+    assert (r.status_code, error_of(r)) == (413, "too_many_images")
+    r = post(
+        "/v1/score/multipart", files=[("images", (None, b"not a file"))], data={"prompts": json.dumps(prompts[:1])}
+    )
+    assert (r.status_code, error_of(r)) == (422, "bad_field")
+
+
+def test_16_bit_and_rotated_images_decode_as_viewers_show_them():
+    from reward_server import decode
+
+    limits = LimitsConfig()
+    grey16 = io.BytesIO()
+    Image.fromarray(np.full((4, 6), 30000, np.uint16)).save(grey16, format="PNG")
+    (im,) = decode.open_images([grey16.getvalue()], limits)
+    assert decode.to_tensor(im, "x").unique().tolist() == [30000 >> 8]
+    tall = np.zeros((8, 4, 3), np.uint8)
+    tall[0, :] = 255  # a white top row
+    jpeg = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: viewers turn it 90 degrees clockwise
+    Image.fromarray(tall).save(jpeg, format="JPEG", exif=exif, quality=100)
+    (im,) = decode.open_images([jpeg.getvalue()], limits)
+    upright = decode.to_tensor(im, "x")
+    assert upright.shape == (4, 8, 3) and upright[:, -1].float().mean() > 200  # the top row is now on the right
+
+
+def test_auth_and_admission_come_before_the_body(monkeypatch):
+    monkeypatch.setenv("TEST_REWARD_TOKEN", "s3cret")
+    config = RewardServerConfig(
+        token_env="TEST_REWARD_TOKEN", limits=LimitsConfig(max_concurrent_requests=1, request_timeout_s=1.5)
+    )
+    auth = {"Authorization": "Bearer s3cret"}
+    with serve_in_background(create_app(config)) as url:
+        r = httpx.post(f"{url}/v1/score", content=b"{not json", headers={"content-type": "application/json"})
+        assert (r.status_code, error_of(r)) == (401, "unauthorized")  # the body was never parsed
+
+        def stalled_body():
+            yield b'{"prompts": '
+            threading.Event().wait(3)  # longer than the request timeout
+            yield b"[]}"
+
+        slow = {}
+        caller = threading.Thread(
+            target=lambda: slow.setdefault(
+                "r",
+                httpx.post(
+                    f"{url}/v1/score", content=stalled_body(), headers={**auth, "content-type": "application/json"}
+                ),
+            )
+        )
+        caller.start()
+        threading.Event().wait(0.5)
+        r = httpx.get(f"{url}/v1/models", headers=auth)  # the stalled upload holds the only slot
+        assert (r.status_code, error_of(r)) == (429, "busy")
+        assert httpx.get(f"{url}/healthz").status_code == 200  # probes are never turned away
+        caller.join(10)
+        assert (slow["r"].status_code, error_of(slow["r"])) == (408, "body_timeout")
+        assert httpx.get(f"{url}/v1/models", headers=auth).status_code == 200
+
+
+def test_queue_room_is_reserved_per_device_and_given_back():
+    from pso.config import ConfigError, load_config
+    from pso.config.schema import PSOConfig
+
+    with pytest.raises(ConfigError, match="max_queue"):
+        load_config(PSOConfig, overrides=["reward_server.batching.max_queue=8", "reward_server.limits.max_images=16"])
+    config = RewardServerConfig(batching={"max_queue": 16}, limits=LimitsConfig(max_images=16))
+    images, prompts = scene_batch(16, seed=9)
+    with serve_in_background(create_app(config)) as url:
+        client = RewardClient(url)
+        client.wait_ready(30)
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda _: client.score(images, prompts), range(8)))  # 429s are retried
+        assert _metric(url, "reward_pending_images") == 0
+        assert _metric(url, "reward_requests_total", endpoint="/v1/score/safetensors", status="200") == 8

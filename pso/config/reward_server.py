@@ -111,17 +111,24 @@ class BatchingConfig(StrictModel):
     """Dynamic batching: requests arriving within `window_ms` of the first are scored in one forward."""
 
     window_ms: float = Field(10.0, ge=0, le=1000)
-    max_queue: int = Field(4096, ge=1, description="images waiting per device before requests get 429")
+    max_queue: int = Field(
+        1024, ge=1, description="images accepted and not yet scored per device, beyond which requests get 429"
+    )
+
+
+MAX_LIST = 4096  # the request schemas' hard cap on list lengths, whatever the limits say
 
 
 class LimitsConfig(StrictModel):
     """Bounds on what one request may ask for; a request over any of them gets a 413 or 422."""
 
     max_body_bytes: int = Field(64 * 2**20, ge=1024)
-    max_images: int = Field(256, ge=1, description="images per request")
+    max_images: int = Field(256, ge=1, le=MAX_LIST, description="images per request")
     max_pixels: int = Field(4096 * 4096, ge=1, description="width x height of one image (decompression bombs)")
+    max_total_pixels: int = Field(256 * 512 * 512, ge=1, description="pixels of all the images of one request")
     max_prompt_chars: int = Field(2000, ge=1)
-    request_timeout_s: float = Field(60.0, gt=0, description="a request still waiting after this gets 503")
+    max_concurrent_requests: int = Field(256, ge=1, description="scoring requests in progress; more get 429")
+    request_timeout_s: float = Field(60.0, gt=0, description="a request not answered after this gets 503")
 
 
 class RewardServerConfig(StrictModel):
@@ -144,6 +151,15 @@ class RewardServerConfig(StrictModel):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"model names must be unique, repeated: {dupes}; set `name` on each")
+        return self
+
+    @model_validator(mode="after")
+    def _queue_fits_a_request(self) -> RewardServerConfig:
+        if self.batching.max_queue < self.limits.max_images:
+            raise ValueError(
+                f"batching.max_queue ({self.batching.max_queue}) must be at least limits.max_images "
+                f"({self.limits.max_images}), or the largest requests could never be queued"
+            )
         return self
 
     @field_validator("devices")
