@@ -8,6 +8,7 @@ from pydantic import Field, field_validator
 
 from pso.config.loader import StrictModel
 from pso.config.reward_server import RewardServerConfig
+from pso.config.services import ActorConfig, LearnerConfig, RedisConfig, UpConfig
 from pso.families import SamplerKind, get_family
 
 Reduction = Literal["mean", "sum"]
@@ -162,3 +163,7 @@ class PSOConfig(StrictModel):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     loop: LoopConfig = Field(default_factory=LoopConfig)
     reward_server: RewardServerConfig = Field(default_factory=RewardServerConfig)
+    redis: RedisConfig = Field(default_factory=RedisConfig)
+    actor: ActorConfig = Field(default_factory=ActorConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    up: UpConfig = Field(default_factory=UpConfig)

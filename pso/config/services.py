@@ -1,0 +1,71 @@
+"""The sections of the distributed loop: `redis`, `actor`, `learner` and `up` (the single-node launcher).
+
+Plain data only; the processes in `actors/`, `learner/` and the launcher read them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from pso.config.loader import StrictModel
+
+
+class RedisConfig(StrictModel):
+    """Where experience and weights travel. Every key is under `pso:{run}:`, so runs can share a Redis."""
+
+    url: str | None = Field(
+        None, description="redis://host:port/db; None: `pso up` starts a local server, other processes refuse"
+    )
+    password_env: str = Field("REDIS_PASSWORD", description="environment variable holding the password, if any")
+    run: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="the run's namespace")
+    chunk_bytes: int = Field(8 * 2**20, ge=1024, le=512 * 2**20, description="weight chunk size (Redis values)")
+    keep_versions: int = Field(3, ge=1, description="weight versions kept; older ones are deleted")
+    retry_s: float = Field(60.0, ge=0, description="how long a lost connection is retried before giving up")
+
+
+class ActorConfig(StrictModel):
+    """`pso actor`: sample groups from the newest policy, score them, pair, push experience."""
+
+    id: str | None = Field(None, description="default: host name and process id")
+    reward_url: str = Field("http://127.0.0.1:8000", description="the reward server")
+    reward_models: list[str] | None = Field(None, description="models to score with (default: all served)")
+    prompts: str | None = Field(
+        None, description='a text file (a prompt per line) or a JSONL file ({"prompt": ...}); default: loop.prompts'
+    )
+    prompts_per_batch: int = Field(8, ge=1, description="prompt groups sampled between weight checks")
+    max_backlog: int = Field(64, ge=1, description="pause while this many records wait in the queue")
+    weight_poll_s: float = Field(5.0, gt=0, description="how often to look for new weights without a notice")
+    max_batches: int | None = Field(None, ge=1, description="stop after this many batches (default: run on)")
+
+
+class LearnerConfig(StrictModel):
+    """`pso learner`: PSO updates in a DeepSpeed engine, weight publishing, checkpoints."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    records_per_update: int = Field(8, ge=1, description="experience records (prompt groups) per update, per rank")
+    max_staleness: int = Field(4, ge=0, description="records from policies this many versions old or older")
+    stale: Literal["drop", "downweight"] = Field("drop", description="what happens to stale records")
+    stale_weight: float = Field(0.25, gt=0, le=1, description="loss weight of stale records when downweighted")
+    publish_every: int = Field(1, ge=1, description="publish weights every K updates")
+    checkpoint_every: int = Field(50, ge=1, description="checkpoint every N updates")
+    checkpoint_dir: Path = Path("runs/learner/checkpoints")
+    max_updates: int | None = Field(None, ge=1, description="stop after this many updates (default: run on)")
+    reclaim_idle_s: float = Field(60.0, gt=0, description="take over records a dead consumer left this long")
+    read_block_s: float = Field(1.0, gt=0, description="wait for records this long per read")
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus metrics on this port (rank 0)")
+    tensorboard_dir: Path | None = Field(None, description="TensorBoard logs here (rank 0), if set")
+
+
+class UpConfig(StrictModel):
+    """`pso up`: Redis, the reward server, N actors and the learner on one machine."""
+
+    actors: int = Field(2, ge=1)
+    learner_ranks: int = Field(1, ge=1, description="DeepSpeed ranks (processes) of the learner")
+    run_dir: Path = Path("runs/up")
+    eval_prompts: int = Field(8, ge=1, description="prompts in the per-version sample grids")
+    eval_seed: int = 0
