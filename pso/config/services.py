@@ -46,9 +46,12 @@ class LearnerConfig(StrictModel):
 
     zero_stage: Literal[0, 1, 2, 3] = 0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    records_per_update: int = Field(8, ge=1, description="experience records (prompt groups) per update, per rank")
-    max_staleness: int = Field(4, ge=0, description="records from policies this many versions old or older")
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, description="micro-batches of optim.pairs_per_step pairs per update (one optimiser step), per rank"
+    )
+    max_staleness: int = Field(
+        4, ge=0, description="records sampled more than this many versions before the learner's are stale"
+    )
     stale: Literal["drop", "downweight"] = Field("drop", description="what happens to stale records")
     stale_weight: float = Field(0.25, gt=0, le=1, description="loss weight of stale records when downweighted")
     publish_every: int = Field(1, ge=1, description="publish weights every K updates")
@@ -57,6 +60,7 @@ class LearnerConfig(StrictModel):
     max_updates: int | None = Field(None, ge=1, description="stop after this many updates (default: run on)")
     reclaim_idle_s: float = Field(60.0, gt=0, description="take over records a dead consumer left this long")
     read_block_s: float = Field(1.0, gt=0, description="wait for records this long per read")
+    metrics_file: Path | None = Field(Path("runs/learner/metrics.jsonl"), description="a JSON line per update")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus metrics on this port (rank 0)")
     tensorboard_dir: Path | None = Field(None, description="TensorBoard logs here (rank 0), if set")
 

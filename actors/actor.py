@@ -1,0 +1,198 @@
+"""The actor: sample prompt groups from the newest policy, score them, pair them, push experience.
+
+    while running:
+        move to the newest complete weight version, if there is one (a notice, or polling)
+        wait while the experience backlog is over its bound (back-pressure)
+        sample G images per prompt from the current policy, keeping every trajectory state
+        score the images on the reward server (waiting out an unreachable server)
+        pair within each group; push one record per group that has pairs
+
+Nothing is shared with the other processes but the transport and the reward server, so any
+number of actors can run on any hosts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from pso.codecs import CodecError, decode_weights, encode_experience
+from pso.config.schema import PSOConfig
+from pso.experience import group_records
+from pso.loop import round_seed
+from pso.pairing import pairs_in_groups
+from pso.policy import DistilledPolicy
+from pso.sampling import sample_groups
+from pso.transport.base import ExperienceQueue, TransportError, WeightStore, WeightsUnavailable
+from reward_server.client import RewardClient, RewardServerError
+
+log = logging.getLogger("pso.actor")
+
+
+@dataclass
+class ActorStats:
+    batches: int = 0
+    records: int = 0
+    pairs: int = 0
+    reward_sum: float = 0.0
+    images: int = 0
+    versions: list[int] = field(default_factory=lambda: [0])  # every version this actor sampled with, in order
+    refused: dict[int, str] = field(default_factory=dict)  # version -> why it was refused
+    backpressure_s: float = 0.0
+    reward_wait_s: float = 0.0
+
+
+def default_actor_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Actor:
+    def __init__(
+        self,
+        cfg: PSOConfig,
+        policy: DistilledPolicy,
+        prompts: list[str],
+        queue: ExperienceQueue,
+        weights: WeightStore,
+        reward: RewardClient,
+        actor_id: str | None = None,
+    ):
+        self.cfg, self.policy, self.prompts = cfg, policy, prompts
+        self.queue, self.weights, self.reward = queue, weights, reward
+        self.id = actor_id or cfg.actor.id or default_actor_id()
+        self.version = 0  # the base model until the learner publishes
+        self.stats = ActorStats()
+        seed = np.random.SeedSequence([cfg.sampling.seed, *self.id.encode()]).generate_state(1)[0]
+        self.seed = int(seed)
+        self.rng = np.random.default_rng(self.seed)
+        self._last_poll = 0.0
+
+    def run(self, stop: threading.Event | None = None) -> ActorStats:
+        stop = stop or threading.Event()
+        limit = self.cfg.actor.max_batches
+        log.info("actor %s: %d prompts, group size %d", self.id, len(self.prompts), self.cfg.sampling.group_size)
+        while not stop.is_set() and (limit is None or self.stats.batches < limit):
+            self.step(stop)
+        return self.stats
+
+    def step(self, stop: threading.Event) -> int:
+        """One batch: refresh weights, respect back-pressure, sample, score, pair, push. Returns records pushed."""
+        self.refresh_weights()
+        self._wait_for_room(stop)
+        if stop.is_set():
+            return 0
+        cfg, g = self.cfg, self.cfg.sampling.group_size
+        prompts = [self.prompts[i] for i in self.rng.integers(len(self.prompts), size=cfg.actor.prompts_per_batch)]
+        traj = sample_groups(
+            self.policy, prompts, g, round_seed(self.seed, self.stats.batches), batch_size=cfg.sampling.batch_size
+        )
+        scored = self._score(traj.images, [p for p in prompts for _ in range(g)], stop)
+        if scored is None:  # stopped while the reward server was away: nothing unscored is pushed
+            return 0
+        scores = torch.tensor(scored.total, dtype=torch.float32)
+        pairs = pairs_in_groups(scores, g, cfg.pairing)
+        records = group_records(traj, scores, pairs, policy_version=self.version, actor_id=self.id)
+        pushed = 0
+        for p, record in enumerate(records):
+            record.reward_details = {name: values[p * g : (p + 1) * g] for name, values in scored.per_model.items()}
+            if not record.pairs:
+                continue  # a tie: nothing to learn from
+            self.queue.push(
+                encode_experience(record),
+                {"version": str(self.version), "actor": self.id, "pairs": str(len(record.pairs))},
+            )
+            pushed += 1
+        self.stats.batches += 1
+        self.stats.records += pushed
+        self.stats.pairs += len(pairs)
+        self.stats.images += len(scores)
+        self.stats.reward_sum += float(scores.sum())
+        log.info(
+            "actor %s batch %d: version %d, reward %.4f, %d pairs, %d records pushed",
+            self.id, self.stats.batches, self.version, float(scores.mean()), len(pairs), pushed,
+        )  # fmt: skip
+        return pushed
+
+    def refresh_weights(self) -> None:
+        """Move to the newest complete version: on a notice, or by polling every `weight_poll_s`."""
+        newest = self.weights.wait_for_notice(0)
+        now = time.monotonic()
+        if newest is None and now - self._last_poll >= self.cfg.actor.weight_poll_s:
+            self._last_poll = now
+            newest = self.weights.latest()
+        if newest is None or newest <= self.version or newest in self.stats.refused:
+            return
+        try:
+            bundle = decode_weights(self.weights.fetch(newest), expected=self.policy.weight_spec())
+            if bundle.version != newest:
+                raise CodecError(f"the bundle stored as version {newest} says it is version {bundle.version}")
+            self.policy.load_weights(bundle)
+        except (WeightsUnavailable, CodecError, ValueError) as e:
+            self.stats.refused[newest] = str(e)
+            log.warning(
+                "actor %s: refusing weight version %d (%s); keeping version %d", self.id, newest, e, self.version
+            )
+            return
+        log.info("actor %s: weights %d -> %d", self.id, self.version, newest)
+        self.version = newest
+        self.stats.versions.append(newest)
+
+    def _wait_for_room(self, stop: threading.Event) -> None:
+        start, told = time.monotonic(), False
+        while not stop.is_set():
+            backlog = self.queue.stats().backlog
+            if backlog <= self.cfg.actor.max_backlog:
+                break
+            if not told:
+                log.info("actor %s: pausing, %d records wait (bound %d)", self.id, backlog, self.cfg.actor.max_backlog)
+                told = True
+            stop.wait(0.2)
+        self.stats.backpressure_s += time.monotonic() - start
+
+    def _score(self, images: torch.Tensor, prompts: list[str], stop: threading.Event):
+        """Scores from the reward server; an unreachable or failing server is waited out, never pushed past.
+        A refusal of the request itself (4xx) is a configuration mistake and ends the actor."""
+        start, delay = time.monotonic(), 1.0
+        try:
+            while not stop.is_set():
+                try:
+                    return self.reward.score(images, prompts, self.cfg.actor.reward_models)
+                except RewardServerError as e:
+                    if e.status is not None and 400 <= e.status < 500 and e.status != 429:
+                        raise
+                    log.warning("actor %s: reward server unavailable (%s); retrying in %.0f s", self.id, e, delay)
+                    stop.wait(delay)
+                    delay = min(delay * 2, 30.0)
+            return None
+        finally:
+            self.stats.reward_wait_s += time.monotonic() - start
+
+
+def run_actor(cfg: PSOConfig, stop: threading.Event | None = None) -> ActorStats:
+    """`pso actor`: build everything from the config and run until stopped (or `actor.max_batches`)."""
+    from actors.prompts import load_prompts
+    from pso.transport.redis import RedisExperienceQueue, RedisWeightStore, connect
+
+    prompts = load_prompts(cfg.actor.prompts, cfg.loop.prompts)
+    client = connect(cfg.redis)  # fails fast, naming the URL, when Redis is unreachable
+    policy = DistilledPolicy.from_config(cfg.model, cfg.finetune)
+    reward = RewardClient(cfg.actor.reward_url)
+    log.info("waiting for the reward server at %s", cfg.actor.reward_url)
+    while True:
+        try:
+            reward.wait_ready(timeout=60)
+            break
+        except RewardServerError as e:
+            log.warning("%s; still waiting", e)
+    try:
+        queue, weights = RedisExperienceQueue(client, cfg.redis), RedisWeightStore(client, cfg.redis)
+        return Actor(cfg, policy, prompts, queue, weights, reward).run(stop)
+    except TransportError as e:
+        raise SystemExit(f"pso actor: {e}") from None

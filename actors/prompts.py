@@ -1,0 +1,35 @@
+"""Prompt sources for actors: the config's own list, a text file (one per line) or a JSONL file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def load_prompts(path: str | Path | None, default: list[str]) -> list[str]:
+    """Prompts from `path` (.jsonl: objects with a "prompt"; anything else: one per line, blank lines
+    and lines starting with # skipped), or `default` when there is no path."""
+    if path is None:
+        return list(default)
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read prompts from {path}: {e}") from None
+    if path.suffix == ".jsonl":
+        prompts = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path}, line {n}: not JSON ({e})") from None
+            if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
+                raise ValueError(f'{path}, line {n}: expected an object with a "prompt" string')
+            prompts.append(item["prompt"])
+    else:
+        prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts")
+    return prompts
