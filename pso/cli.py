@@ -178,6 +178,37 @@ def cmd_reward_server(args) -> int:
     return serve(_load(args).reward_server, access_log=args.access_log)
 
 
+def cmd_actor(args) -> int:
+    from actors.actor import run_actor
+
+    stats = run_actor(_load(args))
+    print(f"actor: {stats.batches} batches, {stats.records} records, versions {stats.versions}")
+    return 0
+
+
+def cmd_learner(args) -> int:
+    from learner.learner import run_learner
+
+    run_learner(_load(args), resume=args.resume)
+    return 0
+
+
+def cmd_up(args) -> int:
+    from launcher.up import run_up
+
+    for key, value in (("learner.max_updates", args.updates), ("up.actors", args.actors), ("up.run_dir", args.out)):
+        if value is not None:
+            args.overrides.append(f"{key}={value}")
+    summary = run_up(_load(args))
+    print(f"weights version {summary['version']} against the base model on {summary['prompts']} prompts:")
+    for name, m in summary["models"].items():
+        print(
+            f"  {name}: {m['base']:.4f} -> {m['tuned']:.4f} (gain {m['gain']:+.4f} +- {m['gain_stderr']:.4f}, "
+            f"wins {m['win_rate']:.0%})"
+        )
+    return 0
+
+
 def cmd_bench_quality(args) -> int:
     from pso.bench.quality import QualityBenchConfig, run_quality_bench
 
@@ -237,6 +268,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="server processes, each with its own models (default 1)")
     p.add_argument("--access-log", action="store_true", help="log every request")
     p.set_defaults(func=cmd_reward_server)
+
+    p = sub.add_parser("actor", help="sample, score and push experience for the learner (needs Redis)")
+    _config_args(p)
+    p.set_defaults(func=cmd_actor)
+
+    p = sub.add_parser("learner", help="online PSO updates with DeepSpeed; publishes weights (needs Redis)")
+    _config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.set_defaults(func=cmd_learner)
+
+    p = sub.add_parser("up", help="Redis, the reward server, actors and the learner on this machine")
+    _config_args(p)
+    p.add_argument("--updates", type=int, help="stop after this many updates (default learner.max_updates)")
+    p.add_argument("--actors", type=int, help="actor processes (default up.actors)")
+    p.add_argument("--out", type=Path, help="run folder (default up.run_dir)")
+    p.set_defaults(func=cmd_up)
 
     bench = sub.add_parser("bench", help="benchmarks that print figures and write tables").add_subparsers(
         dest="bench", required=True, metavar="BENCH"

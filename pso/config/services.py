@@ -71,5 +71,6 @@ class UpConfig(StrictModel):
     actors: int = Field(2, ge=1)
     learner_ranks: int = Field(1, ge=1, description="DeepSpeed ranks (processes) of the learner")
     run_dir: Path = Path("runs/up")
-    eval_prompts: int = Field(8, ge=1, description="prompts in the per-version sample grids")
-    eval_seed: int = 0
+    grid_prompts: int = Field(8, ge=1, description="prompts in the sample grid drawn for each weight version")
+    eval_prompts: int = Field(64, ge=1, description="prompts of the final base-versus-tuned evaluation")
+    eval_seed: int = Field(0, description="seed of the grids' and the evaluation's prompts and noise")

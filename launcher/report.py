@@ -1,0 +1,44 @@
+"""What a run leaves behind for people to look at: a reward curve, sample grids, a summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue  # a line being written
+    return rows
+
+
+def reward_curve(rows: list[dict], path: Path, title: str, window: int = 10) -> Path:
+    """Mean reward of the samples each update trained on, raw and as a moving average, by update."""
+    updates = [r["updates"] for r in rows]
+    rewards = [r["reward_mean"] for r in rows]
+    smooth = [sum(rewards[max(0, i - window + 1) : i + 1]) / len(rewards[max(0, i - window + 1) : i + 1])
+              for i in range(len(rewards))]  # fmt: skip
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    ax.plot(updates, rewards, color="#9ab", linewidth=0.8, label="per update")
+    ax.plot(updates, smooth, color="#c33", linewidth=2, label=f"moving average ({window})")
+    ax.set_xlabel("update")
+    ax.set_ylabel("reward of the samples trained on")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,206 @@
+"""`pso up`: Redis, the reward server, N actors and the learner on one machine, as separate processes.
+
+    start Redis (or use $REDIS_URL / redis.url), then the reward server (wait until ready),
+    the learner and the actors, each with its log under the run folder
+    until the learner is done (learner.max_updates) or Ctrl-C: one progress line, and a sample
+    grid for each new weight version (same prompts and seeds)
+    then: base-versus-tuned evaluation through the reward server, the reward curve, and
+    everything stopped in order
+
+The run folder holds config.yaml (what every process read), logs/, grids/, learner/ (metrics
+and checkpoints), reward_curve.png, before_after.png and summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from launcher.processes import Child, wait_until
+from launcher.report import read_metrics, reward_curve
+from pso.codecs import decode_weights
+from pso.config import dump_config
+from pso.config.schema import PSOConfig
+from pso.images import save_grid
+from pso.policy import DistilledPolicy
+from pso.sampling import sample_groups
+from pso.transport.base import WeightStore
+from reward_server.client import RewardClient
+
+log = logging.getLogger("pso.up")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_config(cfg: PSOConfig, run_dir: Path, redis_url: str) -> PSOConfig:
+    """The config every process of this run reads: one Redis, one reward server on a free port, the
+    learner's files in the run folder."""
+    data = cfg.model_dump(mode="json")
+    port = free_port()
+    data["redis"]["url"] = redis_url
+    data["reward_server"].update(host="127.0.0.1", port=port, workers=1)
+    data["actor"]["reward_url"] = f"http://127.0.0.1:{port}"
+    data["learner"]["metrics_file"] = str(run_dir / "learner" / "metrics.jsonl")
+    data["learner"]["checkpoint_dir"] = str(run_dir / "learner" / "checkpoints")
+    return PSOConfig.model_validate(data)
+
+
+def run_up(cfg: PSOConfig) -> dict:
+    from pso.redis_server import LocalRedis
+    from pso.transport.redis import RedisWeightStore, connect
+
+    run_dir = cfg.up.run_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    children: list[Child] = []
+    with ExitStack() as stack:
+        redis_url = cfg.redis.url or os.environ.get("REDIS_URL")
+        if redis_url is None:
+            redis = stack.enter_context(LocalRedis(run_dir / "redis"))
+            redis_url = redis.url
+            log.info("started Redis at %s", redis_url)
+        cfg = run_config(cfg, run_dir, redis_url)
+        config_path = run_dir / "config.yaml"
+        config_path.write_text(dump_config(cfg))
+        stack.callback(_stop_all, children)
+
+        def start(name: str, module: str, *args: str) -> Child:
+            child = Child(name, module, list(args), run_dir / "logs" / f"{name}.log", env)
+            children.append(child)
+            return child
+
+        start("reward-server", "pso.cli", "reward-server", "-c", str(config_path))
+        reward = RewardClient(cfg.actor.reward_url, retries=0)
+        if not wait_until(lambda: _ready(reward), 600, children=children):
+            raise RuntimeError("the reward server did not get ready within 10 minutes")
+        learner = start("learner", *_learner_command(cfg, config_path))
+        for i in range(cfg.up.actors):
+            start(f"actor-{i}", "pso.cli", "actor", "-c", str(config_path), "--set", f"actor.id=actor-{i}")
+        weights = RedisWeightStore(connect(cfg.redis), cfg.redis)
+        _follow(cfg, run_dir, learner, children, weights)
+        for child in children:
+            if child.name.startswith("actor"):
+                child.stop()
+        summary = evaluate(cfg, weights, RewardClient(cfg.actor.reward_url), run_dir)
+    rows = read_metrics(cfg.learner.metrics_file)
+    if rows:
+        reward_curve(rows, run_dir / "reward_curve.png", f"online PSO, run {cfg.redis.run}")
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _learner_command(cfg: PSOConfig, config_path: Path) -> tuple[str, ...]:
+    if cfg.up.learner_ranks == 1:
+        return ("pso.cli", "learner", "-c", str(config_path))
+    return (
+        "torch.distributed.run",
+        f"--nproc_per_node={cfg.up.learner_ranks}",
+        f"--master_port={free_port()}",
+        "-m",
+        "pso.cli",
+        "learner",
+        "-c",
+        str(config_path),
+    )
+
+
+def _ready(reward: RewardClient) -> bool:
+    try:
+        return reward.http.get("/readyz").status_code == 200
+    except Exception:
+        return False
+
+
+def _follow(cfg: PSOConfig, run_dir: Path, learner: Child, children: list[Child], weights: WeightStore) -> None:
+    """Until the learner exits: one progress line, and a grid for each new weight version."""
+    metrics_file = cfg.learner.metrics_file
+    grid_prompts = _prompts(cfg, cfg.up.grid_prompts)
+    painter = DistilledPolicy.from_config(cfg.model, cfg.finetune)
+    drawn: set[int] = set()
+    bar = tqdm(total=cfg.learner.max_updates, desc="online PSO", unit="update")
+    while learner.exit_code is None:
+        for c in children:
+            if c is not learner and c.exit_code is not None:
+                raise RuntimeError(f"{c.name} exited with status {c.exit_code}:\n{c.tail()}")
+        rows = read_metrics(metrics_file)
+        if rows:
+            last = rows[-1]
+            bar.update(last["updates"] - bar.n)
+            bar.set_postfix(
+                version=int(last["version"]),
+                reward=f"{np.mean([r['reward_mean'] for r in rows[-10:]]):.4f}",
+                pairs_s=f"{last['pairs_per_s']:.1f}",
+                backlog=int(last["backlog"]),
+            )
+        latest = weights.latest()
+        if latest is not None and latest not in drawn:
+            _draw_version(painter, weights, latest, grid_prompts, cfg.up.eval_seed, run_dir / "grids")
+            drawn.add(latest)
+        time.sleep(0.5)
+    bar.close()
+    if learner.exit_code != 0:
+        raise RuntimeError(f"the learner exited with status {learner.exit_code}:\n{learner.tail()}")
+
+
+def _draw_version(policy: DistilledPolicy, weights: WeightStore, version: int, prompts, seed: int, out: Path) -> None:
+    policy.load_weights(decode_weights(weights.fetch(version), expected=policy.weight_spec()))
+    images = sample_groups(policy, prompts, 1, seed).images
+    save_grid([images], out / f"v{version:04d}.png", labels=[f"version {version}"])
+
+
+def _prompts(cfg: PSOConfig, n: int) -> list[str]:
+    from actors.prompts import load_prompts
+
+    pool = load_prompts(cfg.actor.prompts, cfg.loop.prompts)
+    rng = np.random.default_rng(cfg.up.eval_seed)
+    return [pool[i] for i in rng.choice(len(pool), size=n, replace=n > len(pool))]
+
+
+def evaluate(cfg: PSOConfig, weights: WeightStore, reward: RewardClient, run_dir: Path) -> dict:
+    """The newest weights against the base model on the same prompts and starting noise, scored by the
+    run's reward server: per model, both means, the paired difference with its standard error, win rate."""
+    prompts = _prompts(cfg, cfg.up.eval_prompts)
+    policy = DistilledPolicy.from_config(cfg.model, cfg.finetune)
+    version = weights.latest() or 0
+    if version:
+        policy.load_weights(decode_weights(weights.fetch(version), expected=policy.weight_spec()))
+    base = sample_groups(policy, prompts, 1, cfg.up.eval_seed, reference=True).images
+    tuned = sample_groups(policy, prompts, 1, cfg.up.eval_seed).images
+    n_grid = min(len(prompts), cfg.up.grid_prompts)
+    save_grid([base[:n_grid], tuned[:n_grid]], run_dir / "before_after.png", labels=["base", f"version {version}"])
+    before, after = reward.score(base, prompts), reward.score(tuned, prompts)
+    summary: dict = {"version": version, "prompts": len(prompts), "models": {}}
+    for name in before.per_model:
+        b, a = torch.tensor(before.per_model[name]), torch.tensor(after.per_model[name])
+        diff = a - b
+        summary["models"][name] = {
+            "base": float(b.mean()),
+            "tuned": float(a.mean()),
+            "gain": float(diff.mean()),
+            "gain_stderr": float(diff.std() / len(diff) ** 0.5),
+            "win_rate": float(((diff > 0).float() + 0.5 * (diff == 0).float()).mean()),
+        }
+    return summary
+
+
+def _stop_all(children: list[Child]) -> None:
+    """Actors first (they feed the learner), then the learner, then the reward server."""
+    order = sorted(children, key=lambda c: (not c.name.startswith("actor"), c.name == "reward-server"))
+    for child in order:
+        code = child.stop()
+        if code not in (0, -15, None):
+            log.warning("%s exited with status %s (log: %s)", child.name, code, child.log_path)
