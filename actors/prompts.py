@@ -6,11 +6,19 @@ import json
 from pathlib import Path
 
 
+BUILTIN = "builtin:tiny-world"  # every scene the tiny world can draw
+
+
 def load_prompts(path: str | Path | None, default: list[str]) -> list[str]:
     """Prompts from `path` (.jsonl: objects with a "prompt"; anything else: one per line, blank lines
-    and lines starting with # skipped), or `default` when there is no path."""
+    and lines starting with # skipped; "builtin:tiny-world": the tiny world's scenes), or `default`
+    when there is no path."""
     if path is None:
         return list(default)
+    if str(path) == BUILTIN:
+        from pso.tiny.world import all_scenes
+
+        return [s.prompt for s in all_scenes()]
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")

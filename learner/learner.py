@@ -128,6 +128,7 @@ class Learner:
         gen = torch.Generator().manual_seed(round_seed(self.cfg.sampling.seed + 1 + self.rank, self.state.updates))
         metrics = self.engine.update(batch, None if bool((weights == 1).all()) else weights, gen=gen)
         st = self.state
+        trained_at = st.version
         st.updates += 1
         st.trained_pairs += len(weights)
         if take.finished:
@@ -146,7 +147,7 @@ class Learner:
             "version": st.version,
             **{k: float(v) for k, v in metrics.items()},
             "reward_mean": float(torch.cat([r.scores for r in take.records]).mean()),
-            "staleness": st.version - sum(versions) / len(versions),
+            "staleness": trained_at - sum(versions) / len(versions),
             "pairs_per_s": len(weights) / max(seconds, 1e-9),
             "wait_s": waited,
             "stale_total": st.stale,

@@ -21,6 +21,7 @@ def setup_logging(verbose: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request
     if not verbose:  # library chatter (load bars, fp32-module notes) drowns the operator's view
         from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging
