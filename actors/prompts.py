@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
 BUILTIN = "builtin:tiny-world"  # every scene the tiny world can draw
 
 
