@@ -19,7 +19,7 @@ $(BIN)/pso: pyproject.toml
 install: $(BIN)/pso
 
 demo: install
-	$(BIN)/pso demo
+	$(BIN)/pso up -c configs/tiny.yaml
 
 lint: install
 	$(BIN)/ruff check .

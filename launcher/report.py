@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import matplotlib
+from PIL import Image
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -41,4 +42,22 @@ def reward_curve(rows: list[dict], path: Path, title: str, window: int = 10) -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+    return path
+
+
+def versions_sheet(grids_dir: Path, path: Path, rows: int = 6) -> Path | None:
+    """One picture of how the samples changed: the per-version grids (same prompts and noise), stacked
+    top to bottom for up to `rows` versions spread evenly from the first to the last."""
+    files = sorted(grids_dir.glob("v*.png"))
+    if not files:
+        return None
+    step = max(1, (len(files) - 1) / max(rows - 1, 1))
+    chosen = sorted({files[min(round(i * step), len(files) - 1)] for i in range(rows)} | {files[-1]})
+    images = [Image.open(f).convert("RGB") for f in chosen]
+    sheet = Image.new("RGB", (max(i.width for i in images), sum(i.height for i in images)), "white")
+    y = 0
+    for image in images:
+        sheet.paste(image, (0, y))
+        y += image.height
+    sheet.save(path)
     return path

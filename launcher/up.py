@@ -7,8 +7,9 @@
     then: base-versus-tuned evaluation through the reward server, the reward curve, and
     everything stopped in order
 
-The run folder holds config.yaml (what every process read), logs/, grids/, learner/ (metrics
-and checkpoints), reward_curve.png, before_after.png and summary.json.
+The run folder holds config.yaml (what every process read), logs/, grids/ (one per version),
+versions.png (a few of them stacked), learner/ (metrics and checkpoints), reward_curve.png,
+before_after.png and summary.json.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from launcher.processes import Child, wait_until
-from launcher.report import read_metrics, reward_curve
+from launcher.report import read_metrics, reward_curve, versions_sheet
 from pso.codecs import decode_weights
 from pso.config import dump_config
 from pso.config.schema import PSOConfig
@@ -85,7 +86,7 @@ def run_up(cfg: PSOConfig) -> dict:
 
         start("reward-server", "pso.cli", "reward-server", "-c", str(config_path))
         reward = RewardClient(cfg.actor.reward_url, retries=0)
-        if not wait_until(lambda: _ready(reward), 600, children=children):
+        if not wait_until(reward.ready, 600, children=children):
             raise RuntimeError("the reward server did not get ready within 10 minutes")
         learner = start("learner", *_learner_command(cfg, config_path))
         for i in range(cfg.up.actors):
@@ -99,6 +100,7 @@ def run_up(cfg: PSOConfig) -> dict:
     rows = read_metrics(cfg.learner.metrics_file)
     if rows:
         reward_curve(rows, run_dir / "reward_curve.png", f"online PSO, run {cfg.redis.run}")
+    versions_sheet(run_dir / "grids", run_dir / "versions.png")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -116,13 +118,6 @@ def _learner_command(cfg: PSOConfig, config_path: Path) -> tuple[str, ...]:
         "-c",
         str(config_path),
     )
-
-
-def _ready(reward: RewardClient) -> bool:
-    try:
-        return reward.http.get("/readyz").status_code == 200
-    except Exception:
-        return False
 
 
 def _follow(cfg: PSOConfig, run_dir: Path, learner: Child, children: list[Child], weights: WeightStore) -> None:

@@ -79,6 +79,13 @@ class RewardClient:
     def models(self) -> list[dict]:
         return self._request("GET", "/v1/models").json()["models"]
 
+    def ready(self) -> bool:
+        """Whether /readyz answers 200 right now (no retries)."""
+        try:
+            return self.http.get("/readyz").status_code == 200
+        except httpx.TransportError:
+            return False
+
     def wait_ready(self, timeout: float = 300.0, interval: float = 0.5) -> None:
         """Block until /readyz answers 200; RewardServerError if it does not within `timeout`."""
         deadline = time.monotonic() + timeout

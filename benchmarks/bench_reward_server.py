@@ -1,7 +1,7 @@
 """Reward-server throughput and latency under concurrency, against the raw batched model.
 
-    python benchmarks/reward_server.py [--config FILE] [--clients 1 8 64] [--images-per-request 16]
-    python benchmarks/reward_server.py --random pickscore --full --device cuda:0 --dtype float16 --image-size 512
+    python benchmarks/bench_reward_server.py [--config FILE] [--clients 1 8 64] [--images-per-request 16]
+    python benchmarks/bench_reward_server.py --random pickscore --full --device cuda:0 --dtype float16 --image-size 512
 
 1. Raw: in this process, the same models' batched forward (`score_batch` at their max batch size,
    inputs already preprocessed): images/s.
@@ -29,9 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)  # this file's name would shadow the reward_server package
 
 
 def scene_images(n: int, size: int, seed: int = 0) -> tuple[torch.Tensor, list[str]]:
