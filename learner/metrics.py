@@ -37,8 +37,12 @@ class MetricsSink:
             log.info("learner metrics on :%d/metrics", port)
         self.tb = None
         if tensorboard_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
-
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ValueError(
+                    "learner.tensorboard_dir needs the tensorboard package: pip install 'pso-service[tensorboard]'"
+                ) from None
             self.tb = SummaryWriter(str(tensorboard_dir))
 
     def write(self, row: dict[str, float]) -> None:

@@ -200,7 +200,14 @@ def cmd_up(args) -> int:
     for key, value in (("learner.max_updates", args.updates), ("up.actors", args.actors), ("up.run_dir", args.out)):
         if value is not None:
             args.overrides.append(f"{key}={value}")
-    summary = run_up(_load(args))
+    try:
+        summary = run_up(_load(args))
+    except KeyboardInterrupt:
+        print("pso up: stopped; every process was shut down", file=sys.stderr)
+        return 130
+    except RuntimeError as e:  # a process of the run failed; the message holds the end of its log
+        print(f"pso up: {e}", file=sys.stderr)
+        return 1
     print(f"weights version {summary['version']} against the base model on {summary['prompts']} prompts:")
     for name, m in summary["models"].items():
         print(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from pso.config.loader import StrictModel
 from pso.config.reward_server import RewardServerConfig
@@ -167,3 +167,14 @@ class PSOConfig(StrictModel):
     actor: ActorConfig = Field(default_factory=ActorConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     up: UpConfig = Field(default_factory=UpConfig)
+
+    @model_validator(mode="after")
+    def _learner_precision_fits_the_model(self) -> PSOConfig:
+        """DeepSpeed's bf16/fp16 modes run the whole UNet in that dtype, so the model must be loaded in it."""
+        want = {"bf16": "bfloat16", "fp16": "float16"}.get(self.learner.precision)
+        if want and self.model.dtype != want:
+            raise ValueError(
+                f"learner.precision {self.learner.precision} needs model.dtype {want} (it is {self.model.dtype}); "
+                "or keep learner.precision fp32 (LoRA adapters train in float32 on any model dtype)"
+            )
+        return self
