@@ -106,17 +106,16 @@ class Learner:
         except CodecError as e:
             log.warning("dropping record %s: %s", d.id, e)
             self.state.corrupt += 1
-            self.queue.count("corrupt")
-            self.queue.ack([d.id])
+            self.queue.ack([d.id], counter="corrupt")
             return
         age = self.state.version - record.policy_version
         weight = 1.0
         if age > lc.max_staleness:
             self.state.stale += 1
-            self.queue.count("stale")
             if lc.stale == "drop":
-                self.queue.ack([d.id])
+                self.queue.ack([d.id], counter="stale")
                 return
+            self.queue.count("downweighted")  # trained on later, and counted `trained` then
             weight = lc.stale_weight
         self.buffer.add(BufferedRecord(d.id, record, weight))
 
@@ -132,8 +131,7 @@ class Learner:
         st.updates += 1
         st.trained_pairs += len(weights)
         if take.finished:
-            self.queue.ack([r.id for r in take.finished])
-            self.queue.count("trained", len(take.finished))
+            self.queue.ack([r.id for r in take.finished], counter="trained")
             st.trained_records += len(take.finished)
             st.last_id = take.finished[-1].id
         if st.updates % self.cfg.learner.publish_every == 0:

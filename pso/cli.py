@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pso.config import ConfigError, dump_config, load_config
 from pso.config.schema import PSOConfig
+from pso.transport.base import TransportError
 
 log = logging.getLogger("pso")
 
@@ -328,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"pso {args.command}: {e}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, OSError) as e:
+    except (ValueError, FileNotFoundError, OSError, TransportError) as e:
         log.debug("failed", exc_info=True)
         print(f"pso {args.command}: error: {e}", file=sys.stderr)
         return 1

@@ -51,8 +51,9 @@ class ExperienceQueue(ABC):
         then new ones, waiting up to `block_s` for any."""
 
     @abstractmethod
-    def ack(self, ids: list[str]) -> None:
-        """The records were used (or deliberately dropped); they leave the queue."""
+    def ack(self, ids: list[str], counter: str | None = None) -> None:
+        """The records were used (or deliberately dropped); they leave the queue, and in the same atomic
+        step the run's counter `counter` (e.g. trained, stale) grows by the number acknowledged now."""
 
     @abstractmethod
     def reclaim(self, consumer: str, min_idle_s: float, count: int) -> list[Delivery]:

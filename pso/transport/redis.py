@@ -199,6 +199,7 @@ class RedisExperienceQueue(_RedisTransport, ExperienceQueue):
     def __init__(self, client: redis.Redis, config: RedisConfig) -> None:
         super().__init__(client, config, on_lost=self._connection_lost)
         self._group_ready = False
+        self._ack = self.redis.register_script(_ACK)
         self._history: dict[str, str | None] = {}  # consumer -> last pending id re-read; None: done
         self._held: set[str] = set()  # ids handed out by this object and not acknowledged
 
@@ -299,17 +300,12 @@ class RedisExperienceQueue(_RedisTransport, ExperienceQueue):
             if out or block_ms is None or deadline - time.monotonic() <= 0:
                 return out
 
-    def ack(self, ids: list[str]) -> None:
+    def ack(self, ids: list[str], counter: str | None = None) -> None:
         if not ids:
             return
-
-        def op() -> None:
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.xack(self.keys.experience, EXPERIENCE_GROUP, *ids)
-            pipe.xdel(self.keys.experience, *ids)
-            pipe.execute()
-
-        self._retry("ack", op)
+        keys = [self.keys.experience, self.keys.counters]
+        args = [EXPERIENCE_GROUP, counter or "", *ids]
+        self._retry("ack", lambda: self._ack(keys=keys, args=args))
         self._held.difference_update(ids)
 
     def reclaim(self, consumer: str, min_idle_s: float, count: int) -> list[Delivery]:
@@ -376,6 +372,17 @@ class RedisExperienceQueue(_RedisTransport, ExperienceQueue):
 
 # KEYS: manifest, latest, chunk 0 .. n-1; ARGV: version, manifest JSON, notice channel.
 # Returns {"ok"}, {"stale", latest} or {"missing", chunks present}.
+# Acknowledge, delete and count in one atomic step, counting only what this call acknowledged: a retry
+# after a lost reply counts nothing twice, and no record is ever gone from the stream yet uncounted.
+_ACK = """
+local acked = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 3))
+redis.call('XDEL', KEYS[1], unpack(ARGV, 3))
+if ARGV[2] ~= '' and acked > 0 then
+    redis.call('HINCRBY', KEYS[2], ARGV[2], acked)
+end
+return acked
+"""
+
 _COMMIT = """
 local latest = redis.call('GET', KEYS[2])
 if latest and tonumber(latest) >= tonumber(ARGV[1]) then return {'stale', latest} end

@@ -1,0 +1,649 @@
+"""The online loop with real components: a real Redis server (pso/redis_server.py), the real reward
+server, actors and a DeepSpeed learner on CPU, all on the built-in tiny model (configs/tiny.yaml).
+
+The actors and the learner run as separate processes (`python -m pso.cli actor|learner -c CONFIG`)
+reading a config file written here; the reward server runs on a thread of this process. Where one
+process's behaviour is what is tested (refusing bad weights, waiting out the reward server), the
+actor runs in-process on a thread, which makes the test deterministic.
+
+Every record an actor pushes is accounted for by the counters in Redis (docs/protocol.md):
+produced == trained + stale + corrupt + backlog (records still in the stream, pending ones included).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+from actors.actor import Actor
+from actors.prompts import load_prompts
+from launcher.processes import Child
+from pso.codecs import decode_weights, encode_weights
+from pso.config import dump_config, load_config
+from pso.config.schema import LoraFinetune, PSOConfig
+from pso.evaluation import score_model
+from pso.policy import DistilledPolicy
+from pso.redis_server import LocalRedis, free_port
+from pso.tiny.rewards import large
+from pso.tiny.world import all_scenes
+from pso.transport.base import WeightsUnavailable
+from pso.transport.keys import EXPERIENCE_GROUP
+from pso.transport.redis import RedisExperienceQueue, RedisWeightStore, connect
+from reward_server.app import create_app
+from reward_server.client import RewardClient
+from reward_server.main import serve_in_background
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONUNBUFFERED": "1",
+    "HF_HUB_OFFLINE": "1",
+}
+WEIGHTS_MOVE = re.compile(r"actor \S+: weights (\d+) -> (\d+)")
+PUSHED = re.compile(r"batch \d+: version (\d+), .*, (\d+) records pushed")
+PUBLISHED = re.compile(r"published weights version (\d+)")
+LEARNER_DONE = re.compile(r"learner done: (\d+) updates, version (\d+)")
+
+
+def tiny_config(*overrides: str) -> PSOConfig:
+    return load_config(PSOConfig, TINY, overrides=list(overrides))
+
+
+@pytest.fixture(scope="module")
+def reward_url() -> Iterator[str]:
+    """The real reward server (the tiny config's models), on a thread of this process, on a free port."""
+    with serve_in_background(create_app(tiny_config().reward_server)) as url:
+        RewardClient(url).wait_ready(60)
+        yield url
+
+
+class World:
+    """One run: its own Redis, config files and child processes (all stopped, logs printed, at teardown)."""
+
+    def __init__(self, tmp: Path, redis: LocalRedis, reward_url: str):
+        self.tmp, self.redis, self.reward_url = tmp, redis, reward_url
+        self.children: list[Child] = []
+
+    def config(self, *overrides: str, name: str = "config") -> tuple[PSOConfig, Path]:
+        """The tiny config pointed at this world (later overrides win), and the file the processes read."""
+        base = [
+            f"redis.url={self.redis.url}",
+            "redis.retry_s=30",
+            f"actor.reward_url={self.reward_url}",
+            "actor.weight_poll_s=1",
+            f"learner.metrics_file={self.tmp / 'learner' / 'metrics.jsonl'}",
+            f"learner.checkpoint_dir={self.tmp / 'learner' / 'checkpoints'}",
+            "learner.checkpoint_every=1000",
+        ]
+        cfg = tiny_config(*base, *overrides)
+        path = self.tmp / f"{name}.yaml"
+        path.write_text(dump_config(cfg))
+        return cfg, path
+
+    def start(self, name: str, module: str, *args: str) -> Child:
+        child = Child(name, module, list(args), self.tmp / "logs" / f"{name}.log", ENV)
+        self.children.append(child)
+        return child
+
+    def actor(self, i: int, config: Path) -> Child:
+        return self.start(f"actor-{i}", "pso.cli", "actor", "-c", str(config), "--set", f"actor.id=actor-{i}")
+
+    def learner(self, config: Path, *extra: str, name: str = "learner") -> Child:
+        return self.start(name, "pso.cli", "learner", "-c", str(config), *extra)
+
+    def queue(self, cfg: PSOConfig) -> RedisExperienceQueue:
+        return RedisExperienceQueue(connect(cfg.redis), cfg.redis)
+
+    def weights(self, cfg: PSOConfig) -> RedisWeightStore:
+        return RedisWeightStore(connect(cfg.redis), cfg.redis)
+
+    def logs(self) -> str:
+        return "\n".join(f"----- {c.name} (exit {c.exit_code}) -----\n{c.tail(40)}" for c in self.children)
+
+    def wait(self, predicate: Callable[[], bool], timeout: float, what: str, watch: list[Child] = ()) -> None:
+        """Poll until `predicate` holds; fail, with every log, when it does not in time or a watched child exits."""
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            for c in watch:
+                if c.exit_code is not None:
+                    pytest.fail(f"{c.name} exited with {c.exit_code} while waiting for {what}\n{self.logs()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"timed out after {timeout} s waiting for {what}\n{self.logs()}")
+            time.sleep(0.1)
+
+    def wait_exit(self, child: Child, timeout: float, watch: list[Child] = ()) -> int:
+        self.wait(lambda: child.exit_code is not None, timeout, f"{child.name} to exit", watch)
+        return child.exit_code
+
+    def stop(self) -> None:
+        for c in sorted(self.children, key=lambda c: not c.name.startswith("actor")):
+            c.stop(timeout=15)
+
+
+@pytest.fixture
+def world(tmp_path, reward_url) -> Iterator[World]:
+    redis = LocalRedis(tmp_path / "redis").start()
+    w = World(tmp_path, redis, reward_url)
+    try:
+        yield w
+    finally:
+        w.stop()
+        print(w.logs())  # pytest shows it when the test failed
+        redis.close()
+
+
+# ---- reading what happened ----
+
+
+def log_text(child: Child) -> str:
+    return child.log_path.read_text(errors="replace")
+
+
+def actor_versions(child: Child) -> list[int]:
+    """The versions an actor moved to, in order (its "weights A -> B" lines), starting at 0."""
+    versions = [0]
+    for a, b in WEIGHTS_MOVE.findall(log_text(child)):
+        assert int(a) == versions[-1], f"{child.name} moved from {a} but was at {versions[-1]}:\n{child.tail()}"
+        versions.append(int(b))
+    return versions
+
+
+def records_pushed(child: Child) -> int:
+    return sum(int(n) for _, n in PUSHED.findall(log_text(child)))
+
+
+def published(child: Child) -> list[int]:
+    return [int(v) for v in PUBLISHED.findall(log_text(child))]
+
+
+def metrics_rows(cfg: PSOConfig) -> list[dict]:
+    path = cfg.learner.metrics_file
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # a line being written
+            pass
+    return rows
+
+
+def updates_done(cfg: PSOConfig) -> int:
+    rows = metrics_rows(cfg)
+    return int(rows[-1]["updates"]) if rows else 0
+
+
+def accounting(queue: RedisExperienceQueue) -> dict[str, int]:
+    counters, stats = queue.counters(), queue.stats()
+    names = ("produced", "trained", "stale", "corrupt", "redelivered")
+    return {**{n: counters.get(n, 0) for n in names}, "backlog": stats.backlog, "pending": stats.pending}
+
+
+def assert_accounted(acc: dict[str, int]) -> None:
+    """Every record produced is trained, stale, corrupt or still in the stream (docs/protocol.md)."""
+    assert acc["produced"] > 0, acc
+    assert acc["produced"] == acc["trained"] + acc["stale"] + acc["corrupt"] + acc["backlog"], acc
+
+
+def reward_gain(cfg: PSOConfig, weights: RedisWeightStore, seed: int = 1234) -> dict[str, float]:
+    """The tiny `large` reward (the one trained on) of the newest published weights against the base model:
+    one image per tiny-world prompt (168), the same starting noise for both."""
+    prompts = [s.prompt for s in all_scenes()]
+    policy = DistilledPolicy.from_config(cfg.model, cfg.finetune)
+    version = weights.latest()
+    assert version, "no weights were published"
+    policy.load_weights(decode_weights(weights.fetch(version), expected=policy.weight_spec()))
+    base = score_model(policy, prompts, {"large": large}, seed, reference=True)[0]["large"]
+    tuned = score_model(policy, prompts, {"large": large}, seed)[0]["large"]
+    diff = tuned - base
+    return {
+        "version": version,
+        "base": float(base.mean()),
+        "tuned": float(tuned.mean()),
+        "gain": float(diff.mean()),
+        "stderr": float(diff.std() / len(diff) ** 0.5),
+        "win_rate": float(((diff > 0).float() + 0.5 * (diff == 0).float()).mean()),
+    }
+
+
+def kill(child: Child) -> None:
+    """SIGKILL the child's whole process group and reap it."""
+    os.killpg(child.proc.pid, signal.SIGKILL)
+    child.proc.wait(10)
+
+
+# ---- 1. the happy path ----
+
+
+@pytest.mark.slow
+def test_two_actors_and_a_learner_raise_the_reward_and_account_for_every_record(world):
+    updates = 40  # 30 updates at lr 1e-3 gave +0.006 +- 0.001 (win rate 0.75), 40 gave +0.009 +- 0.0013
+    cfg, path = world.config(f"learner.max_updates={updates}")
+    started = time.monotonic()
+    learner = world.learner(path)
+    actors = [world.actor(i, path) for i in range(2)]
+    assert world.wait_exit(learner, 240, watch=actors) == 0, world.logs()
+    print(f"{updates} updates in {time.monotonic() - started:.1f} s")
+    for a in actors:
+        assert a.exit_code is None, f"{a.name} died:\n{a.tail()}"
+        a.stop()
+
+    acc = accounting(world.queue(cfg))
+    print("counters:", acc)
+    assert_accounted(acc)
+    # best-vs-worst pairing gives one pair per record, so every update finishes pairs_per_step records
+    assert acc["trained"] == updates * cfg.optim.pairs_per_step, acc
+    assert acc["redelivered"] == 0 and acc["corrupt"] == 0, acc
+    assert sum(records_pushed(a) for a in actors) <= acc["produced"]  # a log line follows its pushes
+
+    rows = metrics_rows(cfg)
+    assert [r["updates"] for r in rows] == list(range(1, updates + 1))
+    assert published(learner) == list(range(updates + 1))  # version 0 (the base), then one per update
+    assert LEARNER_DONE.search(log_text(learner)).groups() == (str(updates), str(updates))
+
+    for a in actors:
+        versions = actor_versions(a)
+        print(a.name, "versions", versions)
+        assert versions == sorted(set(versions)), f"{a.name} went back: {versions}"
+        assert len(versions) >= 3 and versions[-1] >= updates // 2, versions
+        sampled = [int(v) for v, _ in PUSHED.findall(log_text(a))]
+        assert sampled == sorted(sampled), f"{a.name} sampled with an older version after a newer one: {sampled}"
+
+    gain = reward_gain(cfg, world.weights(cfg))
+    print("tiny-large, base vs final weights:", gain)
+    assert gain["version"] == updates
+    assert gain["gain"] > 0.003 and gain["gain"] > 3 * gain["stderr"], gain
+    assert gain["win_rate"] > 0.6, gain
+
+
+# ---- 2. two learner ranks ----
+
+
+@pytest.mark.slow
+def test_two_learner_ranks_under_torchrun_both_train(world):
+    updates = 6
+    cfg, path = world.config(f"learner.max_updates={updates}", "learner.max_staleness=8")
+    launcher = ["torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "pso.cli"]
+    learner = world.start("learner", *launcher, "learner", "-c", str(path))
+    actors = [world.actor(i, path) for i in range(2)]
+    assert world.wait_exit(learner, 240, watch=actors) == 0, world.logs()
+    for a in actors:
+        a.stop()
+
+    text = log_text(learner)
+    assert "2 rank(s) on cpu" in text, text[-3000:]
+    queue = world.queue(cfg)
+    acc = accounting(queue)
+    print("counters:", acc)
+    assert_accounted(acc)
+    # each update takes pairs_per_step one-pair records on every rank: more than one rank alone could finish
+    one_rank = updates * cfg.optim.pairs_per_step
+    assert acc["trained"] == 2 * one_rank, acc
+    consumers = {c["name"].decode() for c in queue.redis.xinfo_consumers(queue.keys.experience, EXPERIENCE_GROUP)}
+    assert consumers == {"learner-0", "learner-1"}
+    assert published(learner) == list(range(updates + 1))  # rank 0 alone publishes
+    assert world.weights(cfg).latest() == updates
+    assert [r["updates"] for r in metrics_rows(cfg)] == list(range(1, updates + 1))  # rank 0 alone writes
+
+
+# ---- 3. faults ----
+
+
+@pytest.mark.slow
+def test_a_killed_actor_loses_nothing_and_the_run_goes_on(world):
+    updates = 14
+    cfg, path = world.config(f"learner.max_updates={updates}")
+    learner = world.learner(path)
+    victim, survivor = world.actor(0, path), world.actor(1, path)
+    world.wait(lambda: records_pushed(victim) >= 16 and updates_done(cfg) >= 2, 120, "a few records", [learner])
+    kill(victim)
+    killed_at = world.queue(cfg).stats().produced
+    survivor_before = records_pushed(survivor)
+    print(f"killed actor-0 after {records_pushed(victim)} records logged; {killed_at} produced")
+
+    assert world.wait_exit(learner, 180, watch=[survivor]) == 0, world.logs()
+    assert records_pushed(survivor) > survivor_before  # the run went on with the other actor
+    survivor.stop()
+    acc = accounting(world.queue(cfg))
+    print("counters:", acc)
+    assert acc["produced"] >= killed_at
+    assert_accounted(acc)
+    assert acc["trained"] == updates * cfg.optim.pairs_per_step, acc
+    assert updates_done(cfg) == updates
+
+
+@pytest.mark.slow
+def test_a_killed_learner_resumes_from_its_checkpoint_with_growing_versions(world):
+    updates, every = 14, 4
+    cfg, path = world.config(f"learner.max_updates={updates}", f"learner.checkpoint_every={every}")
+    first = world.learner(path, name="learner")
+    actors = [world.actor(i, path) for i in range(2)]
+    world.wait(lambda: updates_done(cfg) >= every + 2, 120, f"{every + 2} updates", [first, *actors])
+    kill(first)
+    done_before = updates_done(cfg)
+    before = published(first)
+    latest_before = world.weights(cfg).latest()
+    print(f"killed the learner after {done_before} updates; published {before}, latest {latest_before}")
+    assert done_before < updates
+
+    second = world.learner(path, "--resume", name="learner-resumed")
+    assert world.wait_exit(second, 180, watch=actors) == 0, world.logs()
+    for a in actors:
+        a.stop()
+
+    text = log_text(second)
+    resumed = re.search(r"resumed at update (\d+), version (\d+)", text)
+    assert resumed, text[-3000:]
+    resumed_at = int(resumed.group(1))
+    # the newest checkpoint (its metrics row may not have been written when the learner died)
+    assert resumed_at % every == 0 and every <= resumed_at <= done_before + 1, (resumed_at, done_before)
+    after = published(second)
+    print("published after the resume:", after)
+    assert after and after[0] > max(before) and after[0] > latest_before, (before, latest_before, after)
+    assert after == sorted(set(after))
+    # learner.max_updates counts every update, those before the resume included
+    assert LEARNER_DONE.search(text).group(1) == str(updates)
+    assert updates_done(cfg) == updates
+    assert len(after) == updates - resumed_at
+    for a in actors:
+        versions = actor_versions(a)
+        assert versions == sorted(set(versions)), f"{a.name} went back: {versions}"
+    acc = accounting(world.queue(cfg))
+    print(f"counters: {acc}; records redelivered after the restart: {acc['redelivered']}")
+    assert acc["redelivered"] >= 0
+    assert_accounted(acc)
+
+
+class _CorruptChunkStore(RedisWeightStore):
+    """Publishes with chunk 0 overwritten (one byte flipped) after the chunks are written and before the
+    commit: the manifest holds the checksum of the good bytes, and the version is corrupt from the moment
+    it is visible, so no reader can have fetched it intact first."""
+
+    def _write_chunks(self, chunk_keys, view, chunk):
+        super()._write_chunks(chunk_keys, view, chunk)
+        good = self.redis.get(chunk_keys[0])
+        self.redis.set(chunk_keys[0], bytes([good[0] ^ 0xFF]) + good[1:])  # a raw SET on weights:{v}:chunk:0
+
+
+@contextmanager
+def running_actor(cfg: PSOConfig, reward_url: str, actor_id: str = "a0") -> Iterator[Actor]:
+    """A real Actor on a thread with its own Redis connection; stopped (and its errors raised) on exit."""
+    policy = DistilledPolicy.from_config(cfg.model, cfg.finetune)
+    client = connect(cfg.redis)
+    actor = Actor(
+        cfg,
+        policy,
+        load_prompts(cfg.actor.prompts, cfg.loop.prompts),
+        RedisExperienceQueue(client, cfg.redis),
+        RedisWeightStore(client, cfg.redis),
+        RewardClient(reward_url),
+        actor_id=actor_id,
+    )
+    stop, errors = threading.Event(), []
+
+    def run():
+        try:
+            actor.run(stop)
+        except BaseException as e:  # noqa: B036 - reported by the test thread
+            errors.append(e)
+
+    thread = threading.Thread(target=run, daemon=True, name=f"actor-{actor_id}")
+    thread.start()
+    try:
+        yield actor
+        assert not errors, errors
+        assert thread.is_alive(), "the actor stopped by itself"
+    finally:
+        stop.set()
+        thread.join(60)
+        client.close()
+    if errors:
+        raise errors[0]
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_an_actor_refuses_a_corrupt_weight_version_and_keeps_its_weights(world):
+    cfg, _ = world.config("redis.chunk_bytes=16384", "actor.prompts_per_batch=2", "actor.max_backlog=100000")
+    publisher = DistilledPolicy.from_config(cfg.model, cfg.finetune)
+    with torch.no_grad():
+        for p in publisher.trainable_parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    good = publisher.export_weights(1)
+    store, corrupt_store = world.weights(cfg), _CorruptChunkStore(connect(cfg.redis), cfg.redis)
+    wrong_shape = DistilledPolicy.from_config(cfg.model, LoraFinetune(rank=4)).export_weights(3)
+
+    with running_actor(cfg, world.reward_url) as actor:
+        store.publish(1, encode_weights(good))
+        wait_for(lambda: actor.version == 1, 30, "the actor to move to version 1")
+        n_chunks = json.loads(store.redis.get(store.keys.manifest(1)))["n_chunks"]
+        assert n_chunks > 1  # several chunks, one of them corrupt below
+
+        good2 = publisher.export_weights(2)
+        good2.tensors = {k: v + 1.0 for k, v in good2.tensors.items()}  # what the actor must never load
+        corrupt_store.publish(2, encode_weights(good2))
+        assert store.latest() == 2
+        with pytest.raises(WeightsUnavailable, match="checksum"):
+            store.fetch(2)
+        wait_for(lambda: 2 in actor.stats.refused, 30, "the actor to refuse version 2")
+        batches = actor.stats.batches
+        wait_for(lambda: actor.stats.batches >= batches + 2, 60, "two more batches after the refusal")
+        assert actor.version == 1 and actor.stats.versions == [0, 1]
+        assert "checksum" in actor.stats.refused[2]
+
+        store.publish(3, encode_weights(wrong_shape))  # intact, but its tensors do not fit the model
+        wait_for(lambda: 3 in actor.stats.refused, 30, "the actor to refuse version 3")
+        assert actor.version == 1
+        held = actor.policy.trainable_state_dict()
+        for name, tensor in good.tensors.items():
+            assert torch.equal(held[name], tensor), f"{name} changed: the actor did not keep version 1's weights"
+
+        store.publish(4, encode_weights(publisher.export_weights(4)))
+        wait_for(lambda: actor.version == 4, 30, "the actor to move on to version 4")
+        batches = actor.stats.batches  # the batch that moved to version 4 ends after this count, or is in it
+        assert actor.stats.versions == [0, 1, 4]
+        assert set(actor.stats.refused) == {2, 3}
+        wait_for(lambda: actor.stats.batches >= batches + 1, 60, "a batch with version 4")
+
+    sampled = [int(f[b"version"]) for _, f in store.redis.xrange(store.keys.experience)]
+    assert sampled == sorted(sampled) and set(sampled) <= {0, 1, 4} and 4 in sampled, sampled
+
+
+@pytest.mark.slow
+def test_actors_wait_out_a_reward_server_outage_and_recover(world):
+    port = free_port()
+    reward_cfg = tiny_config().reward_server
+    url = f"http://127.0.0.1:{port}"
+    cfg, path = world.config(f"actor.reward_url={url}", "actor.max_backlog=100000", "actor.prompts_per_batch=4")
+    queue = world.queue(cfg)
+    produced = lambda: queue.stats().produced  # noqa: E731
+    with serve_in_background(create_app(reward_cfg), port=port):
+        actor = world.actor(0, path)
+        world.wait(lambda: produced() >= 12, 90, "records before the outage", [actor])
+    time.sleep(1.0)  # a batch scored just before the server went away is still pushed
+    during = produced()
+    time.sleep(6.0)
+    assert actor.exit_code is None, f"the actor died while the reward server was away:\n{actor.tail()}"
+    assert produced() == during, "records were pushed while the reward server was away"
+    assert "retrying" in log_text(actor), actor.tail()
+
+    with serve_in_background(create_app(reward_cfg), port=port):
+        world.wait(lambda: produced() >= during + 8, 60, "records after the reward server came back", [actor])
+    print(f"{during} records before the outage, {produced()} after")
+
+
+@pytest.mark.slow
+def test_a_redis_restart_mid_run_is_survived_by_actors_and_learner(world):
+    updates = 16
+    cfg, path = world.config(f"learner.max_updates={updates}", "redis.retry_s=60")
+    learner = world.learner(path)
+    actors = [world.actor(i, path) for i in range(2)]
+    world.wait(lambda: updates_done(cfg) >= 5, 120, "5 updates", [learner, *actors])
+    world.redis.restart()  # same port, every key lost
+    restarted_at = updates_done(cfg)
+    print(f"Redis restarted after {restarted_at} updates")
+
+    assert world.wait_exit(learner, 180, watch=actors) == 0, world.logs()
+    for a in actors:
+        assert a.exit_code is None, f"{a.name} died:\n{a.tail()}"
+    assert updates_done(cfg) == updates
+    assert LEARNER_DONE.search(log_text(learner)).group(1) == str(updates)
+    assert world.weights(cfg).latest() == updates  # published into the new Redis
+    acc = accounting(world.queue(cfg))
+    print("counters since the restart:", acc)
+    assert acc["produced"] > 0 and acc["trained"] > 0  # experience flowed through the new Redis
+    assert sum(records_pushed(a) for a in actors) > acc["produced"]  # what was pushed before is gone
+    for a in actors:
+        text = log_text(a)
+        assert "answers again" in text or "resubscribed" in text, a.tail()
+        versions = actor_versions(a)
+        assert versions == sorted(set(versions)) and versions[-1] > restarted_at, versions
+    learner_log = log_text(learner)
+    assert "answers again" in learner_log or "re-creating it" in learner_log, learner_log[-3000:]
+
+
+class _Killed(Exception):
+    """Stands for the learner dying (SIGKILL, OOM, or a Redis outage longer than redis.retry_s) right here."""
+
+
+class _DyingQueue(RedisExperienceQueue):
+    """The learner's queue; the learner dies right after its first acknowledgement of one kind:
+    "trained" (the records of an update) or "stale" (a stale record dropped)."""
+
+    def __init__(self, client, config, point: str):
+        super().__init__(client, config)
+        self.point = point
+
+    def ack(self, ids: list[str], counter: str | None = None) -> None:
+        super().ack(ids, counter)
+        if counter == self.point:
+            raise _Killed  # the acknowledgement (and its count) is in Redis, nothing after it ran
+
+
+class _StubEngine:
+    """Just enough of LearnerEngine for Learner: what is tested is the learner's use of the queue."""
+
+    def __init__(self, policy: DistilledPolicy):
+        self.policy = policy
+
+    def update(self, batch, weights=None, *, gen):
+        return {"loss": 0.0}
+
+    def export_weights(self, version: int):
+        return self.policy.export_weights(version)
+
+
+@pytest.mark.parametrize("point", ["trained", "stale"])
+def test_a_learner_dying_right_after_an_ack_keeps_every_record_accounted(world, point):
+    from learner.learner import Learner
+
+    cfg, _ = world.config("actor.max_batches=2", "actor.max_backlog=100000")
+    policy = DistilledPolicy.from_config(cfg.model, cfg.finetune)
+    client = connect(cfg.redis)
+    queue, weights = RedisExperienceQueue(client, cfg.redis), RedisWeightStore(client, cfg.redis)
+    prompts = load_prompts(cfg.actor.prompts, cfg.loop.prompts)
+    Actor(cfg, policy, prompts, queue, weights, RewardClient(world.reward_url), actor_id="a0").run()
+    assert queue.stats().produced >= 2 * cfg.optim.pairs_per_step
+
+    learner = Learner(cfg, _StubEngine(policy), _DyingQueue(client, cfg.redis, point), weights)
+    if point == "stale":
+        learner.state.version = cfg.learner.max_staleness + 1  # every record is stale (and dropped)
+    with pytest.raises(_Killed):
+        learner.run()
+    acc = accounting(queue)
+    print(f"the learner died after {point!r}: {acc}")
+    assert_accounted(acc)
+
+
+# ---- 4. bad configuration fails fast, naming the problem ----
+
+BAD_CASES = {  # name: (command, --set overrides, exit code (None: any but 0), texts stderr must hold)
+    "actor-unreachable-redis": ("actor", ["redis.url={dead}", "redis.retry_s=0.5"], None, ["{dead}", "retry_s = 0.5"]),
+    "learner-unreachable-redis": (
+        "learner",
+        ["redis.url={dead}", "redis.retry_s=0.5"],
+        None,
+        ["{dead}", "retry_s = 0.5"],
+    ),
+    "actor-unknown-family": ("actor", ["redis.url={live}", "model.family=nope"], 2, ["model.family", "'nope'"]),
+    "actor-missing-model": ("actor", ["redis.url={live}", "model.pretrained=/no/such/dir"], 1, ["/no/such/dir"]),
+    "learner-missing-model": ("learner", ["redis.url={live}", "model.pretrained=/no/such/dir"], 1, ["/no/such/dir"]),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory) -> Iterator[dict[str, tuple[int, float, str, str]]]:
+    """Every bad-configuration command, run at once (they are independent): name -> (exit code, seconds,
+    stderr, the URL of the dead Redis)."""
+    tmp = tmp_path_factory.mktemp("bad-config")
+    with LocalRedis(tmp / "redis") as live:
+        dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+        procs = {}
+        for name, (command, sets, _, _) in BAD_CASES.items():
+            args = [sys.executable, "-m", "pso.cli", command, "-c", str(TINY)]
+            for s in sets:
+                args += ["--set", s.format(dead=dead, live=live.url)]
+            args += [
+                "--set",
+                f"learner.checkpoint_dir={tmp / name}",
+                "--set",
+                f"learner.metrics_file={tmp / name}.jsonl",
+            ]
+            proc = subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            procs[name] = (time.monotonic(), proc)
+        results = {}
+        try:
+            for name, (started, proc) in procs.items():
+                _, err = proc.communicate(timeout=120)
+                results[name] = (proc.returncode, time.monotonic() - started, err.decode(errors="replace"), dead)
+        finally:
+            for _, proc in procs.values():
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        yield results
+
+
+@pytest.mark.parametrize("case", list(BAD_CASES))
+def test_bad_configuration_fails_fast_naming_the_problem(bad_runs, case):
+    code, seconds, stderr, dead = bad_runs[case]
+    _, _, want_code, want_texts = BAD_CASES[case]
+    print(f"{case}: exit {code} after {seconds:.1f} s\n{stderr[-2000:]}")
+    assert code != 0
+    if want_code is not None:
+        assert code == want_code
+    for text in want_texts:
+        assert text.format(dead=dead) in stderr
+    # All five start at once: on two idle cores about 15 s (alone, each takes about 5 s, mostly imports);
+    # the Redis ones give up after redis.retry_s (0.5 s), as their message says.
+    assert seconds < 60
+
+
+@pytest.mark.parametrize("case", ["actor-unreachable-redis", "learner-unreachable-redis"])
+def test_unreachable_redis_is_reported_without_a_traceback(bad_runs, case):
+    code, _, stderr, dead = bad_runs[case]
+    assert code == 1 and dead in stderr.strip().splitlines()[-1]
+    assert "Traceback" not in stderr, stderr[-2000:]
