@@ -161,7 +161,7 @@ class Learner:
         version = self.state.version + (1 if self.state.updates else 0)
         bundle = self.engine.export_weights(version)
         if self.rank == 0:
-            self.weights.publish(version, encode_weights(bundle))
+            self.weights.publish(version, encode_weights(bundle), bundle.manifest())
             log.info("published weights version %d", version)
         self.state.version = version
 

@@ -72,9 +72,10 @@ class ExperienceQueue(ABC):
 
 class WeightStore(ABC):
     @abstractmethod
-    def publish(self, version: int, data: bytes) -> None:
+    def publish(self, version: int, data: bytes, tensors: Mapping[str, dict] | None = None) -> None:
         """Write the encoded bundle of `version` (greater than every published one) in chunks with a
-        manifest, then move the latest pointer to it, then announce it; prune old versions."""
+        manifest (sizes, checksum, and `tensors`: name -> dtype and shape, as WeightBundle.manifest()
+        gives), then move the latest pointer to it, then announce it; prune old versions."""
 
     @abstractmethod
     def latest(self) -> int | None:

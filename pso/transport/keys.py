@@ -4,7 +4,7 @@ pso:{run}:experience                       stream of experience records (field `
 pso:{run}:counters                         hash of run counters (produced, trained, stale, ...)
 pso:{run}:weights:latest                   string: the newest complete weight version
 pso:{run}:weights:versions                 sorted set of versions written (score = version), for pruning
-pso:{run}:weights:{version}:manifest       JSON: version, n_chunks, total_bytes, sha256, chunk_bytes
+pso:{run}:weights:{version}:manifest       JSON: version, n_chunks, total_bytes, sha256, chunk_bytes, tensors
 pso:{run}:weights:{version}:chunk:{i}      bytes of chunk i (i = 0 .. n_chunks - 1)
 pso:{run}:weights:notices                  pub/sub channel: a version number when it becomes latest
 """

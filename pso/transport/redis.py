@@ -419,7 +419,7 @@ class RedisWeightStore(_RedisTransport, WeightStore):
         value = self._retry("latest", lambda: self.redis.get(self.keys.weights_latest))
         return None if value is None else int(value)
 
-    def publish(self, version: int, data: bytes) -> None:
+    def publish(self, version: int, data: bytes, tensors: Mapping[str, dict] | None = None) -> None:
         if isinstance(version, bool) or not isinstance(version, int) or version < 0:
             raise ValueError(f"weight version must be an int >= 0, got {version!r}")
         current = self.latest()
@@ -436,6 +436,7 @@ class RedisWeightStore(_RedisTransport, WeightStore):
                 "total_bytes": size,
                 "sha256": hashlib.sha256(view).hexdigest(),
                 "chunk_bytes": chunk,
+                "tensors": dict(tensors or {}),
             }
         )
         chunk_keys = [self.keys.chunk(version, i) for i in range(n_chunks)]
