@@ -30,6 +30,7 @@ import torch
 from actors.actor import Actor
 from actors.prompts import load_prompts
 from launcher.processes import Child
+from launcher.report import read_metrics
 from pso.codecs import decode_weights, encode_weights
 from pso.config import dump_config, load_config
 from pso.config.schema import LoraFinetune, PSOConfig
@@ -173,16 +174,7 @@ def published(child: Child) -> list[int]:
 
 
 def metrics_rows(cfg: PSOConfig) -> list[dict]:
-    path = cfg.learner.metrics_file
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:  # a line being written
-            pass
-    return rows
+    return read_metrics(cfg.learner.metrics_file)
 
 
 def updates_done(cfg: PSOConfig) -> int:
