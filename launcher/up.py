@@ -67,6 +67,8 @@ def run_up(cfg: PSOConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    if cfg.model.device == "cpu":
+        env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would otherwise warn that it found no GPU
     children: list[Child] = []
     with ExitStack() as stack:
         redis_url = cfg.redis.url or os.environ.get("REDIS_URL")
