@@ -159,6 +159,11 @@ def init_distributed(device: torch.device) -> None:
         for key, value in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1), ("MASTER_ADDR", "127.0.0.1")):
             os.environ.setdefault(key, str(value))
         os.environ.setdefault("MASTER_PORT", str(port))
+    if device.type == "cpu":
+        # DeepSpeed would JIT-compile a shared-memory all-reduce op here (20 s and a C++ compiler on a fresh
+        # machine); a process killed while compiling leaves a lock behind on which every later learner on the
+        # machine waits forever. gloo's own all-reduce is all a CPU learner needs.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
 
 
