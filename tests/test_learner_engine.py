@@ -29,6 +29,7 @@ from pso.config.schema import (  # noqa: E402
 )
 from pso.config.services import LearnerConfig  # noqa: E402
 from pso.loop import make_optimizer, update_on_pairs  # noqa: E402
+from pso.net import free_port  # noqa: E402
 from pso.objectives import PairBatch, compute_loss  # noqa: E402
 from pso.policy import DistilledPolicy  # noqa: E402
 from pso.sampling import sample_groups  # noqa: E402
@@ -273,7 +274,7 @@ def test_two_cpu_ranks_average_their_gradients(tiny_models, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(Path(__file__).parents[1]))
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--no_local_rank"]
-    cmd += ["--master_port", str(_free_port()), __file__, str(tiny_models["sd"]), str(tmp_path)]
+    cmd += ["--master_port", str(free_port()), __file__, str(tiny_models["sd"]), str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
@@ -281,14 +282,6 @@ def test_two_cpu_ranks_average_their_gradients(tiny_models, tmp_path):
         assert results[0][str(stage)]["weights"] == results[1][str(stage)]["weights"], f"stage {stage}"
         # relative distance (see relative_distance); measured 3.5e-5 (ZeRO-0), 0 (ZeRO-2), 2.8e-4 (ZeRO-3)
         assert results[0][str(stage)]["vs_single_process"] <= 1e-3, f"stage {stage}"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_main(model_dir: str, out_dir: str) -> None:

@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import save
 
 from pso.config.reward_server import LimitsConfig, RewardServerConfig, TinySpec
+from pso.net import free_port
 from pso.tiny.world import all_scenes, draw
 from reward_server.app import create_app
 from reward_server.backends import build_backend
@@ -279,11 +280,7 @@ def test_a_model_that_fails_to_load_keeps_readiness_down_with_the_reason():
 
 
 def test_client_retries_until_the_server_comes_up():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     images, prompts = scene_batch(2)
     result = {}
 
@@ -308,13 +305,10 @@ def test_client_gives_up_with_a_clear_error_when_nobody_answers():
 @pytest.mark.parametrize("workers", [1, 2])
 def test_pso_reward_server_command_serves_the_tiny_reward_and_stops_cleanly(tmp_path, workers):
     import signal
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = open(tmp_path / "server.log", "w+")
     proc = subprocess.Popen(
         [sys.executable, "-m", "pso.cli", "reward-server", "--port", str(port), "--workers", str(workers)],

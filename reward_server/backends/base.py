@@ -103,11 +103,25 @@ def resolve_file(source: str, filename: str) -> Path:
         if not (path / filename).is_file():
             raise FileNotFoundError(f"{path} has no {filename}")
         return path / filename
-    if source.count("/") != 1 or source.startswith((".", "/", "~")):
+    if not is_hub_repo_id(source):
         raise FileNotFoundError(f"{source} is neither a local file or folder nor a hub repo id (owner/name)")
     from huggingface_hub import hf_hub_download
 
     return Path(hf_hub_download(source, filename))
+
+
+def local_or_hub(source: str) -> str:
+    """A local folder as a path, else a hub repo id ("owner/name"); anything else is an error."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.exists() or not is_hub_repo_id(source):
+        raise FileNotFoundError(f"{source} is neither a local folder nor a hub repo id (owner/name)")
+    return source
+
+
+def is_hub_repo_id(source: str) -> bool:
+    return source.count("/") == 1 and not source.startswith((".", "/", "~"))
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -25,21 +25,12 @@ from reward_server.backends.base import (
     ModelInfo,
     RewardBackend,
     load_state_dict,
+    local_or_hub,
     resolve_file,
     tensor_digest,
 )
 from reward_server.backends.clip_convert import openclip_shapes, openclip_to_transformers
 from reward_server.backends.clip_preprocess import ImageTransform
-
-
-def local_or_hub(source: str) -> str:
-    """A local folder as a path, else a hub repo id ("owner/name"); anything else is an error."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return str(path)
-    if path.exists() or source.count("/") != 1 or source.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{source} is neither a local folder nor a hub repo id (owner/name)")
-    return source
 
 
 class ClipTower:
