@@ -23,10 +23,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from actors.metrics import actor_registry
 from pso.codecs import CodecError, decode_weights, encode_experience
 from pso.config.schema import PSOConfig
 from pso.experience import group_records
 from pso.loop import round_seed
+from pso.ops_http import OpsServer
 from pso.pairing import pairs_in_groups
 from pso.policy import DistilledPolicy
 from pso.sampling import sample_groups
@@ -73,12 +75,14 @@ class Actor:
         self.seed = int(seed)
         self.rng = np.random.default_rng(self.seed)
         self._last_poll = 0.0
+        self.on_progress = lambda: None  # the ops server's heartbeat, when there is one
 
     def run(self, stop: threading.Event | None = None) -> ActorStats:
         stop = stop or threading.Event()
         limit = self.cfg.actor.max_batches
         log.info("actor %s: %d prompts, group size %d", self.id, len(self.prompts), self.cfg.sampling.group_size)
         while not stop.is_set() and (limit is None or self.stats.batches < limit):
+            self.on_progress()
             self.step(stop)
         return self.stats
 
@@ -150,6 +154,7 @@ class Actor:
             backlog = self.queue.stats().backlog
             if backlog <= self.cfg.actor.max_backlog:
                 break
+            self.on_progress()  # paused by design, not stuck
             if not told:
                 log.info("actor %s: pausing, %d records wait (bound %d)", self.id, backlog, self.cfg.actor.max_backlog)
                 told = True
@@ -168,6 +173,7 @@ class Actor:
                     if e.status is not None and 400 <= e.status < 500 and e.status != 429:
                         raise
                     log.warning("actor %s: reward server unavailable (%s); retrying in %.0f s", self.id, e, delay)
+                    self.on_progress()
                     stop.wait(delay)
                     delay = min(delay * 2, 30.0)
             return None
@@ -184,15 +190,24 @@ def run_actor(cfg: PSOConfig, stop: threading.Event | None = None) -> ActorStats
     client = connect(cfg.redis)  # fails fast, naming the URL, when Redis is unreachable
     policy = DistilledPolicy.from_config(cfg.model, cfg.finetune)
     reward = RewardClient(cfg.actor.reward_url)
+    queue, weights = RedisExperienceQueue(client, cfg.redis), RedisWeightStore(client, cfg.redis)
+    actor = Actor(cfg, policy, prompts, queue, weights, reward)
+    ops = None
+    if cfg.actor.metrics_port is not None:
+        ops = OpsServer("actor", cfg.actor.metrics_port, actor_registry(actor), cfg.actor.stall_s)
+        actor.on_progress = ops.beat
     log.info("waiting for the reward server at %s", cfg.actor.reward_url)
     while True:
         try:
             reward.wait_ready(timeout=60)
             break
         except RewardServerError as e:
+            actor.on_progress()  # waiting for a server that loads its models is not a stall
             log.warning("%s; still waiting", e)
     try:
-        queue, weights = RedisExperienceQueue(client, cfg.redis), RedisWeightStore(client, cfg.redis)
-        return Actor(cfg, policy, prompts, queue, weights, reward).run(stop)
+        return actor.run(stop)
     except TransportError as e:
         raise SystemExit(f"pso actor: {e}") from None
+    finally:
+        if ops:
+            ops.close()

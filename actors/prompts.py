@@ -1,24 +1,29 @@
-"""Prompt sources for actors: the config's own list, a text file (one per line) or a JSONL file."""
+"""Prompt sources for actors: the config's own list, a text file (one per line), a JSONL file, or a
+built-in set: `builtin:tiny-world` (every scene of the tiny world) or `builtin:general` (everyday
+prompts for real models, actors/data/general-prompts.txt)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-BUILTIN = "builtin:tiny-world"  # every scene the tiny world can draw
+TINY_WORLD = "builtin:tiny-world"
+GENERAL = "builtin:general"
+GENERAL_FILE = Path(__file__).parent / "data" / "general-prompts.txt"
 
 
 def load_prompts(path: str | Path | None, default: list[str]) -> list[str]:
     """Prompts from `path` (.jsonl: objects with a "prompt"; anything else: one per line, blank lines
-    and lines starting with # skipped; "builtin:tiny-world": the tiny world's scenes), or `default`
-    when there is no path."""
+    and lines starting with # skipped; a built-in set), or `default` when there is no path."""
     if path is None:
         return list(default)
-    if str(path) == BUILTIN:
+    if str(path) == TINY_WORLD:
         from pso.tiny.world import all_scenes
 
         return [s.prompt for s in all_scenes()]
-    path = Path(path)
+    if str(path).startswith("builtin:") and str(path) != GENERAL:
+        raise ValueError(f"unknown built-in prompt set {path}; built-in sets: {TINY_WORLD}, {GENERAL}")
+    path = GENERAL_FILE if str(path) == GENERAL else Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:

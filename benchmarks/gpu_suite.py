@@ -5,7 +5,7 @@
 
 One process, one GPU (cuda:0: choose it with CUDA_VISIBLE_DEVICES), about 5 minutes on an H100/H200
 (every stage is time-boxed; the whole suite stays under --budget-s, 570 s by default). It builds a
-random-initialised SDXL-Turbo-format pipeline (benchmarks/sdxl_random.py: SDXL's own 2.57B-parameter
+random-initialised SDXL-Turbo-format pipeline (pso/random_arch.py: SDXL's own 2.57B-parameter
 UNet and VAE, SDXL-width 2-layer text encoders, saved in float16; initialised on the GPU in seconds)
 and loads it as family sdxl-turbo at 512 px, 4 steps (Euler ancestral: 3 stochastic transitions to
 train on), float16 UNet with float32 LoRA adapters on to_q/to_k/to_v/to_out.0, the VAE decoding in
@@ -73,11 +73,14 @@ GOALS = {
 DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
+FAMILY = "sdxl-turbo"  # the random SDXL pipeline samples as SDXL-Turbo: 512 px, Euler ancestral, 1-4 steps
+
+
 @dataclass(frozen=True)
 class Settings:
     """Sizes and time boxes of one suite run (FULL on a GPU, SMOKE on a CPU)."""
 
-    size: str  # sdxl_random size: "full" or "smoke"
+    size: str  # "full" (pso.random_arch's sdxl) or "smoke" (sdxl-smoke)
     image_size: int
     dtype: str  # the policy's dtype
     precision: str  # learner.precision (fp32: DeepSpeed leaves dtypes alone; LoRA adapters are float32)
@@ -239,7 +242,7 @@ class Suite:
 
     # ----- setup -----
     def build_model(self) -> None:
-        from sdxl_random import FAMILY, SDXL_UNET_PARAMS, build_sdxl_random, count_folder_unet_parameters
+        from pso.random_arch import ARCHS, build_random_pipeline, count_folder_unet_parameters
 
         if self.args.model_dir:
             self.model_dir = Path(self.args.model_dir)
@@ -247,13 +250,15 @@ class Suite:
         else:
             self.model_dir = self.work / "sdxl"
             log(self.clock, f"building a random {self.s.size} SDXL pipeline on {self.device} ...")
-            build_sdxl_random(self.model_dir, size=self.s.size, image_size=self.s.image_size, device=str(self.device))
+            arch = "sdxl" if self.s.size == "full" else "sdxl-smoke"
+            build_random_pipeline(self.model_dir, arch, image_size=self.s.image_size, device=str(self.device))
             free_memory(self.device)
         n_params = count_folder_unet_parameters(self.model_dir)
         self.info.update(family=FAMILY, unet_parameters=n_params, model_dir=str(self.model_dir))
         log(self.clock, f"model ready: UNet {n_params / 1e9:.3f}B parameters")
-        if self.s.size == "full" and abs(n_params / SDXL_UNET_PARAMS - 1) > 0.01:
-            raise RuntimeError(f"the UNet has {n_params:,} parameters, SDXL's has {SDXL_UNET_PARAMS:,}")
+        sdxl_params = ARCHS["sdxl"].unet_params
+        if self.s.size == "full" and abs(n_params / sdxl_params - 1) > 0.01:
+            raise RuntimeError(f"the UNet has {n_params:,} parameters, SDXL's has {sdxl_params:,}")
 
     def build_reward_model(self) -> None:
         from reward_server.backends.clip_rewards import build_random
@@ -304,8 +309,6 @@ class Suite:
         free_memory(self.device)
 
     def load_policy(self, rank: int):
-        from sdxl_random import FAMILY
-
         from pso.config.schema import LoraFinetune, ModelConfig
         from pso.policy import DistilledPolicy
 
@@ -772,7 +775,7 @@ def main() -> None:
     parser.add_argument("--pairs-per-step", type=int, help="learner micro-batch in pairs (2; halved on OOM)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], help="fp32: float16 UNet, float32 LoRA "
                         "(default); bf16: bfloat16 UNet, DeepSpeed bf16 with float32 master weights")  # fmt: skip
-    parser.add_argument("--model-dir", type=Path, help="reuse a folder sdxl_random.py built (skips the build)")
+    parser.add_argument("--model-dir", type=Path, help="reuse a folder a previous run built (skips the build)")
     parser.add_argument("--work-dir", type=Path, help="where models and logs go (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     parser.add_argument("--threads", type=int, help="torch threads in this process (default: torch's)")

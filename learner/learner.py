@@ -23,10 +23,12 @@ import torch.distributed as dist
 
 from learner.buffer import BufferedRecord, PairBuffer
 from learner.metrics import MetricsSink
+from learner.scaling import ActorDemand
 from pso.codecs import CodecError, decode_experience, encode_weights
 from pso.config.schema import PSOConfig
 from pso.experience import pair_batch_from_records
 from pso.loop import round_seed
+from pso.ops_http import OpsServer
 from pso.transport.base import Delivery, ExperienceQueue, WeightStore
 
 log = logging.getLogger("pso.learner")
@@ -55,7 +57,13 @@ class Learner:
         self.buffer = PairBuffer()
         self.state = LearnerState()
         lc = cfg.learner
-        self.sink = MetricsSink(lc.metrics_file, lc.metrics_port, lc.tensorboard_dir) if rank == 0 else None
+        self.sink = MetricsSink(lc.metrics_file, lc.tensorboard_dir) if rank == 0 else None
+        self.demand = ActorDemand(lc.target_backlog, lc.scale_horizon_s, ranks=getattr(engine, "world_size", 1))
+        self._dropped, self._actors_seen = 0, set()  # since the last update: what the demand estimate needs
+        self.ops = None
+        if self.sink is not None and lc.metrics_port is not None:
+            routes = {"/v1/scaling": self.demand.report}
+            self.ops = OpsServer("learner", lc.metrics_port, self.sink.registry, lc.stall_s, routes)
 
     def resume(self) -> bool:
         """Continue from the newest checkpoint in `learner.checkpoint_dir`; False if there is none."""
@@ -83,6 +91,8 @@ class Learner:
         finally:
             if self.sink:
                 self.sink.close()
+            if self.ops:
+                self.ops.close()
         return self.state
 
     def _fill(self, stop: threading.Event) -> float:
@@ -90,6 +100,7 @@ class Learner:
         start = time.monotonic()
         lc = self.cfg.learner
         while self.buffer.pairs < self.pairs_per_update and not stop.is_set():
+            self._beat()  # waiting for experience is progress as far as health goes
             deliveries = self.queue.reclaim(self.consumer, lc.reclaim_idle_s, 16)
             deliveries += self.queue.read(self.consumer, 4, lc.read_block_s)
             for d in deliveries:
@@ -106,13 +117,16 @@ class Learner:
         except CodecError as e:
             log.warning("dropping record %s: %s", d.id, e)
             self.state.corrupt += 1
+            self._dropped += 1
             self.queue.ack([d.id], counter="corrupt")
             return
+        self._actors_seen.add(record.actor_id)
         age = self.state.version - record.policy_version
         weight = 1.0
         if age > lc.max_staleness:
             self.state.stale += 1
             if lc.stale == "drop":
+                self._dropped += 1
                 self.queue.ack([d.id], counter="stale")
                 return
             self.queue.count("downweighted")  # trained on later, and counted `trained` then
@@ -138,7 +152,10 @@ class Learner:
             self._publish()
         if st.updates % self.cfg.learner.checkpoint_every == 0:
             self.save_checkpoint()
-        seconds = time.monotonic() - start + waited
+        busy = time.monotonic() - start
+        queue = self.queue.stats()
+        self.demand.observe(queue.produced, queue.backlog, len(take.finished) + self._dropped, busy, self._actors_seen)
+        self._dropped, self._actors_seen = 0, set()
         versions = [r.policy_version for r in take.records]
         row = {
             "updates": st.updates,
@@ -146,15 +163,23 @@ class Learner:
             **{k: float(v) for k, v in metrics.items()},
             "reward_mean": float(torch.cat([r.scores for r in take.records]).mean()),
             "staleness": trained_at - sum(versions) / len(versions),
-            "pairs_per_s": len(weights) / max(seconds, 1e-9),
+            "pairs_per_s": len(weights) / max(busy + waited, 1e-9),
             "wait_s": waited,
             "stale_total": st.stale,
-            "backlog": self.queue.stats().backlog,
+            "backlog": queue.backlog,
             "time": time.time(),
         }
+        wanted = self.demand.wanted()
+        if wanted is not None:
+            row["actors_wanted"] = wanted
         st.history.append(row)
+        self._beat()
         if self.sink:
             self.sink.write(row)
+
+    def _beat(self) -> None:
+        if self.ops:
+            self.ops.beat()
 
     def _publish(self) -> None:
         """Every rank gathers (ZeRO-3 needs all of them); rank 0 writes the new version."""

@@ -6,7 +6,7 @@ import json
 import logging
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Gauge
 
 log = logging.getLogger("pso.learner")
 
@@ -22,19 +22,17 @@ GAUGES = {
     "wait_s": "seconds the last update waited for experience",
     "backlog": "records in the experience queue, not yet acknowledged",
     "stale_total": "records dropped or down-weighted as stale",
+    "actors_wanted": "actors the learner wants (the autoscaling signal; learner/scaling.py)",
 }
 
 
 class MetricsSink:
-    def __init__(self, file: Path | None, port: int | None, tensorboard_dir: Path | None):
+    def __init__(self, file: Path | None, tensorboard_dir: Path | None):
         self.file = file
         if file is not None:
             file.parent.mkdir(parents=True, exist_ok=True)
         self.registry = CollectorRegistry()
         self.gauges = {k: Gauge(f"pso_learner_{k}", doc, registry=self.registry) for k, doc in GAUGES.items()}
-        if port is not None:
-            start_http_server(port, registry=self.registry)
-            log.info("learner metrics on :%d/metrics", port)
         self.tb = None
         if tensorboard_dir is not None:
             try:

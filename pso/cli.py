@@ -16,14 +16,14 @@ from pso.transport.base import TransportError
 log = logging.getLogger("pso")
 
 
-def setup_logging(verbose: bool) -> None:
+def setup_logging(verbose: bool, quiet_libraries: bool = True) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request
-    if not verbose:  # library chatter (load bars, fp32-module notes) drowns the operator's view
+    if quiet_libraries and not verbose:  # library chatter (load bars, fp32-module notes) drowns the operator's view
         from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging
 
@@ -34,7 +34,13 @@ def setup_logging(verbose: bool) -> None:
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", type=Path, help="YAML file (see configs/); default: built-in defaults")
+    p.add_argument(
+        "--config",
+        "-c",
+        type=Path,
+        default=os.environ.get("PSO_CONFIG") or None,
+        help="YAML file (see configs/); default: $PSO_CONFIG, else built-in defaults",
+    )
     p.add_argument(
         "--set",
         dest="overrides",
@@ -189,9 +195,62 @@ def cmd_actor(args) -> int:
 
 
 def cmd_learner(args) -> int:
+    if args.nproc_per_node > 1 or args.nnodes > 1:
+        return _exec_under_torchrun(args)
     from learner.learner import run_learner
 
     run_learner(_load(args), resume=args.resume)
+    return 0
+
+
+def _exec_under_torchrun(args) -> int:
+    """`pso learner --nproc-per-node N [--nnodes M ...]`: become torch.distributed.run, which starts
+    this node's ranks as `pso learner` processes and forwards signals to them."""
+    if "LOCAL_RANK" in os.environ:
+        raise ValueError("pso learner: --nproc-per-node/--nnodes are for the launching command, not for a rank")
+    if not 0 <= args.node_rank < args.nnodes:
+        raise ValueError(f"--node-rank {args.node_rank} is outside 0..{args.nnodes - 1}")
+    rank_args = ["-v"] if args.verbose else []
+    rank_args += ["learner"] + (["--config", str(args.config)] if args.config else [])
+    rank_args += [a for o in args.overrides for a in ("--set", o)] + (["--resume"] if args.resume else [])
+    argv = [
+        sys.executable, "-m", "torch.distributed.run",
+        f"--nproc-per-node={args.nproc_per_node}", f"--nnodes={args.nnodes}", f"--node-rank={args.node_rank}",
+        f"--master-addr={args.master_addr}", f"--master-port={args.master_port}",
+        "-m", "pso.cli", *rank_args,
+    ]  # fmt: skip
+    log.info("starting %d learner rank(s) on node %d of %d", args.nproc_per_node, args.node_rank, args.nnodes)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, argv)
+    return 1  # not reached
+
+
+def cmd_health(args) -> int:
+    import httpx
+
+    url = args.url or os.environ.get("PSO_HEALTH_URL") or "http://127.0.0.1:8000/healthz"
+    try:
+        response = httpx.get(url, timeout=args.timeout)
+    except httpx.HTTPError as e:
+        print(f"pso health: {url}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    healthy = 200 <= response.status_code < 300
+    print(f"{url}: {response.status_code} {response.text[:200]}", file=sys.stdout if healthy else sys.stderr)
+    return 0 if healthy else 1
+
+
+def cmd_preload(args) -> int:
+    from pso.hub import describe, download, planned_downloads
+
+    plan = planned_downloads(_load(args))
+    if not plan:
+        print("nothing to download: every model source is local or built in")
+        return 0
+    for i, d in enumerate(plan, 1):
+        print(f"[{i}/{len(plan)}] {d.what}: {describe(d)}", flush=True)
+        if not args.dry_run:
+            print(f"        -> {download(d)}", flush=True)
     return 0
 
 
@@ -284,7 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("learner", help="online PSO updates with DeepSpeed; publishes weights (needs Redis)")
     _config_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint (fresh if none)")
+    p.add_argument("--nproc-per-node", type=int, default=1, help="ranks on this node (re-runs under torchrun)")
+    p.add_argument("--nnodes", type=int, default=1, help="nodes of the learner (default 1)")
+    p.add_argument("--node-rank", type=int, default=0, help="this node's index, 0..nnodes-1 (default 0)")
+    p.add_argument("--master-addr", default="127.0.0.1", help="node 0's address (default 127.0.0.1)")
+    p.add_argument("--master-port", type=int, default=29500, help="node 0's rendezvous port (default 29500)")
     p.set_defaults(func=cmd_learner)
 
     p = sub.add_parser("up", help="Redis, the reward server, actors and the learner on this machine")
@@ -293,6 +357,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--actors", type=int, help="actor processes (default up.actors)")
     p.add_argument("--out", type=Path, help="run folder (default up.run_dir)")
     p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("preload", help="download every hub weight a config names into the cache (HF_HOME)")
+    _config_args(p)
+    p.add_argument("--dry-run", action="store_true", help="list the downloads only")
+    p.set_defaults(func=cmd_preload)
+
+    p = sub.add_parser("health", help="exit 0 if a service's health URL answers 2xx (for container health checks)")
+    p.add_argument("--url", help="default $PSO_HEALTH_URL, else http://127.0.0.1:8000/healthz")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+    p.set_defaults(func=cmd_health, quiet_libraries=False)
 
     bench = sub.add_parser("bench", help="benchmarks that print figures and write tables").add_subparsers(
         dest="bench", required=True, metavar="BENCH"
@@ -322,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
+    setup_logging(args.verbose, getattr(args, "quiet_libraries", True))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return args.func(args)

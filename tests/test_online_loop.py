@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -102,8 +103,8 @@ class World:
         self.children.append(child)
         return child
 
-    def actor(self, i: int, config: Path) -> Child:
-        return self.start(f"actor-{i}", "pso.cli", "actor", "-c", str(config), "--set", f"actor.id=actor-{i}")
+    def actor(self, i: int, config: Path, *extra: str) -> Child:
+        return self.start(f"actor-{i}", "pso.cli", "actor", "-c", str(config), "--set", f"actor.id=actor-{i}", *extra)
 
     def learner(self, config: Path, *extra: str, name: str = "learner") -> Child:
         return self.start(name, "pso.cli", "learner", "-c", str(config), *extra)
@@ -215,6 +216,21 @@ def reward_gain(cfg: PSOConfig, weights: RedisWeightStore, seed: int = 1234) -> 
     }
 
 
+def check_ops_endpoints(ops: dict[str, int]) -> None:
+    """The learner's and the actors' health, metrics and scaling routes, as a probe or Prometheus sees them."""
+    get = lambda port, path: httpx.get(f"http://127.0.0.1:{port}{path}", timeout=10)  # noqa: E731
+    for name, port in ops.items():
+        health = get(port, "/healthz")
+        assert health.status_code == 200 and health.json()["status"] == "ok", (name, health.text)
+        assert get(port, "/nope").status_code == 404
+    scaling = get(ops["learner"], "/v1/scaling").json()
+    print("learner /v1/scaling:", scaling)
+    assert scaling["actors_seen"] == 2 and scaling["actors_wanted"] > 0, scaling
+    assert "pso_learner_actors_wanted " in get(ops["learner"], "/metrics").text
+    batches = re.search(r"^pso_actor_batches_total (\S+)$", get(ops["actor-0"], "/metrics").text, re.M)
+    assert batches and float(batches.group(1)) > 0
+
+
 def kill(child: Child) -> None:
     """SIGKILL the child's whole process group and reap it."""
     os.killpg(child.proc.pid, signal.SIGKILL)
@@ -227,10 +243,13 @@ def kill(child: Child) -> None:
 @pytest.mark.slow
 def test_two_actors_and_a_learner_raise_the_reward_and_account_for_every_record(world):
     updates = 40  # 30 updates at lr 1e-3 gave +0.006 +- 0.001 (win rate 0.75), 40 gave +0.009 +- 0.0013
-    cfg, path = world.config(f"learner.max_updates={updates}")
+    ops = {"learner": free_port(), "actor-0": free_port(), "actor-1": free_port()}
+    cfg, path = world.config(f"learner.max_updates={updates}", f"learner.metrics_port={ops['learner']}")
     started = time.monotonic()
     learner = world.learner(path)
-    actors = [world.actor(i, path) for i in range(2)]
+    actors = [world.actor(i, path, "--set", f"actor.metrics_port={ops[f'actor-{i}']}") for i in range(2)]
+    world.wait(lambda: updates_done(cfg) >= 20, 180, "20 updates", watch=[learner, *actors])
+    check_ops_endpoints(ops)
     assert world.wait_exit(learner, 240, watch=actors) == 0, world.logs()
     print(f"{updates} updates in {time.monotonic() - started:.1f} s")
     for a in actors:
@@ -247,6 +266,7 @@ def test_two_actors_and_a_learner_raise_the_reward_and_account_for_every_record(
 
     rows = metrics_rows(cfg)
     assert [r["updates"] for r in rows] == list(range(1, updates + 1))
+    assert all(r["actors_wanted"] > 0 for r in rows[5:]), [r.get("actors_wanted") for r in rows]
     assert published(learner) == list(range(updates + 1))  # version 0 (the base), then one per update
     assert LEARNER_DONE.search(log_text(learner)).groups() == (str(updates), str(updates))
 
@@ -272,8 +292,7 @@ def test_two_actors_and_a_learner_raise_the_reward_and_account_for_every_record(
 def test_two_learner_ranks_under_torchrun_both_train(world):
     updates = 6
     cfg, path = world.config(f"learner.max_updates={updates}", "learner.max_staleness=8")
-    launcher = ["torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "pso.cli"]
-    learner = world.start("learner", *launcher, "learner", "-c", str(path))
+    learner = world.learner(path, "--nproc-per-node", "2", "--master-port", str(free_port()))  # re-runs under torchrun
     actors = [world.actor(i, path) for i in range(2)]
     assert world.wait_exit(learner, 240, watch=actors) == 0, world.logs()
     for a in actors:

@@ -61,7 +61,7 @@ def load_config(
     env_prefix: str = "PSO__",
 ) -> M:
     """Build `schema` from a YAML file (None: all defaults), then `env_prefix` variables, then "a.b=value"."""
-    data = _read_yaml(Path(path)) if path is not None else {}
+    data = read_config_file(Path(path)) if path is not None else {}
     sources: dict[_KeyPath, str] = {(key,): f"file {path}" for key in data}
     env = os.environ if env is None else env
     for name in sorted(env):
@@ -84,6 +84,28 @@ def load_config(
 def dump_config(model: BaseModel) -> str:
     """Serialize `model` to YAML that `load_config` reads back to an equal model."""
     return yaml.dump(model.model_dump(mode="json"), Dumper=_Dumper, sort_keys=False, allow_unicode=True)
+
+
+def read_config_file(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file's mapping; `extends: other.yaml` (relative to the file) is read first and this
+    file's keys are merged over it, mappings key by key, everything else replaced."""
+    data = _read_yaml(path)
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: extends must be a file name, got {base!r}")
+    base_path = (path.parent / base).resolve()
+    if base_path in _seen:
+        raise ConfigError(f"{path}: extends {base} again (a cycle: {' -> '.join(str(p) for p in _seen)})")
+    return _merge(read_config_file(base_path, (*_seen, path.resolve())), data)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

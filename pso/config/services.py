@@ -39,6 +39,10 @@ class ActorConfig(StrictModel):
     max_backlog: int = Field(64, ge=1, description="pause while this many records wait in the queue")
     weight_poll_s: float = Field(5.0, gt=0, description="how often to look for new weights without a notice")
     max_batches: int | None = Field(None, ge=1, description="stop after this many batches (default: run on)")
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="HTTP /healthz and Prometheus /metrics on this port, if set"
+    )
+    stall_s: float = Field(900.0, gt=0, description="/healthz fails after this long without progress")
 
 
 class LearnerConfig(StrictModel):
@@ -61,7 +65,16 @@ class LearnerConfig(StrictModel):
     reclaim_idle_s: float = Field(60.0, gt=0, description="take over records a dead consumer left this long")
     read_block_s: float = Field(1.0, gt=0, description="wait for records this long per read")
     metrics_file: Path | None = Field(Path("runs/learner/metrics.jsonl"), description="a JSON line per update")
-    metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus metrics on this port (rank 0)")
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="rank 0 serves /healthz, Prometheus /metrics and /v1/scaling on this port"
+    )
+    stall_s: float = Field(900.0, gt=0, description="/healthz fails after this long without progress")
+    target_backlog: int = Field(
+        32, ge=0, description="records the learner wants waiting in the queue (the autoscaling signal aims here)"
+    )
+    scale_horizon_s: float = Field(
+        60.0, gt=0, description="seconds in which the wanted actors should refill (or drain) the backlog"
+    )
     tensorboard_dir: Path | None = Field(None, description="TensorBoard logs here (rank 0), if set")
 
 

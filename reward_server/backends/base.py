@@ -25,6 +25,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from pso.config.reward_server import BackendSpec
+from pso.hub import is_hub_repo_id
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -118,10 +119,6 @@ def local_or_hub(source: str) -> str:
     if path.exists() or not is_hub_repo_id(source):
         raise FileNotFoundError(f"{source} is neither a local folder nor a hub repo id (owner/name)")
     return source
-
-
-def is_hub_repo_id(source: str) -> bool:
-    return source.count("/") == 1 and not source.startswith((".", "/", "~"))
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -1,0 +1,182 @@
+"""What deployments lean on besides the services' main work: the actor's and learner's ops HTTP
+server, the autoscaling signal, `pso health`, `pso preload`, the multi-rank learner launch, PSO_CONFIG
+and config files that extend others."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry, Gauge
+
+from learner.scaling import ActorDemand
+from pso.cli import build_parser, main
+from pso.config import ConfigError, load_config
+from pso.config.schema import PSOConfig
+from pso.hub import planned_downloads
+from pso.ops_http import OpsServer
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+
+
+@pytest.fixture
+def ops():
+    registry = CollectorRegistry()
+    Gauge("pso_test_value", "a value", registry=registry).set(7)
+    server = OpsServer("test", 0, registry, stall_s=0.5, routes={"/v1/scaling": lambda: {"actors_wanted": 3.5}})
+    yield server
+    server.close()
+
+
+def url(server: OpsServer, path: str) -> str:
+    return f"http://127.0.0.1:{server.port}{path}"
+
+
+def test_ops_server_serves_health_metrics_and_json_routes(ops):
+    health = httpx.get(url(ops, "/healthz"))
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    metrics = httpx.get(url(ops, "/metrics"))
+    assert metrics.status_code == 200 and "pso_test_value 7.0" in metrics.text
+    assert httpx.get(url(ops, "/v1/scaling")).json() == {"actors_wanted": 3.5}
+    missing = httpx.get(url(ops, "/admin"))
+    assert missing.status_code == 404 and "/healthz" in missing.json()["message"]
+
+
+def test_ops_health_fails_once_the_worker_stalls_and_recovers_on_progress(ops):
+    time.sleep(0.7)
+    stalled = httpx.get(url(ops, "/healthz"))
+    assert stalled.status_code == 503 and stalled.json()["status"] == "stalled"
+    ops.beat()
+    assert httpx.get(url(ops, "/healthz")).status_code == 200
+
+
+def test_pso_health_exits_by_the_answer(ops):
+    assert main(["health", "--url", url(ops, "/healthz")]) == 0
+    assert main(["health", "--url", url(ops, "/missing")]) == 1
+    assert main(["health", "--url", "http://127.0.0.1:9/healthz", "--timeout", "1"]) == 1
+
+
+def test_pso_health_reads_its_url_from_the_environment(ops, monkeypatch):
+    monkeypatch.setenv("PSO_HEALTH_URL", url(ops, "/v1/scaling"))
+    out = subprocess.run([sys.executable, "-m", "pso.cli", "health"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "actors_wanted" in out.stdout
+
+
+def feed(demand: ActorDemand, *, produced_per_s, consumed_per_busy_s, busy_share, backlog, actors=2, updates=11):
+    """Updates one second apart: the queue's produced counter, this rank's consumption, its busy time."""
+    for i in range(updates):
+        demand.observe(
+            produced=int(produced_per_s * i),
+            backlog=backlog,
+            consumed=int(consumed_per_busy_s * busy_share),
+            busy_s=busy_share,
+            actors={f"actor-{a}" for a in range(actors)},
+            at=float(i),
+        )
+
+
+def test_a_starved_learner_asks_for_more_actors():
+    demand = ActorDemand(target_backlog=32, horizon_s=60)
+    # 2 actors make 4 records/s; the learner could take 10/s (busy 40% of the time); nothing waits
+    feed(demand, produced_per_s=4, consumed_per_busy_s=10, busy_share=0.4, backlog=0)
+    # per actor 2/s; wanted (10 + 32/60) / 2 = 5.27
+    assert demand.wanted() == pytest.approx(5.27, abs=0.01)
+    assert demand.report()["actors_seen"] == 2
+
+
+def test_a_learner_behind_its_backlog_asks_for_fewer_actors():
+    demand = ActorDemand(target_backlog=32, horizon_s=60)
+    # 4 actors held back to the learner's 8 records/s, 92 records waiting (60 over the target)
+    feed(demand, produced_per_s=8, consumed_per_busy_s=8, busy_share=1.0, backlog=92, actors=4)
+    assert demand.wanted() == pytest.approx(4 * (8 - 1) / 8)  # 3.5: one actor fewer, after rounding up
+
+
+def test_learner_ranks_multiply_the_capacity_and_no_production_means_no_estimate():
+    one, two = ActorDemand(0, 60, ranks=1), ActorDemand(0, 60, ranks=2)
+    for d in (one, two):
+        feed(d, produced_per_s=4, consumed_per_busy_s=4, busy_share=1.0, backlog=0)
+    assert two.wanted() == pytest.approx(2 * one.wanted())
+    idle = ActorDemand(32, 60)
+    feed(idle, produced_per_s=0, consumed_per_busy_s=0, busy_share=1.0, backlog=0)
+    assert idle.wanted() is None and idle.report()["actors_wanted"] is None
+
+
+def test_preload_plans_the_hub_downloads_of_a_preset(capsys):
+    assert main(["preload", "-c", str(CONFIGS / "sdxl-dmd2.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    for expected in (
+        "stabilityai/stable-diffusion-xl-base-1.0 (diffusers pipeline, variant fp16)",
+        "tianweiy/DMD2: dmd2_sdxl_4step_lora_fp16.safetensors",
+        "yuvalkirstain/PickScore_v1",
+        "THUDM/ImageReward: ImageReward.pt, med_config.json",
+        "bert-base-uncased",
+    ):
+        assert expected in out, out
+    assert "open_clip_pytorch_model" not in out  # the LAION repo gives only its tokenizer and preprocessor
+
+
+def test_preload_has_nothing_to_fetch_for_local_and_builtin_models(capsys):
+    assert main(["preload", "-c", str(CONFIGS / "tiny.yaml")]) == 0
+    assert "nothing to download" in capsys.readouterr().out
+    cfg = load_config(PSOConfig, CONFIGS / "sd-turbo.yaml", overrides=[f"model.pretrained={CONFIGS}"], env={})
+    assert "stabilityai/sd-turbo" not in {d.repo for d in planned_downloads(cfg)}
+
+
+def test_preload_offline_fails_naming_the_repository(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "pso.cli", "preload", "-c", str(CONFIGS / "sd-turbo.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")},
+    )
+    assert out.returncode == 1, out
+    assert "stabilityai/sd-turbo" in out.stdout and "pso preload: error" in out.stderr, out
+
+
+def test_learner_launch_flags_are_checked_before_anything_starts(capsys, monkeypatch):
+    assert main(["learner", "--nproc-per-node", "2", "--nnodes", "2", "--node-rank", "2"]) == 1
+    assert "--node-rank 2 is outside 0..1" in capsys.readouterr().err
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert main(["learner", "--nproc-per-node", "2"]) == 1
+    assert "not for a rank" in capsys.readouterr().err
+
+
+def test_pso_config_selects_the_config_file(monkeypatch, tmp_path):
+    monkeypatch.setenv("PSO_CONFIG", str(CONFIGS / "sdxl-turbo.yaml"))
+    args = build_parser().parse_args(["config"])
+    assert args.config == CONFIGS / "sdxl-turbo.yaml"
+    assert build_parser().parse_args(["config", "-c", "other.yaml"]).config == Path("other.yaml")
+
+
+def test_config_files_extend_others_key_by_key(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "shared.yaml").write_text(
+        "loss: {name: online-pso, beta: 20.0, clip_eps: 0.2}\nsampling: {group_size: 4}\n"
+    )
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: base/shared.yaml\nloss: {beta: 30.0}\n")
+    cfg = load_config(PSOConfig, child, env={})
+    assert (cfg.loss.beta, cfg.loss.clip_eps, cfg.sampling.group_size) == (30.0, 0.2, 4)
+    env_wins = load_config(PSOConfig, child, env={"PSO__LOSS__BETA": "40"})
+    assert env_wins.loss.beta == 40.0
+
+
+def test_config_extends_cycles_and_missing_bases_are_config_errors(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="a cycle"):
+        load_config(PSOConfig, tmp_path / "a.yaml", env={})
+    (tmp_path / "c.yaml").write_text("extends: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="nowhere.yaml"):
+        load_config(PSOConfig, tmp_path / "c.yaml", env={})
+
+
+def test_scaling_report_is_json():
+    demand = ActorDemand(32, 60)
+    feed(demand, produced_per_s=4, consumed_per_busy_s=10, busy_share=0.4, backlog=0)
+    assert json.loads(json.dumps(demand.report()))["target_backlog"] == 32
