@@ -46,7 +46,8 @@ STACKS = {
     "8gpu": ("compose.yaml", "deploy/compose.8gpu.yaml"),
 }
 COMPOSE_FILES = ("compose.yaml", "deploy/docker-compose.yml", "deploy/compose.cpu.yaml", "deploy/compose.8gpu.yaml")
-SERVICES = {"redis", "reward-server", "learner", "actor"}
+SERVICES = {"redis", "preload", "reward-server", "learner", "actor"}
+ONE_SHOT = {"preload"}  # runs to completion before the services start: no health check, restarted only on failure
 PSO_COMMANDS = {"reward-server", "learner", "actor"}
 # the secrets (docs/deploy.md), by the variable that carries each
 SECRETS = (RedisConfig().password_env, RewardServerConfig().token_env, "HF_TOKEN")
@@ -422,6 +423,14 @@ def test_dependencies_wait_for_health(stack):
 def test_every_service_has_a_health_check_and_a_restart_policy(stack):
     name, project = stack
     for service_name, service in project["services"].items():
+        if service_name in ONE_SHOT:
+            assert service["healthcheck"] == {"disable": True} and service["restart"].startswith("on-failure")
+            assert all(
+                other["depends_on"][service_name]["condition"] == "service_completed_successfully"
+                for n, other in project["services"].items()
+                if n not in ("redis", service_name) and not n.startswith("actor-")
+            ), service_name
+            continue
         check = service.get("healthcheck") or {}
         assert check.get("test") and check["test"][0] in ("CMD", "CMD-SHELL"), service_name
         assert not check.get("disable"), service_name
