@@ -182,10 +182,17 @@ class Actor:
 
 
 def run_actor(cfg: PSOConfig, stop: threading.Event | None = None) -> ActorStats:
-    """`pso actor`: build everything from the config and run until stopped (or `actor.max_batches`)."""
+    """`pso actor`: build everything from the config and run until `actor.max_batches`, or SIGTERM/SIGINT,
+    after which it finishes the batch in hand (its records are pushed, not lost) and exits."""
+    import signal
+
     from actors.prompts import load_prompts
     from pso.transport.redis import RedisExperienceQueue, RedisWeightStore, connect
 
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():  # as a container's PID 1, an unhandled SIGTERM is lost
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
     prompts = load_prompts(cfg.actor.prompts, cfg.loop.prompts)
     client = connect(cfg.redis)  # fails fast, naming the URL, when Redis is unreachable
     policy = DistilledPolicy.from_config(cfg.model, cfg.finetune)
@@ -197,9 +204,9 @@ def run_actor(cfg: PSOConfig, stop: threading.Event | None = None) -> ActorStats
         ops = OpsServer("actor", cfg.actor.metrics_port, actor_registry(actor), cfg.actor.stall_s)
         actor.on_progress = ops.beat
     log.info("waiting for the reward server at %s", cfg.actor.reward_url)
-    while True:
+    while not stop.is_set():
         try:
-            reward.wait_ready(timeout=60)
+            reward.wait_ready(timeout=15)
             break
         except RewardServerError as e:
             actor.on_progress()  # waiting for a server that loads its models is not a stall
