@@ -2,7 +2,7 @@
 
     while running:
         move to the newest complete weight version, if there is one (a notice, or polling)
-        wait while the experience backlog is over its bound (back-pressure)
+        wait while more records than its bound wait unread in the queue (back-pressure)
         sample G images per prompt from the current policy, keeping every trajectory state
         score the images on the reward server (waiting out an unreachable server)
         pair within each group; push one record per group that has pairs
@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from prometheus_client import CollectorRegistry
 
-from actors.metrics import actor_registry
+from actors.metrics import ActorCollector
 from pso.codecs import CodecError, decode_weights, encode_experience
 from pso.config.schema import PSOConfig
 from pso.experience import group_records
@@ -92,6 +93,7 @@ class Actor:
         self._wait_for_room(stop)
         if stop.is_set():
             return 0
+        started = time.monotonic()
         cfg, g = self.cfg, self.cfg.sampling.group_size
         prompts = [self.prompts[i] for i in self.rng.integers(len(self.prompts), size=cfg.actor.prompts_per_batch)]
         traj = sample_groups(
@@ -113,6 +115,9 @@ class Actor:
                 {"version": str(self.version), "actor": self.id, "pairs": str(len(record.pairs))},
             )
             pushed += 1
+        # the actors' producing time (not paused), summed in Redis: the learner's autoscaling signal
+        # divides production by it to get one actor's unthrottled rate (learner/scaling.py)
+        self.queue.count("actor_busy_ms", round((time.monotonic() - started) * 1000))
         self.stats.batches += 1
         self.stats.records += pushed
         self.stats.pairs += len(pairs)
@@ -151,12 +156,12 @@ class Actor:
     def _wait_for_room(self, stop: threading.Event) -> None:
         start, told = time.monotonic(), False
         while not stop.is_set():
-            backlog = self.queue.stats().backlog
-            if backlog <= self.cfg.actor.max_backlog:
+            waiting = self.queue.stats().waiting
+            if waiting <= self.cfg.actor.max_backlog:
                 break
             self.on_progress()  # paused by design, not stuck
             if not told:
-                log.info("actor %s: pausing, %d records wait (bound %d)", self.id, backlog, self.cfg.actor.max_backlog)
+                log.info("actor %s: pausing, %d records wait (bound %d)", self.id, waiting, self.cfg.actor.max_backlog)
                 told = True
             stop.wait(0.2)
         self.stats.backpressure_s += time.monotonic() - start
@@ -193,25 +198,28 @@ def run_actor(cfg: PSOConfig, stop: threading.Event | None = None) -> ActorStats
     if threading.current_thread() is threading.main_thread():  # as a container's PID 1, an unhandled SIGTERM is lost
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
-    prompts = load_prompts(cfg.actor.prompts, cfg.loop.prompts)
-    client = connect(cfg.redis)  # fails fast, naming the URL, when Redis is unreachable
-    policy = DistilledPolicy.from_config(cfg.model, cfg.finetune)
-    reward = RewardClient(cfg.actor.reward_url)
-    queue, weights = RedisExperienceQueue(client, cfg.redis), RedisWeightStore(client, cfg.redis)
-    actor = Actor(cfg, policy, prompts, queue, weights, reward)
-    ops = None
-    if cfg.actor.metrics_port is not None:
-        ops = OpsServer("actor", cfg.actor.metrics_port, actor_registry(actor), cfg.actor.stall_s)
-        actor.on_progress = ops.beat
-    log.info("waiting for the reward server at %s", cfg.actor.reward_url)
-    while not stop.is_set():
-        try:
-            reward.wait_ready(timeout=15)
-            break
-        except RewardServerError as e:
-            actor.on_progress()  # waiting for a server that loads its models is not a stall
-            log.warning("%s; still waiting", e)
+    registry = CollectorRegistry()  # the actor's metrics join it once it exists
+    # up before the model loads (minutes, the first time): probes get an answer from the start
+    port = cfg.actor.metrics_port
+    ops = OpsServer("actor", port, registry, cfg.actor.stall_s) if port is not None else None
     try:
+        prompts = load_prompts(cfg.actor.prompts, cfg.loop.prompts)
+        client = connect(cfg.redis)  # fails fast, naming the URL, when Redis is unreachable
+        policy = DistilledPolicy.from_config(cfg.model, cfg.finetune)
+        reward = RewardClient(cfg.actor.reward_url)
+        queue, weights = RedisExperienceQueue(client, cfg.redis), RedisWeightStore(client, cfg.redis)
+        actor = Actor(cfg, policy, prompts, queue, weights, reward)
+        registry.register(ActorCollector(actor))
+        if ops:
+            actor.on_progress = ops.beat
+        log.info("waiting for the reward server at %s", cfg.actor.reward_url)
+        while not stop.is_set():
+            try:
+                reward.wait_ready(timeout=15)
+                break
+            except RewardServerError as e:
+                actor.on_progress()  # waiting for a server that loads its models is not a stall
+                log.warning("%s; still waiting", e)
         return actor.run(stop)
     except TransportError as e:
         raise SystemExit(f"pso actor: {e}") from None

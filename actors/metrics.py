@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -27,9 +26,3 @@ class ActorCollector(Collector):
         yield GaugeMetricFamily("pso_actor_version", "weight version the actor samples with", value=self.actor.version)
         mean = stats.reward_sum / stats.images if stats.images else float("nan")
         yield GaugeMetricFamily("pso_actor_reward_mean", "mean weighted reward of every image scored", value=mean)
-
-
-def actor_registry(actor) -> CollectorRegistry:
-    registry = CollectorRegistry()
-    registry.register(ActorCollector(actor))
-    return registry

@@ -59,7 +59,6 @@ class Learner:
         lc = cfg.learner
         self.sink = MetricsSink(lc.metrics_file, lc.tensorboard_dir) if rank == 0 else None
         self.demand = ActorDemand(lc.target_backlog, lc.scale_horizon_s, ranks=getattr(engine, "world_size", 1))
-        self._dropped, self._actors_seen = 0, set()  # since the last update: what the demand estimate needs
         self.ops = None
         if self.sink is not None and lc.metrics_port is not None:
             routes = {"/v1/scaling": self.demand.report}
@@ -117,16 +116,13 @@ class Learner:
         except CodecError as e:
             log.warning("dropping record %s: %s", d.id, e)
             self.state.corrupt += 1
-            self._dropped += 1
             self.queue.ack([d.id], counter="corrupt")
             return
-        self._actors_seen.add(record.actor_id)
         age = self.state.version - record.policy_version
         weight = 1.0
         if age > lc.max_staleness:
             self.state.stale += 1
             if lc.stale == "drop":
-                self._dropped += 1
                 self.queue.ack([d.id], counter="stale")
                 return
             self.queue.count("downweighted")  # trained on later, and counted `trained` then
@@ -154,8 +150,8 @@ class Learner:
             self.save_checkpoint()
         busy = time.monotonic() - start
         queue = self.queue.stats()
-        self.demand.observe(queue.produced, queue.backlog, len(take.finished) + self._dropped, busy, self._actors_seen)
-        self._dropped, self._actors_seen = 0, set()
+        actor_busy_s = self.queue.counters().get("actor_busy_ms", 0) / 1000
+        self.demand.observe(queue.produced, actor_busy_s, queue.waiting, len(take.finished), busy)
         versions = [r.policy_version for r in take.records]
         row = {
             "updates": st.updates,

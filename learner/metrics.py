@@ -32,7 +32,9 @@ class MetricsSink:
         if file is not None:
             file.parent.mkdir(parents=True, exist_ok=True)
         self.registry = CollectorRegistry()
-        self.gauges = {k: Gauge(f"pso_learner_{k}", doc, registry=self.registry) for k, doc in GAUGES.items()}
+        # made on first write: a series that does not exist yet (before the first update, or before
+        # actors_wanted has a window) is absent, not 0, so an autoscaler holds instead of scaling down
+        self.gauges: dict[str, Gauge] = {}
         self.tb = None
         if tensorboard_dir is not None:
             try:
@@ -45,7 +47,9 @@ class MetricsSink:
 
     def write(self, row: dict[str, float]) -> None:
         for key, value in row.items():
-            if key in self.gauges:
+            if key in GAUGES:
+                if key not in self.gauges:
+                    self.gauges[key] = Gauge(f"pso_learner_{key}", GAUGES[key], registry=self.registry)
                 self.gauges[key].set(value)
         if self.file is not None:
             with self.file.open("a") as f:

@@ -195,21 +195,28 @@ def cmd_actor(args) -> int:
 
 
 def cmd_learner(args) -> int:
+    cfg = _load(args)  # a configuration error exits 2 here, in the launching process too
     if args.nproc_per_node > 1 or args.nnodes > 1:
         return _exec_under_torchrun(args)
     from learner.learner import run_learner
 
-    run_learner(_load(args), resume=args.resume)
+    state = run_learner(cfg, resume=args.resume)
+    limit = cfg.learner.max_updates
+    if limit is None or state.updates < limit:
+        # stopped by a signal before its work was done: not a success, or a Kubernetes Job would
+        # count this index as complete and never run the learner again (it resumes on restart)
+        print(f"pso learner: stopped at update {state.updates}; checkpointed", file=sys.stderr)
+        return 143
     return 0
 
 
 def _exec_under_torchrun(args) -> int:
     """`pso learner --nproc-per-node N [--nnodes M ...]`: become torch.distributed.run, which starts
     this node's ranks as `pso learner` processes and forwards signals to them."""
-    if "LOCAL_RANK" in os.environ:
-        raise ValueError("pso learner: --nproc-per-node/--nnodes are for the launching command, not for a rank")
     if not 0 <= args.node_rank < args.nnodes:
         raise ValueError(f"--node-rank {args.node_rank} is outside 0..{args.nnodes - 1}")
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        raise ValueError("--nproc-per-node/--nnodes are for the launching command, not for a rank under torchrun")
     rank_args = ["-v"] if args.verbose else []
     rank_args += ["learner"] + (["--config", str(args.config)] if args.config else [])
     rank_args += [a for o in args.overrides for a in ("--set", o)] + (["--resume"] if args.resume else [])
@@ -217,6 +224,7 @@ def _exec_under_torchrun(args) -> int:
         sys.executable, "-m", "torch.distributed.run",
         f"--nproc-per-node={args.nproc_per_node}", f"--nnodes={args.nnodes}", f"--node-rank={args.node_rank}",
         f"--master-addr={args.master_addr}", f"--master-port={args.master_port}",
+        f"--shutdown-timeout={args.shutdown_timeout}",
         "-m", "pso.cli", *rank_args,
     ]  # fmt: skip
     log.info("starting %d learner rank(s) on node %d of %d", args.nproc_per_node, args.node_rank, args.nnodes)
@@ -349,6 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node-rank", type=int, default=0, help="this node's index, 0..nnodes-1 (default 0)")
     p.add_argument("--master-addr", default="127.0.0.1", help="node 0's address (default 127.0.0.1)")
     p.add_argument("--master-port", type=int, default=29500, help="node 0's rendezvous port (default 29500)")
+    p.add_argument(
+        "--shutdown-timeout",
+        type=int,
+        default=110,
+        help="seconds the ranks get to checkpoint after SIGTERM before torchrun kills them (default 110)",
+    )
     p.set_defaults(func=cmd_learner)
 
     p = sub.add_parser("up", help="Redis, the reward server, actors and the learner on this machine")

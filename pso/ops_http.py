@@ -70,13 +70,13 @@ class OpsServer:
         if path == "/metrics":
             return 200, generate_latest(self.registry), CONTENT_TYPE_LATEST
         if path in self.routes:
-            return 200, _json(self.routes[path]()), "application/json"
-        known = ["/healthz", "/metrics", *self.routes]
-        return (
-            404,
-            _json({"error": "not_found", "message": f"no route {path}; try {', '.join(known)}"}),
-            ("application/json"),
-        )
+            try:
+                return 200, _json(self.routes[path]()), "application/json"
+            except Exception as e:  # a probe or scraper gets an answer, the worker a log line
+                log.exception("%s: %s failed", self.name, path)
+                return 500, _json({"error": "internal", "message": f"{type(e).__name__}: {e}"}), "application/json"
+        known = ", ".join(["/healthz", "/metrics", *self.routes])
+        return 404, _json({"error": "not_found", "message": f"no route {path}; try {known}"}), "application/json"
 
     def close(self) -> None:
         self.httpd.shutdown()

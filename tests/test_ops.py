@@ -2,7 +2,6 @@
 server, the autoscaling signal, `pso health`, `pso preload`, the multi-rank learner launch, PSO_CONFIG
 and config files that extend others."""
 
-import json
 import os
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
 from learner.scaling import ActorDemand
 from pso.cli import build_parser, main
@@ -66,43 +65,64 @@ def test_pso_health_reads_its_url_from_the_environment(ops, monkeypatch):
     assert out.returncode == 0 and "actors_wanted" in out.stdout
 
 
-def feed(demand: ActorDemand, *, produced_per_s, consumed_per_busy_s, busy_share, backlog, actors=2, updates=11):
-    """Updates one second apart: the queue's produced counter, this rank's consumption, its busy time."""
+def feed(demand: ActorDemand, *, actors, per_actor, busy_share, capacity, learner_busy, waiting, updates=11):
+    """Updates one second apart: `actors` actors producing `per_actor` records per second of producing,
+    each producing `busy_share` of the time; the learner training `capacity` records per busy second,
+    busy `learner_busy` of the time."""
     for i in range(updates):
         demand.observe(
-            produced=int(produced_per_s * i),
-            backlog=backlog,
-            consumed=int(consumed_per_busy_s * busy_share),
-            busy_s=busy_share,
-            actors={f"actor-{a}" for a in range(actors)},
+            produced=round(actors * per_actor * busy_share * i),
+            actor_busy_s=actors * busy_share * i,
+            waiting=waiting,
+            trained=round(capacity * learner_busy),
+            busy_s=learner_busy,
             at=float(i),
         )
 
 
 def test_a_starved_learner_asks_for_more_actors():
     demand = ActorDemand(target_backlog=32, horizon_s=60)
-    # 2 actors make 4 records/s; the learner could take 10/s (busy 40% of the time); nothing waits
-    feed(demand, produced_per_s=4, consumed_per_busy_s=10, busy_share=0.4, backlog=0)
-    # per actor 2/s; wanted (10 + 32/60) / 2 = 5.27
-    assert demand.wanted() == pytest.approx(5.27, abs=0.01)
-    assert demand.report()["actors_seen"] == 2
+    # 2 actors, never paused, make 2 records/s each; the learner could train 10/s but is busy 40% of the time
+    feed(demand, actors=2, per_actor=2, busy_share=1.0, capacity=10, learner_busy=0.4, waiting=0)
+    assert demand.wanted() == pytest.approx((10 + 32 / 60) / 2)  # 5.27
+    report = demand.report()
+    assert report["per_actor_per_s"] == 2 and report["produced_per_s"] == 4 and report["capacity_per_s"] == 10
 
 
-def test_a_learner_behind_its_backlog_asks_for_fewer_actors():
+def test_actors_held_back_by_back_pressure_are_given_back():
     demand = ActorDemand(target_backlog=32, horizon_s=60)
-    # 4 actors held back to the learner's 8 records/s, 92 records waiting (60 over the target)
-    feed(demand, produced_per_s=8, consumed_per_busy_s=8, busy_share=1.0, backlog=92, actors=4)
-    assert demand.wanted() == pytest.approx(4 * (8 - 1) / 8)  # 3.5: one actor fewer, after rounding up
+    # 4 actors paused half the time (over their bound): 8 records/s, as fast as the learner trains;
+    # 92 records wait, 60 over the target
+    feed(demand, actors=4, per_actor=4, busy_share=0.5, capacity=8, learner_busy=1.0, waiting=92)
+    assert demand.wanted() == pytest.approx((8 - 1) / 4)  # 1.75: two actors keep it fed
 
 
 def test_learner_ranks_multiply_the_capacity_and_no_production_means_no_estimate():
     one, two = ActorDemand(0, 60, ranks=1), ActorDemand(0, 60, ranks=2)
     for d in (one, two):
-        feed(d, produced_per_s=4, consumed_per_busy_s=4, busy_share=1.0, backlog=0)
+        feed(d, actors=2, per_actor=2, busy_share=1.0, capacity=4, learner_busy=1.0, waiting=0)
     assert two.wanted() == pytest.approx(2 * one.wanted())
     idle = ActorDemand(32, 60)
-    feed(idle, produced_per_s=0, consumed_per_busy_s=0, busy_share=1.0, backlog=0)
+    feed(idle, actors=2, per_actor=0, busy_share=1.0, capacity=4, learner_busy=1.0, waiting=0)
     assert idle.wanted() is None and idle.report()["actors_wanted"] is None
+
+
+def test_the_gauges_are_absent_until_first_written(tmp_path):
+    from learner.metrics import MetricsSink
+
+    sink = MetricsSink(None, None)
+    assert "pso_learner_actors_wanted" not in generate_latest(sink.registry).decode()
+    sink.write({"updates": 1, "version": 1, "reward_mean": 0.5, "staleness": 0, "pairs_per_s": 1, "wait_s": 0})
+    text = generate_latest(sink.registry).decode()
+    assert "pso_learner_updates 1.0" in text and "pso_learner_actors_wanted" not in text
+    sink.write({"updates": 2, "version": 2, "reward_mean": 0.5, "staleness": 0, "pairs_per_s": 1, "wait_s": 0,
+                "actors_wanted": 3.5})  # fmt: skip
+    assert "pso_learner_actors_wanted 3.5" in generate_latest(sink.registry).decode()
+
+
+def test_a_backlog_target_the_actors_never_reach_is_a_config_error():
+    with pytest.raises(ConfigError, match="target_backlog"):
+        load_config(PSOConfig, env={}, overrides=["actor.max_backlog=16", "learner.target_backlog=16"])
 
 
 def test_preload_plans_the_hub_downloads_of_a_preset(capsys):
@@ -139,11 +159,14 @@ def test_preload_offline_fails_naming_the_repository(tmp_path):
 
 
 def test_learner_launch_flags_are_checked_before_anything_starts(capsys, monkeypatch):
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     assert main(["learner", "--nproc-per-node", "2", "--nnodes", "2", "--node-rank", "2"]) == 1
     assert "--node-rank 2 is outside 0..1" in capsys.readouterr().err
-    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert main(["learner", "--nproc-per-node", "2", "--set", "optim.lr=lots"]) == 2  # the config, before torchrun
+    assert "optim.lr" in capsys.readouterr().err
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run")
     assert main(["learner", "--nproc-per-node", "2"]) == 1
-    assert "not for a rank" in capsys.readouterr().err
+    assert "not for a rank under torchrun" in capsys.readouterr().err
 
 
 def test_pso_config_selects_the_config_file(monkeypatch, tmp_path):
@@ -174,9 +197,3 @@ def test_config_extends_cycles_and_missing_bases_are_config_errors(tmp_path):
     (tmp_path / "c.yaml").write_text("extends: nowhere.yaml\n")
     with pytest.raises(ConfigError, match="nowhere.yaml"):
         load_config(PSOConfig, tmp_path / "c.yaml", env={})
-
-
-def test_scaling_report_is_json():
-    demand = ActorDemand(32, 60)
-    feed(demand, produced_per_s=4, consumed_per_busy_s=10, busy_share=0.4, backlog=0)
-    assert json.loads(json.dumps(demand.report()))["target_backlog"] == 32

@@ -96,9 +96,10 @@ def read_config_file(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]
     if not isinstance(base, str):
         raise ConfigError(f"{path}: extends must be a file name, got {base!r}")
     base_path = (path.parent / base).resolve()
-    if base_path in _seen:
-        raise ConfigError(f"{path}: extends {base} again (a cycle: {' -> '.join(str(p) for p in _seen)})")
-    return _merge(read_config_file(base_path, (*_seen, path.resolve())), data)
+    chain = (*_seen, path.resolve())
+    if base_path in chain:
+        raise ConfigError(f"{path}: extends {base}, a cycle: {' -> '.join(str(p) for p in (*chain, base_path))}")
+    return _merge(read_config_file(base_path, chain), data)
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

@@ -178,3 +178,14 @@ class PSOConfig(StrictModel):
                 "or keep learner.precision fp32 (LoRA adapters train in float32 on any model dtype)"
             )
         return self
+
+    @model_validator(mode="after")
+    def _backlog_target_below_the_actors_bound(self) -> PSOConfig:
+        """Actors pause above actor.max_backlog, so a higher target is never reached and the autoscaling
+        signal would ask for more actors for ever."""
+        if self.learner.target_backlog >= self.actor.max_backlog:
+            raise ValueError(
+                f"learner.target_backlog ({self.learner.target_backlog}) must be below actor.max_backlog "
+                f"({self.actor.max_backlog}): actors pause above it"
+            )
+        return self

@@ -36,7 +36,7 @@ class ActorConfig(StrictModel):
         None, description='a text file (a prompt per line) or a JSONL file ({"prompt": ...}); default: loop.prompts'
     )
     prompts_per_batch: int = Field(8, ge=1, description="prompt groups sampled between weight checks")
-    max_backlog: int = Field(64, ge=1, description="pause while this many records wait in the queue")
+    max_backlog: int = Field(64, ge=1, description="pause while more records than this wait unread in the queue")
     weight_poll_s: float = Field(5.0, gt=0, description="how often to look for new weights without a notice")
     max_batches: int | None = Field(None, ge=1, description="stop after this many batches (default: run on)")
     metrics_port: int | None = Field(
@@ -70,7 +70,10 @@ class LearnerConfig(StrictModel):
     )
     stall_s: float = Field(900.0, gt=0, description="/healthz fails after this long without progress")
     target_backlog: int = Field(
-        32, ge=0, description="records the learner wants waiting in the queue (the autoscaling signal aims here)"
+        32,
+        ge=0,
+        description="records the learner wants waiting unread in the queue (the autoscaling signal aims here); "
+        "below actor.max_backlog",
     )
     scale_horizon_s: float = Field(
         60.0, gt=0, description="seconds in which the wanted actors should refill (or drain) the backlog"

@@ -39,6 +39,12 @@ class QueueStats:
     backlog: int  # records pushed and not yet acknowledged (waiting or pending)
     pending: int  # records handed to a consumer and not yet acknowledged
 
+    @property
+    def waiting(self) -> int:
+        """Records no consumer has read yet: what back-pressure and the autoscaling signal look at
+        (pending ones sit in the learner ranks' buffers, which grow with the ranks)."""
+        return max(self.backlog - self.pending, 0)
+
 
 class ExperienceQueue(ABC):
     @abstractmethod
