@@ -736,8 +736,9 @@ def test_dockerfile_targets_bases_and_interface():
     builder = next(s for s in stages if s.name == "builder")
     runs = [a for i, a in builder.instructions if i == "RUN"]
     torch_step = next(i for i, a in enumerate(runs) if "torch==" in a)
-    project_step = next(i for i, a in enumerate(runs) if "pip install /src" in a or "install --no-cache-dir /src" in a)
+    project_step = next(i for i, a in enumerate(runs) if re.search(r"pip install (-c \S+ )?/src", a))
     assert torch_step < project_step and '--index-url "${TORCH_INDEX}"' in runs[torch_step]
+    assert "-c /src/constraints.txt" in runs[project_step]  # the versions the tests ran with
     indexes = {
         s.name: a.split("=", 1)[1]
         for s in stages
@@ -792,3 +793,28 @@ def test_dockerignore_keeps_the_tiny_model_and_drops_the_rest():
         assert _ignored(path), path
     for path in ("pso/cli.py", "configs/tiny.yaml", "pyproject.toml", "README.md", "deploy/Dockerfile"):
         assert not _ignored(path), path
+
+
+def test_the_constraints_pin_every_runtime_dependency_within_its_range():
+    """constraints.txt (used by `make install` and the image) pins each dependency the project declares,
+    at a version its specifier admits; torch is pinned by the Makefile and the image instead."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[canonicalize_name(name)] = version.strip()
+    assert "torch" not in pins
+    for spec in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]:
+        req = Requirement(spec)
+        name = canonicalize_name(req.name)
+        if name == "torch":
+            continue
+        assert name in pins, f"{req.name} is not pinned in constraints.txt (make constraints)"
+        assert req.specifier.contains(pins[name], prereleases=True), f"{req.name}=={pins[name]} is outside {spec}"
