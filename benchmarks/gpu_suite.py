@@ -324,9 +324,9 @@ class Suite:
         return DistilledPolicy.from_config(cfg, LoraFinetune(rank=rank))
 
     def prompts(self) -> list[str]:
-        from actors.prompts import BUILTIN, load_prompts
+        from actors.prompts import GENERAL, load_prompts
 
-        return load_prompts(BUILTIN, [])
+        return load_prompts(GENERAL, [])
 
     def time_left(self, stage: str, final: bool = False) -> float:
         """Seconds this stage may use: what is left beyond the reward-server stage's reserve (0: skip it)."""

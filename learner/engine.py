@@ -29,6 +29,7 @@ import logging
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -144,7 +145,7 @@ def select_accelerator(device: torch.device) -> None:
     log.info("DeepSpeed accelerator switched from %s to %s to match the policy", current, device.type)
 
 
-def init_distributed(device: torch.device) -> None:
+def init_distributed(device: torch.device, timeout_s: float = 1800.0) -> None:
     """Join the launcher's process group, or start a world-size-1 one (gloo on CPU, nccl on CUDA).
 
     DeepSpeed reads RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT from the
@@ -162,7 +163,8 @@ def init_distributed(device: torch.device) -> None:
         # machine); a process killed while compiling leaves a lock behind on which every later learner on the
         # machine waits forever. gloo's own all-reduce is all a CPU learner needs.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timedelta(seconds=timeout_s))
 
 
 class LearnerEngine:
@@ -188,7 +190,7 @@ class LearnerEngine:
         self._check_precision()
         select_accelerator(policy.device)
         deepspeed.utils.logger.setLevel(deepspeed_log_level)
-        init_distributed(policy.device)
+        init_distributed(policy.device, learner.collective_timeout_s)
         expected = torch.device(get_accelerator().device_name(int(os.environ["LOCAL_RANK"])))
         if policy.device != expected:
             raise ValueError(

@@ -63,6 +63,13 @@ class LearnerConfig(StrictModel):
     checkpoint_dir: Path = Path("runs/learner/checkpoints")
     max_updates: int | None = Field(None, ge=1, description="stop after this many updates (default: run on)")
     reclaim_idle_s: float = Field(60.0, gt=0, description="take over records a dead consumer left this long")
+    collective_timeout_s: float = Field(
+        1800.0,
+        gt=0,
+        description="a collective (all-reduce) between ranks that waits longer fails the learner, which then "
+        "resumes on restart: a dead or hung rank cannot stall the others for ever; ranks also wait in one "
+        "while any of them waits for experience",
+    )
     read_block_s: float = Field(1.0, gt=0, description="wait for records this long per read")
     metrics_file: Path | None = Field(Path("runs/learner/metrics.jsonl"), description="a JSON line per update")
     metrics_port: int | None = Field(
