@@ -58,7 +58,7 @@ class Learner:
         self.state = LearnerState()
         lc = cfg.learner
         self.sink = MetricsSink(lc.metrics_file, lc.tensorboard_dir) if rank == 0 else None
-        self.demand = ActorDemand(lc.target_backlog, lc.scale_horizon_s, ranks=getattr(engine, "world_size", 1))
+        self.demand = ActorDemand(lc.target_backlog, lc.scale_horizon_s, ranks=engine.world_size)
         self.ops = None
         if self.sink is not None and lc.metrics_port is not None:
             routes = {"/v1/scaling": self.demand.report}

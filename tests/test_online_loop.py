@@ -557,6 +557,8 @@ class _DyingQueue(RedisExperienceQueue):
 class _StubEngine:
     """Just enough of LearnerEngine for Learner: what is tested is the learner's use of the queue."""
 
+    world_size = 1
+
     def __init__(self, policy: DistilledPolicy):
         self.policy = policy
 
