@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
@@ -18,14 +17,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import TypeAdapter
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import pso
 from pso.config.reward_server import BackendSpec, LimitsConfig, RewardServerConfig
 from reward_server import decode
 from reward_server.backends import RewardBackend, build_backend
-from reward_server.errors import ApiError, unprocessable
-from reward_server.guard import RequestGuard
+from reward_server.errors import ApiError, describe_validation, error_body, unprocessable
+from reward_server.guard import CLIENT_GONE, RequestGuard, bearer_token
 from reward_server.metrics import ServerMetrics
 from reward_server.pool import ModelPool, Reader
 from reward_server.schemas import (
@@ -56,7 +56,13 @@ _FORM = {
         "models": {"type": "string", "description": "JSON list of model names"},
     },
 }
-_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 413, 415, 422, 429, 503)}
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 408, 413, 415, 422, 429, 503)}
+_SCORE_REQUEST, _COMPARE_REQUEST = TypeAdapter(ScoreRequest), TypeAdapter(CompareRequest)
+
+
+def _json_body(model) -> dict:
+    """OpenAPI for a JSON body the route parses itself (off the event loop, bounded: see decode.parse_json)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
 
 
 # Enforced by RequestGuard before the body is read; declared here so the OpenAPI schema shows the scheme.
@@ -73,7 +79,7 @@ def create_app(
     metrics = ServerMetrics()
     pool = ModelPool(config, metrics, builder)
     limits = config.limits
-    token = os.environ.get(config.token_env, "").strip()
+    token = bearer_token(config)
     if not token and config.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without a token: set $%s to require one", config.host, config.token_env)
 
@@ -83,6 +89,7 @@ def create_app(
         yield
         loading.cancel()
         await pool.close()
+        log.info("shut down")
 
     app = FastAPI(
         title="PSO reward server",
@@ -103,8 +110,7 @@ def create_app(
         errors = e.errors()
         if any(err["type"] == "json_invalid" for err in errors):
             return _error(400, "bad_json", "the body is not valid JSON")
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in errors[:10])
-        return _error(422, "invalid_request", problems)
+        return _error(422, "invalid_request", describe_validation(errors))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException):
@@ -112,7 +118,7 @@ def create_app(
         return _error(e.status_code, code, str(e.detail), getattr(e, "headers", None))
 
     @app.exception_handler(Exception)
-    async def _internal(request: Request, e: Exception):  # logged once, by uvicorn, with the traceback
+    async def _internal(request: Request, e: Exception):  # logged once, by RequestGuard, with the traceback
         return _error(500, "internal", "internal error; see the server log")
 
     @app.get("/healthz", summary="The process is alive")
@@ -133,11 +139,11 @@ def create_app(
         pool.select(None)
         return ModelsResponse(models=pool.infos, devices=config.devices, limits=limits)
 
-    async def scored(read: Reader) -> dict:
+    async def scored(request: Request, read: Reader) -> dict:
         """A ScoreResponse's content, built directly: it is the hot path, and its types are fixed here."""
-        scores, names = await pool.run(read)
+        scores, names = await pool.run(read, request.scope.get(CLIENT_GONE))
         total = sum(pool.models[n].spec.weight * scores[n].double() for n in names)
-        if not all(torch.isfinite(scores[n]).all() for n in names):
+        if not all(torch.isfinite(scores[n]).all() for n in names) or not torch.isfinite(total).all():
             raise ApiError(500, "non_finite_score", "a model returned a non-finite score; see /v1/models for dtypes")
         return {
             "scores": {n: scores[n].tolist() for n in names},
@@ -146,16 +152,23 @@ def create_app(
         }
 
     @app.post(
-        "/v1/score", dependencies=_SECURED, summary="Score images, one prompt each (JSON)", response_model=ScoreResponse
+        "/v1/score",
+        dependencies=_SECURED,
+        summary="Score images, one prompt each (JSON)",
+        response_model=ScoreResponse,
+        openapi_extra=_json_body(ScoreRequest),
     )
-    async def score(body: ScoreRequest) -> JSONResponse:
+    async def score(request: Request) -> JSONResponse:
+        raw = await request.body()
+
         def read():
+            body = decode.parse_json(raw, _SCORE_REQUEST)
             names = pool.select(body.models)
             _check_request(limits, body.prompts, len(body.images))
             raws = [decode.base64_bytes(s, f"images[{i}]") for i, s in enumerate(body.images)]
             return decode.open_images(raws, limits), body.prompts, names
 
-        return JSONResponse(await scored(read))
+        return JSONResponse(await scored(request, read))
 
     @app.post(
         "/v1/score/safetensors",
@@ -175,7 +188,7 @@ def create_app(
             _check_request(limits, prompts, len(images))
             return images, prompts, names
 
-        return JSONResponse(await scored(read))
+        return JSONResponse(await scored(request, read))
 
     @app.post(
         "/v1/score/multipart",
@@ -187,22 +200,10 @@ def create_app(
         response_model=ScoreResponse,
     )
     async def score_multipart(request: Request) -> JSONResponse:
-        try:
-            form = await request.form(max_files=limits.max_images, max_fields=8)
-        except Exception as e:
-            if "Too many files" in str(e):
-                raise ApiError(413, "too_many_images", f"at most {limits.max_images} files per request") from None
-            raise ApiError(400, "bad_form", f"cannot parse the multipart form: {e}") from None
-        try:
-            parts = form.getlist("images")
-            if any(isinstance(p, str) for p in parts):
-                raise unprocessable("bad_field", "every 'images' part must be a file (give it a filename)")
-            raws = [await p.read() for p in parts]
-            fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
-        finally:
-            await form.close()
+        raw = await request.body()
 
         def read():
+            raws, fields = decode.parse_form(raw, request.headers["content-type"], limits.max_images, max_fields=8)
             if "prompts" not in fields:
                 raise unprocessable("bad_field", "form field 'prompts' (a JSON list of strings) is missing")
             prompts = decode.parse_string_list(fields["prompts"], "prompts")
@@ -210,23 +211,29 @@ def create_app(
             _check_request(limits, prompts, len(raws))
             return decode.open_images(raws, limits), prompts, names
 
-        return JSONResponse(await scored(read))
+        return JSONResponse(await scored(request, read))
 
     @app.post(
         "/v1/compare",
         dependencies=_SECURED,
         summary="Which of two or more images fits a prompt",
         response_model=CompareResponse,
+        openapi_extra=_json_body(CompareRequest),
     )
-    async def compare(body: CompareRequest) -> JSONResponse:
+    async def compare(request: Request) -> JSONResponse:
+        raw = await request.body()
+        body: CompareRequest | None = None
+
         def read():
+            nonlocal body
+            body = decode.parse_json(raw, _COMPARE_REQUEST)
             names = pool.select(body.models)
             prompts = [body.prompt] * len(body.images)
             _check_request(limits, prompts, len(body.images))
             raws = [decode.base64_bytes(s, f"images[{i}]") for i, s in enumerate(body.images)]
             return decode.open_images(raws, limits), prompts, names
 
-        result = await scored(read)
+        result = await scored(request, read)
         total = torch.tensor(result["total"], dtype=torch.float64)
         probabilities = torch.softmax((total - total.max()) / body.temperature, 0)  # finite for any temperature
         return JSONResponse({**result, "probabilities": probabilities.tolist(), "winner": int(total.argmax())})
@@ -248,14 +255,7 @@ def _check_request(limits: LimitsConfig, prompts: list[str], n_images: int) -> N
             raise unprocessable(
                 "prompt_too_long", f"prompts[{i}] has {len(p)} characters; at most {limits.max_prompt_chars}"
             )
-        if not p.isascii():
-            try:
-                p.encode("utf-8")
-            except UnicodeEncodeError:
-                raise unprocessable(
-                    "bad_prompt", f"prompts[{i}] is not valid Unicode text (a lone surrogate)"
-                ) from None
 
 
-def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
+    return Response(error_body(code, message), status_code=status, headers=headers, media_type="application/json")

@@ -72,12 +72,13 @@ class DeviceBatcher:
         self._task = asyncio.get_running_loop().create_task(self._collect_forever(), name=f"batcher-{self.device}")
 
     async def stop(self) -> None:
-        """Stop collecting; requests still waiting get a 503."""
+        """Stop collecting; requests still waiting, the running batch's too, get a 503."""
+        running = list(self._running)  # cancelling the collector clears it
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         self.executor.shutdown(wait=False, cancel_futures=True)
-        waiting = self._running + [self.queue.get_nowait() for _ in range(self.queue.qsize())]
+        waiting = running + [self.queue.get_nowait() for _ in range(self.queue.qsize())]
         for job in waiting:
             if not job.future.done():
                 job.future.set_exception(ApiError(503, "shutting_down", "the server is stopping; retry elsewhere"))

@@ -31,4 +31,5 @@ class ServerMetrics:
         self.pending_images = Gauge(
             "reward_pending_images", "images accepted and not yet scored", ["device"], registry=r
         )
+        self.body_bytes = Gauge("reward_body_bytes", "request body bytes held by the requests in progress", registry=r)
         self.ready = Gauge("reward_ready", "1 once every configured model is loaded", registry=r)

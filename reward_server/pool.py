@@ -16,7 +16,7 @@ from pso.config.reward_server import BackendSpec, RewardServerConfig
 from reward_server import decode
 from reward_server.backends import ModelInfo, RewardBackend, RewardInputError, build_backend
 from reward_server.batcher import DeviceBatcher, InflightCounter, Job
-from reward_server.errors import ApiError, unprocessable
+from reward_server.errors import ApiError, client_gone, shorten, unprocessable
 from reward_server.metrics import ServerMetrics
 
 log = logging.getLogger("pso.reward_server")
@@ -85,7 +85,9 @@ class ModelPool:
             return list(self.models)
         unknown = [n for n in names if n not in self.models]
         if unknown:
-            raise unprocessable("unknown_model", f"unknown model(s) {unknown}; served: {list(self.models)}")
+            named = ", ".join(shorten(n) for n in unknown[:3])
+            named += f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+            raise unprocessable("unknown_model", f"unknown model(s) {named}; served: {list(self.models)}")
         if not names:
             raise unprocessable("bad_field", "models must name at least one model (or be left out for all)")
         return list(dict.fromkeys(names))
@@ -102,20 +104,33 @@ class ModelPool:
         raise ApiError(429, "busy", f"every device has {self.config.batching.max_queue} images pending; retry shortly",
                        {"Retry-After": "1"})  # fmt: skip
 
-    def prepare(self, read: Reader) -> Prepared:
-        """Read the request, check its prompts, reserve room, then decode and preprocess one image at a
-        time for every model asked for (runs on a preprocessing thread)."""
+    def prepare(self, work: _Work) -> Prepared:
+        """Read the request, check its prompts and image sizes against every model asked for, reserve room,
+        then decode and preprocess one image at a time (runs on a preprocessing thread). Stops between
+        images once the work is abandoned (the request answered already, or its client gone)."""
+        read = work.read
+        if read is None:
+            raise _Abandoned
         images, prompts, names = read()
+        del read
         for name in names:
+            model = self.models[name]
             for i, prompt in enumerate(prompts):
                 try:
-                    self.models[name].check_prompt(prompt)
+                    model.check_prompt(prompt)
                 except RewardInputError as e:
                     raise unprocessable("bad_prompt", f"prompts[{i}] for {name}: {e}") from None
+            for i, image in enumerate(images):  # from the headers: an image no model can take is never decoded
+                try:
+                    model.check_size(*decode.image_size(image))
+                except RewardInputError as e:
+                    raise unprocessable("bad_image", f"images[{i}] for {name}: {e}") from None
         batcher = self.reserve(len(images))
         try:
             inputs: dict[str, list[torch.Tensor]] = {name: [] for name in names}
             for i, item in enumerate(images):
+                if work.read is None:
+                    raise _Abandoned
                 image = decode.to_tensor(item, f"images[{i}]")
                 for name in names:
                     try:
@@ -127,30 +142,32 @@ class ModelPool:
             raise
         return Prepared(inputs, prompts, names, batcher)
 
-    async def run(self, read: Reader) -> tuple[dict[str, torch.Tensor], list[str]]:
+    async def run(self, read: Reader, gone: asyncio.Future | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
         """Prepare (counted as in flight, so batchers wait for it), queue and await the scores, all within
-        the request timeout; returns per-model scores and the model names."""
+        the request timeout; returns per-model scores and the model names. Once the request times out or
+        its client is `gone`, its work stops: preparation at the next image, and a queued job is skipped."""
         loop = asyncio.get_running_loop()
         timeout = self.config.limits.request_timeout_s
         deadline = loop.time() + timeout
+        work = _Work(read)
+        del read
         self.inflight.value += 1
         try:
-            preparing = loop.run_in_executor(self.prepare_executor, self.prepare, read)
+            preparing = loop.run_in_executor(self.prepare_executor, self.prepare, work)
             try:
-                prepared = await asyncio.wait_for(asyncio.shield(preparing), timeout)
+                prepared = await _first(preparing, deadline, gone, timeout)
             except BaseException:
+                work.read = None  # stops it, and lets the body go while it waits for a thread
                 preparing.add_done_callback(_release_unused)  # the room it reserves must come back
                 raise
-        except asyncio.TimeoutError:
-            raise _timeout(timeout) from None
         finally:
             self.inflight.value -= 1
         future = loop.create_future()
         prepared.batcher.enqueue(Job(prepared.inputs, prepared.prompts, future))
         try:
-            return await asyncio.wait_for(future, max(deadline - loop.time(), 0)), prepared.names
-        except asyncio.TimeoutError:  # the batcher skips the cancelled job and gives its room back
-            raise _timeout(timeout) from None
+            return await _first(future, deadline, gone, timeout), prepared.names
+        finally:
+            future.cancel()  # a no-op once scored; else the batcher skips the job and gives its room back
 
 
 Reader = Callable[[], tuple[Sequence[Image.Image | torch.Tensor], list[str], list[str]]]
@@ -171,8 +188,29 @@ def _release_unused(preparing: asyncio.Future) -> None:
         prepared.batcher.release(len(prepared.prompts))
 
 
-def _timeout(seconds: float) -> ApiError:
-    return ApiError(503, "timeout", f"not scored within {seconds} s", {"Retry-After": "1"})
+class _Work:
+    """A request's reader (and through it, its body) until the request is abandoned: then `read` is None,
+    so a preprocessing thread skips or stops it, and the body is freed even before a thread takes it."""
+
+    def __init__(self, read: Reader):
+        self.read: Reader | None = read
+
+
+class _Abandoned(Exception):
+    """Raised on a preprocessing thread to stop the work of a request nobody waits for."""
+
+
+async def _first(future: asyncio.Future, deadline: float, gone: asyncio.Future | None, timeout: float):
+    """`future`'s result, or a 503 at the deadline, or a 499 once the client is `gone` (the future is left
+    running: the caller stops its work)."""
+    waiting = {future} if gone is None else {future, gone}
+    remaining = max(deadline - asyncio.get_running_loop().time(), 0)
+    done, _ = await asyncio.wait(waiting, timeout=remaining, return_when="FIRST_COMPLETED")
+    if future in done:
+        return future.result()
+    if gone is not None and gone.done():
+        raise client_gone()
+    raise ApiError(503, "timeout", f"not scored within {timeout} s", {"Retry-After": "1"})
 
 
 def _replica_names(devices: list[str]) -> list[str]:

@@ -19,7 +19,9 @@ class BackendSpec(StrictModel):
     """Fields every reward model's config has; each back-end adds `kind` (its tag) and its own fields."""
 
     name: str | None = Field(None, description="name in requests and responses (default: derived from the kind)")
-    weight: float = Field(1.0, description="weight of this model's score in the weighted total")
+    weight: float = Field(
+        1.0, allow_inf_nan=False, description="weight of this model's score in the weighted total (a finite number)"
+    )
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     max_batch: int = Field(64, ge=1, description="most images in one forward pass")
 
@@ -120,15 +122,36 @@ MAX_LIST = 4096  # the request schemas' hard cap on list lengths, whatever the l
 
 
 class LimitsConfig(StrictModel):
-    """Bounds on what one request may ask for; a request over any of them gets a 413 or 422."""
+    """Bounds on what one request may ask for and how long it may take (docs/reward-server.md lists
+    what each refusal looks like)."""
 
+    max_header_bytes: int = Field(
+        64 * 2**10, ge=8192, le=2**20, description="request line and headers; more get 431 and the connection closed"
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, le=600, description="a connection without a complete request header after this is closed"
+    )
     max_body_bytes: int = Field(64 * 2**20, ge=1024)
+    max_buffered_bytes: int = Field(
+        1024 * 2**20, ge=1024, description="bodies held by all the requests in progress; more get 429"
+    )
     max_images: int = Field(256, ge=1, le=MAX_LIST, description="images per request")
     max_pixels: int = Field(4096 * 4096, ge=1, description="width x height of one image (decompression bombs)")
     max_total_pixels: int = Field(256 * 512 * 512, ge=1, description="pixels of all the images of one request")
     max_prompt_chars: int = Field(2000, ge=1)
     max_concurrent_requests: int = Field(256, ge=1, description="scoring requests in progress; more get 429")
-    request_timeout_s: float = Field(60.0, gt=0, description="a request not answered after this gets 503")
+    request_timeout_s: float = Field(
+        60.0, gt=0, allow_inf_nan=False, description="a request not answered after this gets 503"
+    )
+
+    @model_validator(mode="after")
+    def _buffer_fits_a_body(self) -> LimitsConfig:
+        if self.max_buffered_bytes < self.max_body_bytes:
+            raise ValueError(
+                f"max_buffered_bytes ({self.max_buffered_bytes}) must be at least max_body_bytes "
+                f"({self.max_body_bytes}), or the largest bodies could never be read"
+            )
+        return self
 
 
 class RewardServerConfig(StrictModel):
@@ -140,7 +163,8 @@ class RewardServerConfig(StrictModel):
     devices: list[str] = Field(default_factory=lambda: ["cpu"], min_length=1, description="one model copy per device")
     workers: int = Field(1, ge=1, description="server processes; each loads its own copy of the models")
     token_env: str = Field(
-        "PSO_REWARD_TOKEN", description="environment variable holding the bearer token; unset or empty: no auth"
+        "PSO_REWARD_TOKEN",
+        description="environment variable holding the bearer token; unset or empty: no auth (blank: an error)",
     )
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)

@@ -3,8 +3,11 @@
 A back-end scores images against prompts. The server splits the work in two so that the cheap
 part runs on request threads and the expensive part runs batched on the model's device:
 
-- `preprocess(image)` turns one decoded image, a uint8 (H, W, 3) CPU tensor, into the model's
-  input (a CPU tensor of a fixed shape for models with fixed-size inputs). It runs per request.
+- `check_size(width, height)` refuses an image the model cannot take, from its header alone, so
+  that it is never decoded.
+- `preprocess(image)` turns one decoded image (of a size `check_size` let through), a uint8
+  (H, W, 3) CPU tensor, into the model's input (a CPU tensor of a fixed shape for models with
+  fixed-size inputs). It runs per request.
 - `score_batch(pixels, prompts)` scores a stack of preprocessed images (all of one shape) with one
   prompt each and returns (B,) float32 scores on the CPU. It runs in the device's batch worker,
   under `torch.inference_mode()`.
@@ -63,6 +66,10 @@ class RewardBackend(ABC):
         """Raise RewardInputError if this model cannot score against `prompt` (default: any text)."""
         return None
 
+    def check_size(self, width: int, height: int) -> None:
+        """Raise RewardInputError if this model cannot take a `width` x `height` image (default: any size)."""
+        return None
+
     @abstractmethod
     def preprocess(self, image: torch.Tensor) -> torch.Tensor:
         """uint8 (H, W, 3) CPU image -> model input tensor (CPU)."""
@@ -79,6 +86,8 @@ class RewardBackend(ABC):
             raise RewardInputError(f"got {len(prompts)} prompts for {len(images)} images")
         for p in prompts:
             self.check_prompt(p)
+        for im in images:
+            self.check_size(im.shape[1], im.shape[0])
         pixels = [self.preprocess(im) for im in images]
         scores = torch.zeros(len(pixels))
         for batch in shape_batches([p.shape for p in pixels], self.spec.max_batch):

@@ -98,6 +98,12 @@ class ImageTransform:
         std = torch.tensor(self.std, device=pixels.device).view(1, 3, 1, 1)
         return (pixels.float() / 255.0 - mean) / std
 
+    @staticmethod
+    def check_size(width: int, height: int) -> None:
+        """Images far longer than wide are refused: resizing the short side would blow up the long one."""
+        if max(height, width) > MAX_ASPECT * min(height, width):
+            raise RewardInputError(f"a {width}x{height} image is more than {MAX_ASPECT} times longer than it is wide")
+
     def crop(self, image: torch.Tensor) -> torch.Tensor:
         """uint8 (H, W, 3) -> uint8 (3, crop height, crop width): resized and center-cropped."""
         if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) == 0:
@@ -105,8 +111,7 @@ class ImageTransform:
                 f"expected a non-empty uint8 (H, W, 3) image, got {image.dtype} of shape {tuple(image.shape)}"
             )
         height, width = image.shape[:2]
-        if max(height, width) > MAX_ASPECT * min(height, width):
-            raise RewardInputError(f"a {width}x{height} image is more than {MAX_ASPECT} times longer than it is wide")
+        self.check_size(width, height)
         # as transformers (and torchvision) compute it: the long side is truncated, not rounded
         if height <= width:
             new_size = (self.size, int(self.size * width / height))

@@ -112,6 +112,9 @@ class ClipBackend(RewardBackend):
             name=self.spec.model_name, kind=self.kind, version=self._version, scale=self.scale, weight=self.spec.weight
         )
 
+    def check_size(self, width: int, height: int) -> None:
+        self.tower.transform.check_size(width, height)
+
     def preprocess(self, image: torch.Tensor) -> torch.Tensor:
         return self.tower.transform.crop(image)
 

@@ -264,6 +264,9 @@ class ImageRewardBackend(RewardBackend):
             weight=self.spec.weight,
         )
 
+    def check_size(self, width: int, height: int) -> None:
+        self.transform.check_size(width, height)
+
     def preprocess(self, image: torch.Tensor) -> torch.Tensor:
         return self.transform.crop(image)
 

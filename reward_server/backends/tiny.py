@@ -44,11 +44,11 @@ class TinyBackend(RewardBackend):
         except ValueError as e:
             raise RewardInputError(str(e)) from None
 
+    def check_size(self, width: int, height: int) -> None:
+        if (width, height) != (IMAGE_SIZE, IMAGE_SIZE):
+            raise RewardInputError(f"tiny-world rewards score {IMAGE_SIZE}x{IMAGE_SIZE} images, got {width}x{height}")
+
     def preprocess(self, image: torch.Tensor) -> torch.Tensor:
-        if tuple(image.shape[:2]) != (IMAGE_SIZE, IMAGE_SIZE):
-            raise RewardInputError(
-                f"tiny-world rewards score {IMAGE_SIZE}x{IMAGE_SIZE} images, got {image.shape[1]}x{image.shape[0]}"
-            )
         return image.permute(2, 0, 1).float() / 255
 
     def score_batch(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
