@@ -527,6 +527,7 @@ def test_a_body_that_stalls_gets_408_and_the_server_moves_on():
 def test_a_body_without_a_length_is_cut_off_at_the_limit():
     """A chunked upload announces no length: it is refused once what arrived passes max_body_bytes."""
     config = RewardServerConfig(limits=LimitsConfig(max_body_bytes=2**20))
+
     def chunks():
         for _ in range(64):
             yield b" " * 2**16
