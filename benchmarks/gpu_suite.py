@@ -605,7 +605,6 @@ class Suite:
             raise RuntimeError(f"bench_reward_server.py {what}:\n{tail}")
         print(tail, flush=True)
         result = json.loads(out.read_text())
-        raw = result["raw_images_per_s"]
         model = "PickScore ViT-H/14" if s.reward_full else "tiny PickScore"
         rows = []
         for level in result["levels"]:
@@ -617,11 +616,11 @@ class Suite:
                     f"{level['clients']} clients, {s.rs_seconds:g} s",
                     f"served {level['images_per_s']:,.0f} images/s (p50 {level['p50_ms']:.0f} ms, "
                     f"p99 {level['p99_ms']:.0f} ms)",
-                    f"raw batched forward {raw:,.0f} images/s",
+                    f"raw batched forward {level['raw_images_per_s']:,.0f} images/s",
                     f"{level['ratio']:.2f} of raw",
                     f"at least {GOALS['reward-server']:g} of raw at {max(s.rs_clients)} clients" if last else "",
                     level["ratio"] >= GOALS["reward-server"] if last else None,
-                    {"raw_images_per_s": raw, **level},
+                    level,
                 )
             )
         return rows

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
-import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -142,12 +142,13 @@ def create_app(
     async def scored(request: Request, read: Reader) -> dict:
         """A ScoreResponse's content, built directly: it is the hot path, and its types are fixed here."""
         scores, names = await pool.run(read, request.scope.get(CLIENT_GONE))
-        total = sum(pool.models[n].spec.weight * scores[n].double() for n in names)
-        if not all(torch.isfinite(scores[n]).all() for n in names) or not torch.isfinite(total).all():
+        weights = [pool.models[n].spec.weight for n in names]
+        total = [sum(w * scores[n][i] for w, n in zip(weights, names)) for i in range(len(scores[names[0]]))]
+        if not all(math.isfinite(x) for x in total):  # a non-finite score makes a non-finite total
             raise ApiError(500, "non_finite_score", "a model returned a non-finite score; see /v1/models for dtypes")
         return {
-            "scores": {n: scores[n].tolist() for n in names},
-            "total": total.tolist(),
+            "scores": {n: scores[n] for n in names},
+            "total": total,
             "versions": {n: pool.versions[n] for n in names},
         }
 
@@ -234,9 +235,12 @@ def create_app(
             return decode.open_images(raws, limits), prompts, names
 
         result = await scored(request, read)
-        total = torch.tensor(result["total"], dtype=torch.float64)
-        probabilities = torch.softmax((total - total.max()) / body.temperature, 0)  # finite for any temperature
-        return JSONResponse({**result, "probabilities": probabilities.tolist(), "winner": int(total.argmax())})
+        total = result["total"]
+        top = max(total)
+        # softmax of total / temperature, shifted by the top: the exponents are <= 0, and -inf gives 0
+        odds = [math.exp((t - top) / body.temperature) for t in total]
+        probabilities = [o / sum(odds) for o in odds]
+        return JSONResponse({**result, "probabilities": probabilities, "winner": total.index(top)})
 
     return RequestGuard(
         app, token=token, limits=limits, content_types=CONTENT_TYPES, metrics=metrics, open_paths=OPEN_PATHS

@@ -183,18 +183,16 @@ def check_total_pixels(total: int, limits: LimitsConfig) -> None:
         )
 
 
-def image_size(image: Image.Image | torch.Tensor) -> tuple[int, int]:
-    """(width, height) of an opened image or a uint8 (H, W, 3) tensor, without decoding anything."""
-    if isinstance(image, torch.Tensor):
-        return image.shape[1], image.shape[0]
-    return image.size
+def image_sizes(images: Sequence[Image.Image] | torch.Tensor) -> list[tuple[int, int]]:
+    """(width, height) of each opened image, or of each of a uint8 (N, H, W, 3) batch, without decoding."""
+    if isinstance(images, torch.Tensor):
+        return [(images.shape[2], images.shape[1])] * len(images)
+    return [image.size for image in images]
 
 
-def to_tensor(image: Image.Image | torch.Tensor, where: str) -> torch.Tensor:
+def to_tensor(image: Image.Image, where: str) -> torch.Tensor:
     """Decode an opened image to uint8 (H, W, 3): upright as its EXIF orientation says, 16-bit
-    samples scaled to 8 bits, alpha dropped (as the models' reference processors do). Tensors pass."""
-    if isinstance(image, torch.Tensor):
-        return image
+    samples scaled to 8 bits, alpha dropped (as the models' reference processors do)."""
     try:
         image.load()
         image = ImageOps.exif_transpose(image)
@@ -224,7 +222,7 @@ class _SafetensorsHeader(BaseModel):
 _HEADER = TypeAdapter(_SafetensorsHeader)
 
 
-def decode_safetensors(raw: bytes, limits: LimitsConfig) -> tuple[list[torch.Tensor], list[str], list[str] | None]:
+def decode_safetensors(raw: bytes, limits: LimitsConfig) -> tuple[torch.Tensor, list[str], list[str] | None]:
     """A safetensors body: tensor `images` uint8 (N, H, W, 3); header metadata `prompts` (a JSON list of
     strings) and optionally `models` (a JSON list of names). Every size in the header is checked to be an
     integer, within the limits and equal to the bytes present before anything is allocated from it."""
@@ -258,7 +256,7 @@ def decode_safetensors(raw: bytes, limits: LimitsConfig) -> tuple[list[torch.Ten
         raise bad_request("bad_safetensors", "body is not a valid safetensors file") from None
     prompts = _metadata_strings(header.metadata, "prompts", required=True)
     models = _metadata_strings(header.metadata, "models", required=False)
-    return list(images.unbind(0)), prompts, models
+    return images, prompts, models
 
 
 def _metadata_strings(metadata: dict[str, str], key: str, required: bool) -> list[str] | None:

@@ -112,7 +112,7 @@ def serve_in_background(app, host: str = "127.0.0.1", port: int = 0) -> Iterator
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_until_complete, args=(server.serve(),), daemon=True, name="reward-server")
     thread.start()
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 300  # generous: a busy machine starts slowly
     while not _accepts(host, port):
         if not thread.is_alive() or time.monotonic() > deadline:
             raise RuntimeError("the reward server did not start")
@@ -121,7 +121,7 @@ def serve_in_background(app, host: str = "127.0.0.1", port: int = 0) -> Iterator
         yield f"http://{host}:{port}"
     finally:
         loop.call_soon_threadsafe(server.stop)
-        thread.join(30)
+        thread.join(120)
         if not thread.is_alive():
             loop.close()
 

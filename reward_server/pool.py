@@ -7,7 +7,6 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import torch
 from PIL import Image
@@ -104,10 +103,17 @@ class ModelPool:
         raise ApiError(429, "busy", f"every device has {self.config.batching.max_queue} images pending; retry shortly",
                        {"Retry-After": "1"})  # fmt: skip
 
-    def prepare(self, work: _Work) -> Prepared:
+    def prepare(self, work: _Work) -> list[str]:
         """Read the request, check its prompts and image sizes against every model asked for, reserve room,
-        then decode and preprocess one image at a time (runs on a preprocessing thread). Stops between
-        images once the work is abandoned (the request answered already, or its client gone)."""
+        decode and preprocess one image at a time, and queue the job on the device (runs on a preprocessing
+        thread); returns the model names. Stops between images once the work is abandoned (the request
+        answered already, or its client gone)."""
+        try:
+            return self._prepare(work)
+        finally:
+            self.inflight.add(-1)
+
+    def _prepare(self, work: _Work) -> list[str]:
         read = work.read
         if read is None:
             raise _Abandoned
@@ -120,80 +126,85 @@ class ModelPool:
                     model.check_prompt(prompt)
                 except RewardInputError as e:
                     raise unprocessable("bad_prompt", f"prompts[{i}] for {name}: {e}") from None
-            for i, image in enumerate(images):  # from the headers: an image no model can take is never decoded
+            for i, size in enumerate(decode.image_sizes(images)):  # an image no model can take is never decoded
                 try:
-                    model.check_size(*decode.image_size(image))
+                    model.check_size(*size)
                 except RewardInputError as e:
                     raise unprocessable("bad_image", f"images[{i}] for {name}: {e}") from None
         batcher = self.reserve(len(images))
         try:
-            inputs: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-            for i, item in enumerate(images):
-                if work.read is None:
-                    raise _Abandoned
-                image = decode.to_tensor(item, f"images[{i}]")
-                for name in names:
-                    try:
-                        inputs[name].append(self.models[name].preprocess(image))
-                    except RewardInputError as e:
-                        raise unprocessable("bad_image", f"images[{i}] for {name}: {e}") from None
+            if isinstance(images, torch.Tensor):  # a uint8 batch, decoded already: each model takes it at once
+                inputs = {name: self._preprocess(name, images, "images") for name in names}
+            else:
+                inputs = {name: [] for name in names}
+                for i, item in enumerate(images):
+                    if work.read is None:
+                        raise _Abandoned
+                    image = decode.to_tensor(item, f"images[{i}]")[None]
+                    for name in names:
+                        inputs[name] += self._preprocess(name, image, f"images[{i}]")
+            work.job = Job(inputs, prompts, work.future)
+            if work.read is None:
+                raise _Abandoned
         except BaseException:
             batcher.release(len(images))
             raise
-        return Prepared(inputs, prompts, names, batcher)
+        batcher.enqueue(work.job)  # from here the batcher gives the room back
+        return names
 
-    async def run(self, read: Reader, gone: asyncio.Future | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
-        """Prepare (counted as in flight, so batchers wait for it), queue and await the scores, all within
-        the request timeout; returns per-model scores and the model names. Once the request times out or
-        its client is `gone`, its work stops: preparation at the next image, and a queued job is skipped."""
+    def _preprocess(self, name: str, images: torch.Tensor, where: str) -> list[torch.Tensor]:
+        try:
+            return self.models[name].preprocess_batch(images)
+        except RewardInputError as e:
+            raise unprocessable("bad_image", f"{where} for {name}: {e}") from None
+
+    async def run(self, read: Reader, gone: asyncio.Future | None = None) -> tuple[dict[str, list[float]], list[str]]:
+        """Prepare (counted as in flight until queued, so batchers wait for it) and await the scores, all
+        within the request timeout; returns per-model scores and the model names. Once the request times
+        out or its client is `gone`, its work stops: preparation at the next image, and a queued job is
+        skipped."""
         loop = asyncio.get_running_loop()
         timeout = self.config.limits.request_timeout_s
         deadline = loop.time() + timeout
-        work = _Work(read)
+        work = _Work(read, loop.create_future())
         del read
-        self.inflight.value += 1
+        self.inflight.add(1)
+        preparing = loop.run_in_executor(self.prepare_executor, self.prepare, work)
         try:
-            preparing = loop.run_in_executor(self.prepare_executor, self.prepare, work)
-            try:
-                prepared = await _first(preparing, deadline, gone, timeout)
-            except BaseException:
-                work.read = None  # stops it, and lets the body go while it waits for a thread
-                preparing.add_done_callback(_release_unused)  # the room it reserves must come back
-                raise
+            names = await _first(preparing, deadline, gone, timeout)
+            return await _first(work.future, deadline, gone, timeout), names
         finally:
-            self.inflight.value -= 1
-        future = loop.create_future()
-        prepared.batcher.enqueue(Job(prepared.inputs, prepared.prompts, future))
-        try:
-            return await _first(future, deadline, gone, timeout), prepared.names
-        finally:
-            future.cancel()  # a no-op once scored; else the batcher skips the job and gives its room back
+            work.abandon()
+            if not preparing.done():
+                preparing.add_done_callback(_retrieve)
 
 
-Reader = Callable[[], tuple[Sequence[Image.Image | torch.Tensor], list[str], list[str]]]
-"""Reads a request on a preprocessing thread: its images (opened or decoded), prompts and model names."""
-
-
-@dataclass
-class Prepared:
-    inputs: dict[str, list[torch.Tensor]]
-    prompts: list[str]
-    names: list[str]
-    batcher: DeviceBatcher
-
-
-def _release_unused(preparing: asyncio.Future) -> None:
-    if not preparing.cancelled() and preparing.exception() is None:
-        prepared = preparing.result()
-        prepared.batcher.release(len(prepared.prompts))
+Reader = Callable[[], tuple[Sequence[Image.Image] | torch.Tensor, list[str], list[str]]]
+"""Reads a request on a preprocessing thread: its images (opened from their headers, or decoded already as
+one uint8 (N, H, W, 3) batch), prompts and model names."""
 
 
 class _Work:
-    """A request's reader (and through it, its body) until the request is abandoned: then `read` is None,
-    so a preprocessing thread skips or stops it, and the body is freed even before a thread takes it."""
+    """A request on its way to the batcher: its reader (and through it, its body) until the request is
+    abandoned; then `read` is None, so a preprocessing thread skips or stops it (the body is freed even
+    before a thread takes it), and its job, if queued already, is marked for the batcher to skip."""
 
-    def __init__(self, read: Reader):
+    def __init__(self, read: Reader, future: asyncio.Future):
         self.read: Reader | None = read
+        self.future = future  # the scores, set by the batcher
+        self.job: Job | None = None
+
+    def abandon(self) -> None:
+        self.read = None
+        if self.job is not None:
+            self.job.abandoned = True
+        self.future.cancel()  # a no-op once scored; else what the batcher may still deliver is dropped
+
+
+def _retrieve(preparing: asyncio.Future) -> None:
+    """Take the outcome of preparation nobody awaits any more, so that asyncio does not log it as lost."""
+    if not preparing.cancelled():
+        preparing.exception()
 
 
 class _Abandoned(Exception):

@@ -54,7 +54,8 @@ def test_shipped_configs_train_in_their_dtype(path, tiny_models):
 
 
 def test_help_lists_the_subcommands():
-    out = subprocess.run([sys.executable, "-m", "pso.cli", "--help"], capture_output=True, text=True, check=True)
+    command = [sys.executable, "-m", "pso.cli", "--help"]
+    out = subprocess.run(command, capture_output=True, text=True, check=True, timeout=300)
     for command in ("demo", "families", "config", "sample", "tiny"):
         assert command in out.stdout
 

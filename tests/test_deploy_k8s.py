@@ -506,18 +506,19 @@ def test_learner_probes_ask_rank_zero_only(kubectl):
     objs = _render(kubectl, "overlays/cpu-tiny")
     ((_, c),) = [(w, c) for w, c, command in _pso_containers(objs) if command == "learner"]
     probes = {k: c[k]["exec"]["command"] for k in ("startupProbe", "livenessProbe")}
-    server = OpsServer("learner", 0, CollectorRegistry(), stall_s=60.0, host="127.0.0.1")
+    # healthy for as long as the first probes could take on a busy machine; stalled below
+    server = OpsServer("learner", 0, CollectorRegistry(), stall_s=3600.0, host="127.0.0.1")
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"  # where `pso` is
 
     def run(command: list[str], index: str) -> int:
         env = os.environ | {"JOB_COMPLETION_INDEX": index, "PSO__LEARNER__METRICS_PORT": str(server.port)}
-        return subprocess.run(command, env=env | {"PATH": path}, capture_output=True, timeout=60).returncode
+        return subprocess.run(command, env=env | {"PATH": path}, capture_output=True, timeout=300).returncode
 
     try:
         for kind, command in probes.items():
             assert run(command, "0") == 0, f"{kind} fails on a healthy rank 0"
         server.stall_s = 0.001
-        time.sleep(0.01)
+        time.sleep(0.01)  # idle for longer than stall_s (a busy machine only makes it longer)
         for kind, command in probes.items():
             assert run(command, "0") != 0, f"{kind} passes on a stalled rank 0"
             assert run(command, "1") == 0, f"{kind} fails on rank 1, which serves nothing"

@@ -37,6 +37,8 @@ The only differences from the deployment files (the mappings), each forced by ru
   the port the container's 6379 maps to, with `$REDISCLI_AUTH` like redis-cli;
 - added to each pso process: `HF_HUB_OFFLINE=1` and `OMP_NUM_THREADS=1` (2 cores; nothing may reach the
   hub), and to the learner `PSO__LEARNER__MAX_UPDATES=6` so that the run ends;
+- start order: besides `depends_on`, the actors start once the learner's checks have passed (it ends by
+  itself after those updates, made from their experience, and must be seen healthy first);
 - the base environment is this process's, without any `PSO_*`/`REDIS_*` variable (the container's
   would hold only the image's); the image's PATH is not taken (this checkout's venv plays /opt/venv).
 What the operator supplies: for compose an env file with random `REDIS_PASSWORD` and `PSO_REWARD_TOKEN`
@@ -56,10 +58,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import secrets
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -76,7 +80,6 @@ import yaml
 from launcher.processes import Child
 from launcher.report import read_metrics
 from pso.config.reward_server import RewardServerConfig
-from pso.net import free_port
 from pso.redis_server import find_redis_server
 from pso.transport.keys import Keys
 
@@ -91,7 +94,10 @@ PORT_VARIABLES = ("PSO__REWARD_SERVER__PORT", "PSO__LEARNER__METRICS_PORT", "PSO
 IMAGE_PATHS = {"/app/configs": ROOT / "configs"}  # deploy/Dockerfile copies configs/ there
 ENTRYPOINTS = {"pso-service": ["pso"], "redis": ["docker-entrypoint.sh"]}  # image name -> its ENTRYPOINT
 PSO_EXTRA_ENV = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-TIMEOUT = 120  # seconds for each phase: start order, health, the run
+TIMEOUT = 240  # seconds for each phase: start order, health, the run (generous: a busy machine is slow)
+# seconds a process has to exit on SIGTERM before it is killed. An actor finishes the batch in hand first and
+# must exit 0, however slowly a busy machine runs that batch: this is the test's patience, not the deployment's.
+STOP_TIMEOUT = 120
 
 URL_HOST = re.compile(r"(?<=://)([A-Za-z0-9.-]+):(\d+)")
 SHELL_VAR = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
@@ -245,7 +251,7 @@ class Stack:
         self.closing = not names
         for name in reversed(names or list(self.children)):
             if name in self.children and name not in self.stopped:
-                self.stopped[name] = self.children[name].stop(timeout=15)
+                self.stopped[name] = self.children[name].stop(timeout=STOP_TIMEOUT)
         for prober in self.probers.values() if self.closing else ():
             prober.join(timeout=30)  # a probe in flight (each has its own time-out)
 
@@ -260,19 +266,31 @@ class Stack:
 
 
 class Ports:
-    """Free local ports, never the same one twice in a test."""
+    """Free local ports, never the same one twice in a test, and below the kernel's ephemeral range: a process
+    may start long after its ports were chosen (the actors wait for the learner's checks), and meanwhile every
+    outgoing connection (probes, clients) takes an ephemeral port, which could be one of them."""
 
     def __init__(self):
-        self.used: set[int] = set()
+        try:
+            low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            low = 32768  # Linux's default
+        self.candidates = list(range(max(1024, low - 10000), low))
+        random.shuffle(self.candidates)
+
+    def _free(self) -> int:
+        while self.candidates:
+            port = self.candidates.pop()
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind(("0.0.0.0", port))  # nothing has it, on any address
+                except OSError:
+                    continue
+            return port
+        pytest.fail("no free port below the ephemeral port range")
 
     def take(self, container_ports) -> dict[int, int]:
-        mapped = {}
-        for p in container_ports:
-            while (port := free_port()) in self.used:
-                pass
-            self.used.add(port)
-            mapped[p] = port
-        return mapped
+        return {p: self._free() for p in container_ports}
 
 
 @dataclass
@@ -438,6 +456,14 @@ def run_deployment(tmp: Path, specs: list[Spec], scaling_url: str) -> None:
     assert len(actors) == 2, [s.name for s in specs]
     scaling: list[dict] = []
     learner.checks.append(http_check("scaling", scaling_url, "actors_wanted", scaling))
+    # The learner is the one process that ends by itself, after UPDATES updates, and it can make them only
+    # from the actors' experience. Its checks must pass before it ends: were the actors started with it, a
+    # busy machine could run the probes (each a new process) slower than the learner runs its updates
+    # (seen: ops server up and all 6 updates done within 5 s, before the next probe round). So the actors
+    # start once the learner is healthy, as a slow actor start could make them anywhere; every depends_on
+    # of the deployment is still honoured.
+    for a in actors:
+        a.after = {**a.after, learner.service: "service_healthy"}
     stack = Stack(tmp, specs)
     started = time.monotonic()
     try:

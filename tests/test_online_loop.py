@@ -71,7 +71,7 @@ def tiny_config(*overrides: str) -> PSOConfig:
 def reward_url() -> Iterator[str]:
     """The real reward server (the tiny config's models), on a thread of this process, on a free port."""
     with serve_in_background(create_app(tiny_config().reward_server)) as url:
-        RewardClient(url).wait_ready(60)
+        RewardClient(url).wait_ready(300)
         yield url
 
 
@@ -140,7 +140,7 @@ class World:
 
 @pytest.fixture
 def world(tmp_path, reward_url) -> Iterator[World]:
-    redis = LocalRedis(tmp_path / "redis").start()
+    redis = LocalRedis(tmp_path / "redis", start_timeout_s=60).start()
     w = World(tmp_path, redis, reward_url)
     try:
         yield w
@@ -218,7 +218,7 @@ def reward_gain(cfg: PSOConfig, weights: RedisWeightStore, seed: int = 1234) -> 
 
 def check_ops_endpoints(ops: dict[str, int]) -> None:
     """The learner's and the actors' health, metrics and scaling routes, as a probe or Prometheus sees them."""
-    get = lambda port, path: httpx.get(f"http://127.0.0.1:{port}{path}", timeout=10)  # noqa: E731
+    get = lambda port, path: httpx.get(f"http://127.0.0.1:{port}{path}", timeout=60)  # noqa: E731
     for name, port in ops.items():
         health = get(port, "/healthz")
         assert health.status_code == 200 and health.json()["status"] == "ok", (name, health.text)
@@ -234,7 +234,7 @@ def check_ops_endpoints(ops: dict[str, int]) -> None:
 def kill(child: Child) -> None:
     """SIGKILL the child's whole process group and reap it."""
     os.killpg(child.proc.pid, signal.SIGKILL)
-    child.proc.wait(10)
+    child.proc.wait(60)
 
 
 # ---- 1. the happy path ----
@@ -248,9 +248,9 @@ def test_two_actors_and_a_learner_raise_the_reward_and_account_for_every_record(
     started = time.monotonic()
     learner = world.learner(path)
     actors = [world.actor(i, path, "--set", f"actor.metrics_port={ops[f'actor-{i}']}") for i in range(2)]
-    world.wait(lambda: updates_done(cfg) >= 20, 180, "20 updates", watch=[learner, *actors])
+    world.wait(lambda: updates_done(cfg) >= 20, 300, "20 updates", watch=[learner, *actors])
     check_ops_endpoints(ops)
-    assert world.wait_exit(learner, 240, watch=actors) == 0, world.logs()
+    assert world.wait_exit(learner, 400, watch=actors) == 0, world.logs()
     print(f"{updates} updates in {time.monotonic() - started:.1f} s")
     for a in actors:
         assert a.exit_code is None, f"{a.name} died:\n{a.tail()}"
@@ -294,7 +294,7 @@ def test_two_learner_ranks_under_torchrun_both_train(world):
     cfg, path = world.config(f"learner.max_updates={updates}", "learner.max_staleness=8")
     learner = world.learner(path, "--nproc-per-node", "2", "--master-port", str(free_port()))  # re-runs under torchrun
     actors = [world.actor(i, path) for i in range(2)]
-    assert world.wait_exit(learner, 240, watch=actors) == 0, world.logs()
+    assert world.wait_exit(learner, 400, watch=actors) == 0, world.logs()
     for a in actors:
         a.stop()
 
@@ -323,13 +323,13 @@ def test_a_killed_actor_loses_nothing_and_the_run_goes_on(world):
     cfg, path = world.config(f"learner.max_updates={updates}")
     learner = world.learner(path)
     victim, survivor = world.actor(0, path), world.actor(1, path)
-    world.wait(lambda: records_pushed(victim) >= 16 and updates_done(cfg) >= 2, 120, "a few records", [learner])
+    world.wait(lambda: records_pushed(victim) >= 16 and updates_done(cfg) >= 2, 300, "a few records", [learner])
     kill(victim)
     killed_at = world.queue(cfg).stats().produced
     survivor_before = records_pushed(survivor)
     print(f"killed actor-0 after {records_pushed(victim)} records logged; {killed_at} produced")
 
-    assert world.wait_exit(learner, 180, watch=[survivor]) == 0, world.logs()
+    assert world.wait_exit(learner, 400, watch=[survivor]) == 0, world.logs()
     assert records_pushed(survivor) > survivor_before  # the run went on with the other actor
     survivor.stop()
     acc = accounting(world.queue(cfg))
@@ -346,7 +346,7 @@ def test_a_killed_learner_resumes_from_its_checkpoint_with_growing_versions(worl
     cfg, path = world.config(f"learner.max_updates={updates}", f"learner.checkpoint_every={every}")
     first = world.learner(path, name="learner")
     actors = [world.actor(i, path) for i in range(2)]
-    world.wait(lambda: updates_done(cfg) >= every + 2, 120, f"{every + 2} updates", [first, *actors])
+    world.wait(lambda: updates_done(cfg) >= every + 2, 300, f"{every + 2} updates", [first, *actors])
     kill(first)
     done_before = updates_done(cfg)
     before = published(first)
@@ -355,7 +355,7 @@ def test_a_killed_learner_resumes_from_its_checkpoint_with_growing_versions(worl
     assert done_before < updates
 
     second = world.learner(path, "--resume", name="learner-resumed")
-    assert world.wait_exit(second, 180, watch=actors) == 0, world.logs()
+    assert world.wait_exit(second, 400, watch=actors) == 0, world.logs()
     for a in actors:
         a.stop()
 
@@ -423,7 +423,7 @@ def running_actor(cfg: PSOConfig, reward_url: str, actor_id: str = "a0") -> Iter
         assert thread.is_alive(), "the actor stopped by itself"
     finally:
         stop.set()
-        thread.join(60)
+        thread.join(300)  # the batch in hand is finished first
         client.close()
     if errors:
         raise errors[0]
@@ -449,7 +449,7 @@ def test_an_actor_refuses_a_corrupt_weight_version_and_keeps_its_weights(world):
 
     with running_actor(cfg, world.reward_url) as actor:
         store.publish(1, encode_weights(good))
-        wait_for(lambda: actor.version == 1, 30, "the actor to move to version 1")
+        wait_for(lambda: actor.version == 1, 120, "the actor to move to version 1")
         n_chunks = json.loads(store.redis.get(store.keys.manifest(1)))["n_chunks"]
         assert n_chunks > 1  # several chunks, one of them corrupt below
 
@@ -459,25 +459,25 @@ def test_an_actor_refuses_a_corrupt_weight_version_and_keeps_its_weights(world):
         assert store.latest() == 2
         with pytest.raises(WeightsUnavailable, match="checksum"):
             store.fetch(2)
-        wait_for(lambda: 2 in actor.stats.refused, 30, "the actor to refuse version 2")
+        wait_for(lambda: 2 in actor.stats.refused, 120, "the actor to refuse version 2")
         batches = actor.stats.batches
-        wait_for(lambda: actor.stats.batches >= batches + 2, 60, "two more batches after the refusal")
+        wait_for(lambda: actor.stats.batches >= batches + 2, 180, "two more batches after the refusal")
         assert actor.version == 1 and actor.stats.versions == [0, 1]
         assert "checksum" in actor.stats.refused[2]
 
         store.publish(3, encode_weights(wrong_shape))  # intact, but its tensors do not fit the model
-        wait_for(lambda: 3 in actor.stats.refused, 30, "the actor to refuse version 3")
+        wait_for(lambda: 3 in actor.stats.refused, 120, "the actor to refuse version 3")
         assert actor.version == 1
         held = actor.policy.trainable_state_dict()
         for name, tensor in good.tensors.items():
             assert torch.equal(held[name], tensor), f"{name} changed: the actor did not keep version 1's weights"
 
         store.publish(4, encode_weights(publisher.export_weights(4)))
-        wait_for(lambda: actor.version == 4, 30, "the actor to move on to version 4")
+        wait_for(lambda: actor.version == 4, 120, "the actor to move on to version 4")
         batches = actor.stats.batches  # the batch that moved to version 4 ends after this count, or is in it
         assert actor.stats.versions == [0, 1, 4]
         assert set(actor.stats.refused) == {2, 3}
-        wait_for(lambda: actor.stats.batches >= batches + 1, 60, "a batch with version 4")
+        wait_for(lambda: actor.stats.batches >= batches + 1, 180, "a batch with version 4")
 
     sampled = [int(f[b"version"]) for _, f in store.redis.xrange(store.keys.experience)]
     assert sampled == sorted(sampled) and set(sampled) <= {0, 1, 4} and 4 in sampled, sampled
@@ -493,16 +493,21 @@ def test_actors_wait_out_a_reward_server_outage_and_recover(world):
     produced = lambda: queue.stats().produced  # noqa: E731
     with serve_in_background(create_app(reward_cfg), port=port):
         actor = world.actor(0, path)
-        world.wait(lambda: produced() >= 12, 90, "records before the outage", [actor])
-    time.sleep(1.0)  # a batch scored just before the server went away is still pushed
-    during = produced()
-    time.sleep(6.0)
+        world.wait(lambda: produced() >= 12, 180, "records before the outage", [actor])
+    # The server is gone. A batch scored just before is still pushed; the actor works one batch at a time
+    # (sample, score, push), so once it has failed to reach the server it is past that batch, however
+    # slowly a busy machine runs it: from then on nothing may be pushed.
+    since = actor.log_path.stat().st_size
+    retries = lambda: actor.log_path.read_bytes()[since:].count(b"retrying")  # noqa: E731
+    world.wait(lambda: retries() >= 1, 60, "the actor to find the reward server gone", [actor])
+    during, seen = produced(), retries()
+    time.sleep(6.0)  # the outage lasts at least this long, and the actor tries again meanwhile
+    world.wait(lambda: retries() >= seen + 2, 60, "the actor to retry during the outage", [actor])
     assert actor.exit_code is None, f"the actor died while the reward server was away:\n{actor.tail()}"
     assert produced() == during, "records were pushed while the reward server was away"
-    assert "retrying" in log_text(actor), actor.tail()
 
     with serve_in_background(create_app(reward_cfg), port=port):
-        world.wait(lambda: produced() >= during + 8, 60, "records after the reward server came back", [actor])
+        world.wait(lambda: produced() >= during + 8, 240, "records after the reward server came back", [actor])
     print(f"{during} records before the outage, {produced()} after")
 
 
@@ -512,12 +517,12 @@ def test_a_redis_restart_mid_run_is_survived_by_actors_and_learner(world):
     cfg, path = world.config(f"learner.max_updates={updates}", "redis.retry_s=60")
     learner = world.learner(path)
     actors = [world.actor(i, path) for i in range(2)]
-    world.wait(lambda: updates_done(cfg) >= 5, 120, "5 updates", [learner, *actors])
+    world.wait(lambda: updates_done(cfg) >= 5, 300, "5 updates", [learner, *actors])
     world.redis.restart()  # same port, every key lost
     restarted_at = updates_done(cfg)
     print(f"Redis restarted after {restarted_at} updates")
 
-    assert world.wait_exit(learner, 180, watch=actors) == 0, world.logs()
+    assert world.wait_exit(learner, 400, watch=actors) == 0, world.logs()
     for a in actors:
         assert a.exit_code is None, f"{a.name} died:\n{a.tail()}"
     assert updates_done(cfg) == updates
@@ -630,7 +635,7 @@ def bad_runs(tmp_path_factory) -> Iterator[dict[str, tuple[int, float, str, str]
         results = {}
         try:
             for name, (started, proc) in procs.items():
-                _, err = proc.communicate(timeout=120)
+                _, err = proc.communicate(timeout=600)
                 results[name] = (proc.returncode, time.monotonic() - started, err.decode(errors="replace"), dead)
         finally:
             for _, proc in procs.values():
@@ -650,9 +655,14 @@ def test_bad_configuration_fails_fast_naming_the_problem(bad_runs, case):
         assert code == want_code
     for text in want_texts:
         assert text.format(dead=dead) in stderr
-    # All five start at once: on two idle cores about 15 s (alone, each takes about 5 s, mostly imports);
-    # the Redis ones give up after redis.retry_s (0.5 s), as their message says.
-    assert seconds < 60
+    # Failing fast is waiting for nothing that cannot come: the Redis ones give up after their redis.retry_s
+    # (0.5 s, where the default is 60 s), as their message says, timed by the process itself.
+    if "{dead}" in want_texts:
+        waited = re.search(r"gave up after (\d+\.\d) s \(redis\.retry_s = 0\.5\)", stderr)
+        assert waited and 0.5 <= float(waited[1]) < 30, stderr[-2000:]
+    # All five start at once: on two idle cores about 15 s (alone, each takes about 5 s, mostly imports),
+    # on a busy machine a multiple of that: the bound only tells a slow start from a hang.
+    assert seconds < 300
 
 
 @pytest.mark.parametrize("case", ["actor-unreachable-redis", "learner-unreachable-redis"])

@@ -37,7 +37,7 @@ def url():
     limits = LimitsConfig(max_images=16, max_pixels=128 * 128, max_total_pixels=8 * 128 * 128)
     config = RewardServerConfig(models=MODELS, limits=limits)
     with serve_in_background(create_app(config)) as base:
-        RewardClient(base).wait_ready(30)
+        RewardClient(base).wait_ready(120)
         yield base
 
 
@@ -204,7 +204,7 @@ def test_bearer_token_is_required_when_configured(monkeypatch):
     images, prompts = scene_batch(1)
     with serve_in_background(create_app(config)) as url:
         assert httpx.get(f"{url}/healthz").status_code == 200  # probes need no token
-        RewardClient(url).wait_ready(30)
+        RewardClient(url).wait_ready(120)
         assert httpx.get(f"{url}/v1/models").status_code == 401
         r = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer wrong"})
         assert (r.status_code, error_of(r), r.headers["www-authenticate"]) == (401, "unauthorized", "Bearer")
@@ -232,7 +232,7 @@ def test_readiness_gate_holds_until_every_model_is_loaded():
         assert (r.status_code, error_of(r)) == (503, "not_ready")
         assert "reward_ready 0.0" in httpx.get(f"{url}/metrics").text
         gate.set()
-        RewardClient(url).wait_ready(30)
+        RewardClient(url).wait_ready(120)
         assert httpx.get(f"{url}/readyz").json()["models"] == ["tiny-large@cpu", "tiny-fidelity@cpu"]
         assert RewardClient(url).score(images, prompts).total
 
@@ -245,8 +245,9 @@ def test_a_model_that_fails_to_load_keeps_readiness_down_with_the_reason():
 
     app = create_app(RewardServerConfig(), on_load_failure=failures.append, builder=broken_build)
     with serve_in_background(app) as url:
+        _wait_for(lambda: httpx.get(f"{url}/readyz").json()["error"] is not None, "the load to fail")
         with pytest.raises(RewardServerError, match=r"tiny-large failed to load on cpu \(FileNotFoundError\)"):
-            RewardClient(url).wait_ready(2, interval=0.1)
+            RewardClient(url).wait_ready(0.1, interval=0.1)
         assert "/models/missing" not in httpx.get(f"{url}/readyz").text  # paths stay in the log
     assert failures == ["FileNotFoundError: /models/missing has no ImageReward.pt"]
 
@@ -257,13 +258,13 @@ def test_client_retries_until_the_server_comes_up():
     result = {}
 
     def call():
-        result["scores"] = RewardClient(f"http://127.0.0.1:{port}", retries=8, backoff=0.2).score(images, prompts)
+        result["scores"] = RewardClient(f"http://127.0.0.1:{port}", retries=30, backoff=0.2).score(images, prompts)
 
     caller = threading.Thread(target=call)
     caller.start()  # the first attempts meet a closed port
     threading.Event().wait(0.5)
     with serve_in_background(create_app(RewardServerConfig()), port=port):
-        caller.join(30)
+        caller.join(300)
     assert result["scores"].per_model["tiny-large"] == pytest.approx(
         build_backend(TinySpec()).score(list(images), prompts).tolist(), abs=1e-6
     )
@@ -296,7 +297,7 @@ def test_pso_reward_server_command_serves_the_tiny_reward_and_stops_cleanly(tmp_
         )
     finally:
         proc.send_signal(signal.SIGTERM)
-        code = proc.wait(30)
+        code = proc.wait(120)
     log.seek(0)
     text = log.read()
     assert code == 0, text
@@ -322,7 +323,7 @@ def test_two_model_copies_share_the_load():
     want = build_backend(TinySpec()).score(list(images), prompts)
     with serve_in_background(create_app(config)) as url:
         client = RewardClient(url)
-        client.wait_ready(30)
+        client.wait_ready(120)
         assert httpx.get(f"{url}/readyz").json()["models"] == ["tiny-large@cpu", "tiny-large@cpu#1"]
         with ThreadPoolExecutor(16) as pool:
             got = list(pool.map(lambda i: client.score(images[i : i + 4], prompts[i : i + 4]).total, range(0, 64, 4)))
@@ -367,7 +368,7 @@ def test_neural_reward_models_over_http_score_as_in_process(tmp_path):
     images, prompts = scene_batch(7, seed=7)
     with serve_in_background(create_app(RewardServerConfig(models=models))) as url:
         client = RewardClient(url)
-        client.wait_ready(60)
+        client.wait_ready(120)
         served = client.score(images, prompts)
         info = {m["name"]: m for m in client.models()}
     total = torch.zeros(7, dtype=torch.float64)
@@ -450,7 +451,7 @@ def test_the_largest_request_with_quotes_in_its_prompts_is_scored():
     prompts = [f"a sign saying \"{i}\", a \\ and a 'quote'" for i in range(4096)]
     with serve_in_background(create_app(config)) as url:
         client = RewardClient(url)
-        client.wait_ready(30)
+        client.wait_ready(120)
         assert len(client.score(images, prompts).total) == 4096
 
 
@@ -570,7 +571,7 @@ def test_a_request_not_scored_in_time_gets_503_timeout_with_retry_after():
         RewardServerConfig(limits=LimitsConfig(request_timeout_s=1.0)), builder=faulty(lambda _: gate.wait(60))
     )
     with serve_in_background(app) as url:
-        RewardClient(url).wait_ready(30)
+        RewardClient(url).wait_ready(120)
         r = httpx.post(
             f"{url}/v1/score", json={"prompts": scene_batch(1)[1], "images": [png_b64(scene_batch(1)[0][0])]}
         )
@@ -597,7 +598,7 @@ def test_one_request_failing_its_batch_does_not_fail_the_others():
     big, big_prompts = scene_batch(8, seed=13)
     with serve_in_background(app) as url:
         client = RewardClient(url, retries=0)
-        client.wait_ready(30)
+        client.wait_ready(120)
         with ThreadPoolExecutor(3) as threads:
             holder = threads.submit(client.score, *scene_batch(1, seed=14))  # holds the device while the others queue
             _wait_for(lambda: len(batches) == 1, "the first batch to start")
@@ -630,15 +631,19 @@ def test_requests_waiting_when_the_models_stop_get_503_shutting_down():
     async def scenario():
         pool = ModelPool(RewardServerConfig(), ServerMetrics(), faulty(lambda _: gate.wait(60)))
         await pool.load()
-        running = asyncio.ensure_future(pool.run(lambda: (list(images[:1]), prompts[:1], ["tiny-large"])))
-        while not pool.batchers[0]._running:
-            await asyncio.sleep(0.01)
-        waiting = asyncio.ensure_future(pool.run(lambda: (list(images[1:]), prompts[1:], ["tiny-large"])))
-        while pool.batchers[0].queue.qsize() == 0:
-            await asyncio.sleep(0.01)
+        running = asyncio.ensure_future(pool.run(lambda: (images[:1], prompts[:1], ["tiny-large"])))
+        await _until(lambda: pool.batchers[0]._running or running.done(), "the first request to run")
+        waiting = asyncio.ensure_future(pool.run(lambda: (images[1:], prompts[1:], ["tiny-large"])))
+        await _until(lambda: pool.batchers[0].queue.qsize() or waiting.done(), "the second request to queue")
         await pool.close()
         gate.set()
         return await asyncio.gather(running, waiting, return_exceptions=True)
+
+    async def _until(condition, what: str) -> None:
+        deadline = time.monotonic() + 60
+        while not condition():
+            assert time.monotonic() < deadline, f"waited 60 s for {what}"
+            await asyncio.sleep(0.01)
 
     results = asyncio.run(scenario())
     for result in results:
@@ -651,7 +656,7 @@ def test_the_client_waits_as_long_as_retry_after_says(caplog):
     config = RewardServerConfig(limits=LimitsConfig(max_concurrent_requests=1))
     app = create_app(config, builder=faulty(lambda _: gate.wait(60)))
     with serve_in_background(app) as url:
-        RewardClient(url).wait_ready(30)
+        RewardClient(url).wait_ready(120)
         with ThreadPoolExecutor(1) as threads:
             holder = threads.submit(RewardClient(url).score, *scene_batch(1))  # holds the only slot
             _wait_for(lambda: metric(url, "reward_pending_images") == 1, "the first request to hold the slot")
@@ -712,7 +717,7 @@ def test_a_server_error_keeps_the_connection_open():
                 f"Content-Length: {len(body)}\r\n\r\n").encode() + body  # fmt: skip
 
     with serve_in_background(app) as url:
-        RewardClient(url).wait_ready(30)
+        RewardClient(url).wait_ready(120)
         lines = _keep_alive_exchange(url, [request(1), request(0), request(1), request(0)])
     assert [line.split()[1] for line in lines] == [b"500", b"200", b"500", b"200"]
 
@@ -741,7 +746,7 @@ def test_an_unexpected_error_is_a_json_500_and_the_connection_stays_open(caplog)
                 f"Content-Length: {len(body)}\r\n\r\n").encode() + body  # fmt: skip
 
     with serve_in_background(create_app(RewardServerConfig(), builder=build)) as url:
-        RewardClient(url).wait_ready(30)
+        RewardClient(url).wait_ready(120)
         lines = _keep_alive_exchange(url, [request(1), request(0), request(1), request(0)])
     assert [line.split()[1] for line in lines] == [b"500", b"200", b"500", b"200"]
     failures = [r for r in caplog.records if r.name == "pso.reward_server" and "failed" in r.getMessage()]
@@ -758,7 +763,7 @@ def test_queue_room_is_reserved_per_device_and_given_back():
     images, prompts = scene_batch(16, seed=9)
     with serve_in_background(create_app(config)) as url:
         client = RewardClient(url)
-        client.wait_ready(30)
+        client.wait_ready(120)
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(lambda _: client.score(images, prompts), range(8)))  # 429s are retried
         assert metric(url, "reward_pending_images") == 0

@@ -69,7 +69,7 @@ class Server:
 
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(60)
+        return self.proc.wait(120)
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +167,7 @@ def _ms(values: list[float], q: float) -> str:
     return f"{np.percentile(values, q) * 1000:.0f} ms"
 
 
-def _raw_request(port: int, head: bytes, body: bytes = b"", timeout: float = 30) -> tuple[bytes, float]:
+def _raw_request(port: int, head: bytes, body: bytes = b"", timeout: float = 60) -> tuple[bytes, float]:
     """Send bytes on a new connection; the first line of the answer (b"" if the server closed it) and
     the seconds it took."""
     start = time.perf_counter()
@@ -462,7 +462,7 @@ def test_work_stops_for_requests_already_answered(tmp_path):
 
         def left(_) -> str:
             try:
-                httpx.post(f"{s.url}/v1/score", json=body, timeout=0.3)
+                httpx.post(f"{s.url}/v1/score", json=body, timeout=httpx.Timeout(60, read=0.5))
             except httpx.TimeoutException as e:
                 return type(e).__name__
             return "answered"

@@ -20,7 +20,7 @@ def url():
         models=[TinySpec(reward="large"), TinySpec(reward="crispness")], limits=LimitsConfig(max_images=8)
     )
     with serve_in_background(create_app(config)) as base:
-        RewardClient(base).wait_ready(30)
+        RewardClient(base).wait_ready(120)
         yield base
 
 

@@ -8,6 +8,8 @@ part runs on request threads and the expensive part runs batched on the model's 
 - `preprocess(image)` turns one decoded image (of a size `check_size` let through), a uint8
   (H, W, 3) CPU tensor, into the model's input (a CPU tensor of a fixed shape for models with
   fixed-size inputs). It runs per request.
+  `preprocess_batch(images)` does the same for a uint8 (N, H, W, 3) batch of one size, as the
+  safetensors form sends it.
 - `score_batch(pixels, prompts)` scores a stack of preprocessed images (all of one shape) with one
   prompt each and returns (B,) float32 scores on the CPU. It runs in the device's batch worker,
   under `torch.inference_mode()`.
@@ -73,6 +75,11 @@ class RewardBackend(ABC):
     @abstractmethod
     def preprocess(self, image: torch.Tensor) -> torch.Tensor:
         """uint8 (H, W, 3) CPU image -> model input tensor (CPU)."""
+
+    def preprocess_batch(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """uint8 (N, H, W, 3) CPU images of one size -> N model inputs. Models whose preprocessing is a few
+        tensor ops override it to run them once per batch rather than once per image."""
+        return [self.preprocess(image) for image in images]
 
     @abstractmethod
     def score_batch(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:

@@ -49,7 +49,10 @@ class TinyBackend(RewardBackend):
             raise RewardInputError(f"tiny-world rewards score {IMAGE_SIZE}x{IMAGE_SIZE} images, got {width}x{height}")
 
     def preprocess(self, image: torch.Tensor) -> torch.Tensor:
-        return image.permute(2, 0, 1).float() / 255
+        return self.preprocess_batch(image[None])[0]
+
+    def preprocess_batch(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return list((images.permute(0, 3, 1, 2).float() / 255).unbind(0))
 
     def score_batch(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         return self.reward(pixels.to(self.device), list(prompts)).float().cpu()
