@@ -152,6 +152,10 @@ def create_app(
             "versions": {n: pool.versions[n] for n in names},
         }
 
+    def base64_images(images: list[str]) -> list:
+        """The JSON endpoints' base64 images, opened from their headers."""
+        return decode.open_images([decode.base64_bytes(s, f"images[{i}]") for i, s in enumerate(images)], limits)
+
     @app.post(
         "/v1/score",
         dependencies=_SECURED,
@@ -166,8 +170,7 @@ def create_app(
             body = decode.parse_json(raw, _SCORE_REQUEST)
             names = pool.select(body.models)
             _check_request(limits, body.prompts, len(body.images))
-            raws = [decode.base64_bytes(s, f"images[{i}]") for i, s in enumerate(body.images)]
-            return decode.open_images(raws, limits), body.prompts, names
+            return base64_images(body.images), body.prompts, names
 
         return JSONResponse(await scored(request, read))
 
@@ -231,8 +234,7 @@ def create_app(
             names = pool.select(body.models)
             prompts = [body.prompt] * len(body.images)
             _check_request(limits, prompts, len(body.images))
-            raws = [decode.base64_bytes(s, f"images[{i}]") for i, s in enumerate(body.images)]
-            return decode.open_images(raws, limits), prompts, names
+            return base64_images(body.images), prompts, names
 
         result = await scored(request, read)
         total = result["total"]
