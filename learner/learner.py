@@ -24,9 +24,9 @@ import torch.distributed as dist
 from learner.buffer import BufferedRecord, PairBuffer
 from learner.metrics import MetricsSink
 from learner.scaling import ActorDemand
-from pso.codecs import CodecError, decode_experience, encode_weights
+from pso.codecs import decode_experience, encode_weights
 from pso.config.schema import PSOConfig
-from pso.experience import pair_batch_from_records
+from pso.experience import check_record_fits, pair_batch_from_records
 from pso.loop import round_seed
 from pso.ops_http import OpsServer
 from pso.transport.base import Delivery, ExperienceQueue, WeightStore
@@ -111,10 +111,15 @@ class Learner:
         if d.times_delivered > 1:
             self.state.redelivered += 1
             self.queue.count("redelivered")
-        try:
-            record = decode_experience(d.data)
-        except CodecError as e:
-            log.warning("dropping record %s: %s", d.id, e)
+        problem = d.problem
+        if problem is None:
+            try:
+                record = decode_experience(d.data)
+                check_record_fits(self.engine.policy, record)
+            except ValueError as e:  # a CodecError, or a record that does not fit the model
+                problem = str(e)
+        if problem is not None:  # left pending it would come back after every restart
+            log.warning("dropping record %s, which this learner cannot use: %s", d.id, problem)
             self.state.corrupt += 1
             self.queue.ack([d.id], counter="corrupt")
             return

@@ -48,7 +48,8 @@ def group_records(
 
 def pair_batch_from_records(policy: DistilledPolicy, records: list[ExperienceRecord]) -> PairBatch:
     """Every pair of every record, with its prompt encoded by the policy's (frozen) text encoders."""
-    _check_records_fit(policy, records)
+    for r in records:
+        check_record_fits(policy, r)
     prompts = sorted({r.prompt for r in records})
     cond = policy.encode(prompts)
     rows, winners, losers = [], [], []
@@ -67,18 +68,18 @@ def pair_batch_from_records(policy: DistilledPolicy, records: list[ExperienceRec
     )
 
 
-def _check_records_fit(policy: DistilledPolicy, records: list[ExperienceRecord]) -> None:
-    """Records sampled with another schedule or latent size would be scored with the wrong transitions."""
+def check_record_fits(policy: DistilledPolicy, r: ExperienceRecord) -> None:
+    """ValueError if the record was sampled with another schedule or latent size: it would be scored
+    with the wrong transitions (or not fit the model at all)."""
     sampler = policy.sampler
     want_t = sampler.timesteps.float().tolist()
     want_std = sampler.stds.float()
-    for r in records:
-        where = f"record from {r.actor_id} (policy version {r.policy_version})"
-        if [round(t, 3) for t in r.timesteps] != [round(t, 3) for t in want_t]:
-            raise ValueError(f"{where} was sampled at timesteps {r.timesteps}, this model samples at {want_t}")
-        if not torch.allclose(r.stds.float(), want_std, rtol=1e-4, atol=1e-6):
-            raise ValueError(f"{where} has transition stds {r.stds.tolist()}, this model's are {want_std.tolist()}")
-        if tuple(r.states.shape[2:]) != policy.latent_shape:
-            raise ValueError(
-                f"{where} holds latents of shape {tuple(r.states.shape[2:])}, this model's are {policy.latent_shape}"
-            )
+    where = f"record from {r.actor_id} (policy version {r.policy_version})"
+    if [round(t, 3) for t in r.timesteps] != [round(t, 3) for t in want_t]:
+        raise ValueError(f"{where} was sampled at timesteps {r.timesteps}, this model samples at {want_t}")
+    if not torch.allclose(r.stds.float(), want_std, rtol=1e-4, atol=1e-6):
+        raise ValueError(f"{where} has transition stds {r.stds.tolist()}, this model's are {want_std.tolist()}")
+    if tuple(r.states.shape[2:]) != policy.latent_shape:
+        raise ValueError(
+            f"{where} holds latents of shape {tuple(r.states.shape[2:])}, this model's are {policy.latent_shape}"
+        )

@@ -596,6 +596,50 @@ def test_a_learner_dying_right_after_an_ack_keeps_every_record_accounted(world, 
     assert_accounted(acc)
 
 
+@pytest.mark.slow
+def test_records_the_learner_cannot_use_are_dropped_counted_and_logged_while_it_keeps_publishing(world):
+    """Poison in the stream (fields that are not UTF-8, bytes that are not a record, a well-formed record
+    sampled at other timesteps) is acknowledged as `corrupt` with its id in the log; nothing stays
+    pending to crash a restart, and the learner trains on the good records around it."""
+    from pso.codecs import decode_experience, encode_experience
+
+    cfg, path = world.config("actor.max_batches=1", "actor.max_backlog=100000", "learner.max_updates=2")
+    policy = DistilledPolicy.from_config(cfg.model, cfg.finetune)
+    client = connect(cfg.redis)
+    queue, weights = RedisExperienceQueue(client, cfg.redis), RedisWeightStore(client, cfg.redis)
+    prompts = load_prompts(cfg.actor.prompts, cfg.loop.prompts)
+
+    def push_good_batch(actor_id: str) -> None:
+        Actor(cfg, policy, prompts, queue, weights, RewardClient(world.reward_url), actor_id=actor_id).run()
+
+    push_good_batch("a0")
+    good = client.xrange(queue.keys.experience)
+    assert len(good) == cfg.actor.prompts_per_batch
+    data, fields = good[0][1][b"data"], {k.decode(): v for k, v in good[0][1].items() if k != b"data"}
+    misfit = decode_experience(data)
+    misfit.timesteps = [t - 1 for t in misfit.timesteps]  # off by one: sampled with another schedule
+    poison = {
+        "field name": queue.push(data, {**fields, b"\xff\xfe": b"1"}),
+        "field value": queue.push(data, {**fields, "actor": b"\xc3\x28"}),
+        "bytes": queue.push(b"not an experience record", fields),
+        "misfit": queue.push(encode_experience(misfit), fields),
+    }
+    push_good_batch("a1")  # the second update needs records from behind the poison
+
+    learner = world.learner(path)
+    assert world.wait_exit(learner, 400) == 0, world.logs()
+    acc = accounting(queue)
+    print("counters:", acc)
+    assert_accounted(acc)
+    assert acc["corrupt"] == len(poison) and acc["pending"] == 0, acc  # nothing left to crash a --resume
+    assert acc["trained"] == 2 * cfg.optim.pairs_per_step, acc
+    assert published(learner) == [0, 1, 2]
+    text = log_text(learner)
+    for what, record_id in poison.items():
+        assert f"dropping record {record_id}" in text, (what, text[-3000:])
+    assert "not UTF-8" in text and "sampled at timesteps" in text, text[-3000:]
+
+
 # ---- 4. bad configuration fails fast, naming the problem ----
 
 BAD_CASES = {  # name: (command, --set overrides, exit code (None: any but 0), texts stderr must hold)

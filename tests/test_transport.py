@@ -107,6 +107,20 @@ def test_reserved_field_name(queue):
         queue.push(b"x", {"data": "no"})
 
 
+def test_an_entry_whose_fields_are_not_utf8_is_handed_out_as_a_problem_not_raised(queue, config):
+    """Written by something other than push: every read would raise on it, and a restart would read it again."""
+    bad = [queue.push(b"r", {b"\xff\xfe": "1"}), queue.push(b"r", {"actor": b"\xc3\x28"})]
+    good = queue.push(b"r", {"actor": "a0"})
+    for _ in range(2):  # the first read, then the history a restarted consumer reads first
+        got = queue.read("learner-0", count=10, block_s=0.1)
+        assert [d.id for d in got] == [*bad, good]
+        assert [d.problem for d in got] == ["its field names or values are not UTF-8"] * 2 + [None]
+        assert got[2].fields == {"actor": "a0"} and all(d.fields == {} for d in got[:2])
+        queue = RedisExperienceQueue(queue.redis, config)
+    queue.ack([*bad, good])
+    assert queue.stats().backlog == 0
+
+
 def test_read_waits_for_a_push(queue, config):
     start = time.monotonic()
     assert queue.read("c", count=1, block_s=0.2) == []

@@ -31,6 +31,7 @@ class Delivery:
     data: bytes  # the encoded ExperienceRecord
     fields: dict[str, str] = field(default_factory=dict)  # small searchable facts: version, actor, ...
     times_delivered: int = 1  # > 1 after a reclaim or a consumer restart
+    problem: str | None = None  # why the entry cannot be a record (e.g. fields that are not UTF-8): drop it
 
 
 @dataclass

@@ -250,10 +250,13 @@ class RedisExperienceQueue(_RedisTransport, ExperienceQueue):
     def _deliveries(self, entries: list, times: Mapping[str, int] | None = None) -> list[Delivery]:
         out = []
         for raw_id, raw_fields in entries:
-            record_id = _text(raw_id)
-            fields = {_text(k): _text(v) for k, v in raw_fields.items() if k != b"data"}
+            record_id, problem = _text(raw_id), None
+            try:
+                fields = {_text(k): _text(v) for k, v in raw_fields.items() if k != b"data"}
+            except UnicodeDecodeError:  # not written by push: handed out to be dropped, not raised on every read
+                fields, problem = {}, "its field names or values are not UTF-8"
             delivered = times.get(record_id, 2) if times is not None else 1
-            out.append(Delivery(record_id, raw_fields.get(b"data", b""), fields, delivered))
+            out.append(Delivery(record_id, raw_fields.get(b"data", b""), fields, delivered, problem))
             self._held.add(record_id)
         return out
 
