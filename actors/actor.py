@@ -34,7 +34,7 @@ from pso.pairing import pairs_in_groups
 from pso.policy import DistilledPolicy
 from pso.sampling import sample_groups
 from pso.transport.base import ExperienceQueue, TransportError, WeightStore, WeightsUnavailable
-from reward_server.client import RewardClient, RewardServerError
+from reward_server.client import NotARewardServer, RewardClient, RewardServerError
 
 log = logging.getLogger("pso.actor")
 
@@ -217,11 +217,13 @@ def run_actor(cfg: PSOConfig, stop: threading.Event | None = None) -> ActorStats
             try:
                 reward.wait_ready(timeout=15)
                 break
+            except NotARewardServer:
+                raise
             except RewardServerError as e:
                 actor.on_progress()  # waiting for a server that loads its models is not a stall
                 log.warning("%s; still waiting", e)
         return actor.run(stop)
-    except TransportError as e:
+    except (TransportError, NotARewardServer) as e:
         raise SystemExit(f"pso actor: {e}") from None
     finally:
         if ops:

@@ -34,7 +34,7 @@ from pso.images import save_grid
 from pso.net import free_port
 from pso.policy import DistilledPolicy
 from pso.sampling import sample_groups
-from pso.transport.base import WeightStore
+from pso.transport.base import WeightStore, WeightsUnavailable
 from reward_server.client import RewardClient
 
 log = logging.getLogger("pso.up")
@@ -122,8 +122,7 @@ def _follow(
 ) -> None:
     """Until the learner exits: one progress line, and a grid for each new weight version."""
     metrics_file = cfg.learner.metrics_file
-    grid_prompts = _prompts(cfg, cfg.up.grid_prompts)
-    drawn: set[int] = set()
+    grids = _VersionGrids(painter, weights, _prompts(cfg, cfg.up.grid_prompts), cfg.up.eval_seed, run_dir / "grids")
     bar = tqdm(total=cfg.learner.max_updates, desc="online PSO", unit="update")
     while learner.exit_code is None:
         for c in children:
@@ -139,20 +138,51 @@ def _follow(
                 pairs_s=f"{last['pairs_per_s']:.1f}",
                 backlog=int(last["backlog"]),
             )
-        latest = weights.latest()
-        if latest is not None and latest not in drawn:
-            _draw_version(painter, weights, latest, grid_prompts, cfg.up.eval_seed, run_dir / "grids")
-            drawn.add(latest)
+        grids.draw_new()
         time.sleep(0.5)
     bar.close()
+    grids.draw_new()  # the last versions, published while the learner finished
+    if grids.missed:
+        log.warning(
+            "no grid for %d weight versions (%s): pruned from Redis before they could be drawn "
+            "(redis.keep_versions = %d keeps only the newest)",
+            len(grids.missed), _ranges(grids.missed), cfg.redis.keep_versions,
+        )  # fmt: skip
     if learner.exit_code != 0:
         raise RuntimeError(f"the learner exited with status {learner.exit_code}:\n{learner.tail()}")
 
 
-def _draw_version(policy: DistilledPolicy, weights: WeightStore, version: int, prompts, seed: int, out: Path) -> None:
-    policy.load_weights(decode_weights(weights.fetch(version), expected=policy.weight_spec()))
-    images = sample_groups(policy, prompts, 1, seed).images
-    save_grid([images], out / f"v{version:04d}.png", labels=[f"version {version}"])
+class _VersionGrids:
+    """A sample grid (the same prompts and noise) for every weight version, in order, as they are published."""
+
+    def __init__(self, policy: DistilledPolicy, weights: WeightStore, prompts: list[str], seed: int, out: Path):
+        self.policy, self.weights, self.prompts, self.seed, self.out = policy, weights, prompts, seed, out
+        self.next = 0  # the first version not drawn yet
+        self.missed: list[int] = []
+
+    def draw_new(self) -> None:
+        latest = self.weights.latest()
+        while latest is not None and self.next <= latest:
+            version, self.next = self.next, self.next + 1
+            try:
+                data = self.weights.fetch(version)
+            except WeightsUnavailable:  # pruned while older ones were drawn
+                self.missed.append(version)
+                continue
+            self.policy.load_weights(decode_weights(data, expected=self.policy.weight_spec()))
+            images = sample_groups(self.policy, self.prompts, 1, self.seed).images
+            save_grid([images], self.out / f"v{version:04d}.png", labels=[f"version {version}"])
+
+
+def _ranges(versions: list[int]) -> str:
+    """1, 2, 3, 7 -> "1-3, 7"."""
+    spans: list[list[int]] = []
+    for v in versions:
+        if spans and v == spans[-1][1] + 1:
+            spans[-1][1] = v
+        else:
+            spans.append([v, v])
+    return ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in spans)
 
 
 def _prompts(cfg: PSOConfig, n: int) -> list[str]:

@@ -79,8 +79,7 @@ class Learner:
     def run(self, stop: threading.Event | None = None) -> LearnerState:
         stop = stop or threading.Event()
         limit = self.cfg.learner.max_updates
-        if self.rank == 0 and self.weights.latest() is None:
-            self._publish()  # version 0: what the actors start from, so fresh actors and the learner agree
+        self._start_versions()
         try:
             while (limit is None or self.state.updates < limit) and not _any_rank(stop.is_set()):
                 waited = self._fill(stop)
@@ -93,6 +92,23 @@ class Learner:
             if self.ops:
                 self.ops.close()
         return self.state
+
+    def _start_versions(self) -> None:
+        """Publish what the actors start from, so that they and the learner agree: version 0 in a new run.
+        A learner without a checkpoint in a run that has published already (its checkpoint volume lost
+        beside a persistent Redis) starts from the base model above the published versions, which only
+        grow: it publishes its weights as the next version at once, so the actors follow it."""
+        latest = int(_rank_max(-1 if (v := self.weights.latest()) is None else v))  # read by all before any publish
+        if latest < 0:
+            self._publish()
+        elif self.state.updates == 0:
+            log.warning(
+                "run %r in Redis has published weight version %d, but this learner has no checkpoint (%s): it "
+                "starts from the base model and publishes it as version %d; the actors move to it",
+                self.cfg.redis.run, latest, self.cfg.learner.checkpoint_dir, latest + 1,
+            )  # fmt: skip
+            self.state.version = latest + 1
+            self._publish()
 
     def _fill(self, stop: threading.Event) -> float:
         """Read until an update's pairs are buffered (or stopped); returns the seconds spent waiting."""
@@ -199,11 +215,16 @@ class Learner:
 
 def _any_rank(flag: bool) -> bool:
     """True on every rank if it is True on any (so that all ranks stop after the same update)."""
+    return _rank_max(1.0 if flag else 0.0) > 0
+
+
+def _rank_max(value: float) -> float:
+    """The largest of every rank's `value`, on every rank (a collective: all ranks call it together)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return t.item()
 
 
 def run_learner(cfg: PSOConfig, resume: bool = False, stop: threading.Event | None = None) -> LearnerState:

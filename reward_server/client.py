@@ -30,6 +30,10 @@ class RewardServerError(RuntimeError):
         self.status, self.code = status, code
 
 
+class NotARewardServer(RewardServerError):
+    """Something answers at the URL, but not as a reward server: waiting will not help."""
+
+
 @dataclass
 class Scores:
     per_model: dict[str, list[float]]
@@ -92,11 +96,21 @@ class RewardClient:
         while True:
             try:
                 r = self.http.get("/readyz")
-                if r.status_code == 200:
-                    return
-                reason = r.json().get("error") or "models still loading"
-            except (httpx.TransportError, ValueError) as e:
+            except httpx.TransportError as e:
                 reason = f"{type(e).__name__}: {e}"
+            else:
+                readiness = _readiness(r)
+                if readiness is None and r.status_code not in (502, 503, 504):  # a proxy's gateway errors pass
+                    raise NotARewardServer(
+                        f"{self.http.base_url} answers, but not as a PSO reward server: GET /readyz gave "
+                        f"{r.status_code} {r.text[:200]!r}; check actor.reward_url"
+                    )
+                if readiness is None:
+                    reason = f"{r.status_code} from a gateway"
+                elif readiness["ready"] and r.status_code == 200:
+                    return
+                else:
+                    reason = readiness.get("error") or "models still loading"
             if time.monotonic() > deadline:
                 raise RewardServerError(f"reward server at {self.http.base_url} not ready after {timeout} s: {reason}")
             time.sleep(interval)
@@ -143,3 +157,14 @@ def _retry_after(r: httpx.Response) -> float | None:
         return min(float(r.headers["Retry-After"]), 60.0)
     except (KeyError, ValueError):
         return None
+
+
+def _readiness(r: httpx.Response) -> dict | None:
+    """The body of a reward server's /readyz ({"ready": bool, "models": [...], "error": ...}), or None."""
+    try:
+        body = r.json()
+    except ValueError:
+        return None
+    if isinstance(body, dict) and isinstance(body.get("ready"), bool) and isinstance(body.get("models"), list):
+        return body
+    return None

@@ -199,3 +199,15 @@ def test_dump_load_round_trip(tmp_path):
     cfg = Config(learner=Learner(lr=1e-5, steps=3), loss=SFT(name="sft"), prompts=["1e-5", "x"], tag="2e3")
     path = write(tmp_path, dump_config(cfg))
     assert load_config(Config, path, env={}) == cfg
+
+
+@pytest.mark.parametrize("url", ["ftp://127.0.0.1:21", "reward-server:8000", "http://", "http://h:0", "http://h:99999"])
+def test_a_reward_url_that_can_never_reach_a_reward_server_is_refused(url):
+    from pydantic import ValidationError
+
+    from pso.config.services import ActorConfig
+
+    with pytest.raises(ValidationError, match="not an http\\(s\\) URL of a reward server"):
+        ActorConfig(reward_url=url)
+    for good in ("http://reward-server:8000", "https://scores.example.com/pso/", "http://[::1]:8000"):
+        assert ActorConfig(reward_url=good).reward_url == good

@@ -12,6 +12,7 @@ produced == trained + stale + corrupt + backlog (records still in the stream, pe
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -22,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -640,6 +642,37 @@ def test_records_the_learner_cannot_use_are_dropped_counted_and_logged_while_it_
     assert "not UTF-8" in text and "sampled at timesteps" in text, text[-3000:]
 
 
+@pytest.mark.slow
+def test_a_learner_without_a_checkpoint_continues_above_the_versions_its_run_published(world):
+    """A lost checkpoint volume beside a persistent Redis: the new learner must not reuse a version."""
+    cfg, path = world.config("learner.max_updates=2")
+    policy = DistilledPolicy.from_config(cfg.model, cfg.finetune)
+    weights = world.weights(cfg)
+    weights.publish(1017, encode_weights(policy.export_weights(1017)))
+    learner, actor = world.learner(path), world.actor(0, path)
+    assert world.wait_exit(learner, 400, watch=[actor]) == 0, world.logs()
+    assert published(learner) == [1018, 1019, 1020]  # its base weights at once, then one per update
+    assert "has published weight version 1017, but this learner has no checkpoint" in log_text(learner)
+    assert weights.latest() == 1020
+    world.wait(lambda: actor_versions(actor)[-1] >= 1018, 120, "the actor to follow the new learner", [actor])
+    acc = accounting(world.queue(cfg))
+    assert_accounted(acc)
+    assert acc["trained"] == 2 * cfg.optim.pairs_per_step, acc
+
+
+@pytest.mark.slow
+def test_garbage_in_the_latest_weights_key_stops_learner_and_actor_naming_the_key_and_redis(world):
+    cfg, path = world.config()
+    key = world.weights(cfg).keys.weights_latest
+    connect(cfg.redis).set(key, b"\x00garbage")
+    learner, actor = world.learner(path), world.actor(0, path)
+    for child in (learner, actor):
+        assert world.wait_exit(child, 300) not in (None, 0)
+        text = log_text(child)
+        assert f"{key} in Redis at {world.redis.url} holds" in text and "not a weight version" in text, text[-3000:]
+        assert "Traceback" not in text, text[-3000:]
+
+
 # ---- 4. bad configuration fails fast, naming the problem ----
 
 BAD_CASES = {  # name: (command, --set overrides, exit code (None: any but 0), texts stderr must hold)
@@ -653,21 +686,33 @@ BAD_CASES = {  # name: (command, --set overrides, exit code (None: any but 0), t
     "actor-unknown-family": ("actor", ["redis.url={live}", "model.family=nope"], 2, ["model.family", "'nope'"]),
     "actor-missing-model": ("actor", ["redis.url={live}", "model.pretrained=/no/such/dir"], 1, ["/no/such/dir"]),
     "learner-missing-model": ("learner", ["redis.url={live}", "model.pretrained=/no/such/dir"], 1, ["/no/such/dir"]),
+    "actor-ftp-reward-url": (
+        "actor",
+        ["redis.url={live}", "actor.reward_url=ftp://127.0.0.1:21"],
+        2,
+        ["actor.reward_url", "ftp://127.0.0.1:21", "not an http(s) URL"],
+    ),  # fmt: skip
+    "actor-reward-url-not-a-reward-server": (
+        "actor",
+        ["redis.url={live}", "actor.reward_url={web}"],
+        1,
+        ["{web}", "not as a PSO reward server", "404"],
+    ),  # fmt: skip
 }
 
 
 @pytest.fixture(scope="module")
-def bad_runs(tmp_path_factory) -> Iterator[dict[str, tuple[int, float, str, str]]]:
+def bad_runs(tmp_path_factory) -> Iterator[dict[str, tuple[int, float, str, dict[str, str]]]]:
     """Every bad-configuration command, run at once (they are independent): name -> (exit code, seconds,
-    stderr, the URL of the dead Redis)."""
+    stderr, the URLs of the dead Redis and of a web server that is not a reward server)."""
     tmp = tmp_path_factory.mktemp("bad-config")
-    with LocalRedis(tmp / "redis") as live:
+    with LocalRedis(tmp / "redis") as live, web_server(tmp / "www") as web:
         dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
         procs = {}
         for name, (command, sets, _, _) in BAD_CASES.items():
             args = [sys.executable, "-m", "pso.cli", command, "-c", str(TINY)]
             for s in sets:
-                args += ["--set", s.format(dead=dead, live=live.url)]
+                args += ["--set", s.format(dead=dead, live=live.url, web=web_url(web))]
             args += [
                 "--set",
                 f"learner.checkpoint_dir={tmp / name}",
@@ -680,7 +725,8 @@ def bad_runs(tmp_path_factory) -> Iterator[dict[str, tuple[int, float, str, str]
         try:
             for name, (started, proc) in procs.items():
                 _, err = proc.communicate(timeout=600)
-                results[name] = (proc.returncode, time.monotonic() - started, err.decode(errors="replace"), dead)
+                urls = {"dead": dead, "web": web_url(web)}
+                results[name] = (proc.returncode, time.monotonic() - started, err.decode(errors="replace"), urls)
         finally:
             for _, proc in procs.values():
                 if proc.poll() is None:
@@ -689,28 +735,46 @@ def bad_runs(tmp_path_factory) -> Iterator[dict[str, tuple[int, float, str, str]
         yield results
 
 
+@contextmanager
+def web_server(folder: Path) -> Iterator[ThreadingHTTPServer]:
+    """A real HTTP server (static files of an empty folder) on a free port: it answers, but not as a reward server."""
+    folder.mkdir()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(SimpleHTTPRequestHandler, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def web_url(server: ThreadingHTTPServer) -> str:
+    return f"http://127.0.0.1:{server.server_address[1]}"
+
+
 @pytest.mark.parametrize("case", list(BAD_CASES))
 def test_bad_configuration_fails_fast_naming_the_problem(bad_runs, case):
-    code, seconds, stderr, dead = bad_runs[case]
+    code, seconds, stderr, urls = bad_runs[case]
     _, _, want_code, want_texts = BAD_CASES[case]
     print(f"{case}: exit {code} after {seconds:.1f} s\n{stderr[-2000:]}")
     assert code != 0
     if want_code is not None:
         assert code == want_code
     for text in want_texts:
-        assert text.format(dead=dead) in stderr
+        assert text.format(**urls) in stderr
     # Failing fast is waiting for nothing that cannot come: the Redis ones give up after their redis.retry_s
     # (0.5 s, where the default is 60 s), as their message says, timed by the process itself.
     if "{dead}" in want_texts:
         waited = re.search(r"gave up after (\d+\.\d) s \(redis\.retry_s = 0\.5\)", stderr)
         assert waited and 0.5 <= float(waited[1]) < 30, stderr[-2000:]
-    # All five start at once: on two idle cores about 15 s (alone, each takes about 5 s, mostly imports),
+    # All start at once: on two idle cores about 15 s (alone, each takes about 5 s, mostly imports),
     # on a busy machine a multiple of that: the bound only tells a slow start from a hang.
     assert seconds < 300
 
 
 @pytest.mark.parametrize("case", ["actor-unreachable-redis", "learner-unreachable-redis"])
 def test_unreachable_redis_is_reported_without_a_traceback(bad_runs, case):
-    code, _, stderr, dead = bad_runs[case]
-    assert code == 1 and dead in stderr.strip().splitlines()[-1]
+    code, _, stderr, urls = bad_runs[case]
+    assert code == 1 and urls["dead"] in stderr.strip().splitlines()[-1]
     assert "Traceback" not in stderr, stderr[-2000:]

@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import numpy as np
@@ -22,7 +23,7 @@ from pso.config.reward_server import LimitsConfig, RewardServerConfig, TinySpec
 from pso.net import free_port
 from reward_server.app import create_app
 from reward_server.backends import build_backend
-from reward_server.client import RewardClient, RewardServerError
+from reward_server.client import NotARewardServer, RewardClient, RewardServerError
 from reward_server.main import serve_in_background
 
 MODELS = [TinySpec(reward="large"), TinySpec(reward="fidelity", weight=0.5)]
@@ -679,6 +680,51 @@ def test_the_client_waits_as_long_as_retry_after_says(caplog):
     assert delays and all(0.8 <= d <= 1.2 for d in delays), delays
     assert "429 too many requests in progress" in retries[0]
     assert elapsed >= 0.8 * len(delays)
+
+
+class _FixedAnswer(BaseHTTPRequestHandler):
+    """Answers every GET with the class's status and body: a web server or gateway at a wrong reward URL."""
+
+    status, body = 404, b"<html>not found</html>"
+
+    def do_GET(self):
+        self.send_response(self.status)
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize(
+    "status, body, gives_up_at_once",
+    [
+        (404, b"<html>not found</html>", True),  # a web server
+        (200, b'{"status": "ok"}', True),  # some other JSON service
+        (502, b"<html>bad gateway</html>", False),  # a proxy whose reward server is not up yet
+        (503, b'{"ready": false, "models": [], "error": null}', False),  # a reward server loading its models
+    ],
+)
+def test_wait_ready_names_a_server_that_is_not_a_reward_server_and_waits_for_one_starting(
+    status, body, gives_up_at_once
+):
+    handler = type("Answer", (_FixedAnswer,), {"status": status, "body": body})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        start = time.monotonic()
+        with pytest.raises(RewardServerError) as e:
+            RewardClient(url).wait_ready(timeout=2, interval=0.1)
+        assert isinstance(e.value, NotARewardServer) == gives_up_at_once, e.value
+        if gives_up_at_once:
+            assert f"{url} answers, but not as a PSO reward server" in str(e.value) and str(status) in str(e.value)
+        else:
+            assert time.monotonic() - start >= 2 and "not ready after 2 s" in str(e.value)
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def _keep_alive_exchange(url: str, requests: list[bytes]) -> list[bytes]:

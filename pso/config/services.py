@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from pso.config.loader import StrictModel
 
@@ -43,6 +44,19 @@ class ActorConfig(StrictModel):
         None, ge=0, le=65535, description="HTTP /healthz and Prometheus /metrics on this port, if set"
     )
     stall_s: float = Field(900.0, gt=0, description="/healthz fails after this long without progress")
+
+    @field_validator("reward_url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        """A URL that can never reach a reward server is refused here, not waited on forever."""
+        try:
+            parts = urlsplit(url)
+            port_ok = parts.port is None or parts.port > 0
+        except ValueError:
+            parts, port_ok = None, False
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+            raise ValueError(f"{url!r} is not an http(s) URL of a reward server, such as http://reward-server:8000")
+        return url
 
 
 class LearnerConfig(StrictModel):

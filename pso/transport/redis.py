@@ -419,8 +419,16 @@ class RedisWeightStore(_RedisTransport, WeightStore):
         self._drop_pubsub()
 
     def latest(self) -> int | None:
-        value = self._retry("latest", lambda: self.redis.get(self.keys.weights_latest))
-        return None if value is None else int(value)
+        key = self.keys.weights_latest
+        value = self._retry(f"GET {key}", lambda: self.redis.get(key))
+        if value is None:
+            return None
+        if not value.isdigit() or len(value) > 18:  # what publish writes: a version >= 0
+            raise TransportError(
+                f"{key} in Redis at {self.url} holds {value[:40]!r}, not a weight version: something other than "
+                f"the learner wrote it. Delete the key (the learner then publishes afresh) or use another redis.run"
+            )
+        return int(value)
 
     def publish(self, version: int, data: bytes, tensors: Mapping[str, dict] | None = None) -> None:
         if isinstance(version, bool) or not isinstance(version, int) or version < 0:
