@@ -42,7 +42,6 @@ from torch import Tensor, nn
 from pso.codecs import WeightBundle
 from pso.config.schema import Loss, OptimConfig
 from pso.config.services import LearnerConfig
-from pso.net import free_port
 from pso.objectives import PairBatch, compute_loss
 from pso.policy import DistilledPolicy
 
@@ -149,22 +148,25 @@ def init_distributed(device: torch.device, timeout_s: float = 1800.0) -> None:
     """Join the launcher's process group, or start a world-size-1 one (gloo on CPU, nccl on CUDA).
 
     DeepSpeed reads RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT from the
-    environment; without a launcher they are set here for one local rank on a free port.
+    environment. Without a launcher, one local rank joins a group of its own through an in-process
+    store: no rendezvous port, so nothing another process could take between choosing and binding it.
     """
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = timedelta(seconds=timeout_s)
     if torch.distributed.is_initialized():
         os.environ.setdefault("LOCAL_RANK", "0")
     elif "WORLD_SIZE" not in os.environ:
-        port = free_port()
         for key, value in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1), ("MASTER_ADDR", "127.0.0.1")):
             os.environ.setdefault(key, str(value))
-        os.environ.setdefault("MASTER_PORT", str(port))
+        os.environ.setdefault("MASTER_PORT", "0")  # DeepSpeed wants it set; the store below needs none
+        store = torch.distributed.HashStore()
+        torch.distributed.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
     if device.type == "cpu":
         # DeepSpeed would JIT-compile a shared-memory all-reduce op here (20 s and a C++ compiler on a fresh
         # machine); a process killed while compiling leaves a lock behind on which every later learner on the
         # machine waits forever. gloo's own all-reduce is all a CPU learner needs.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timedelta(seconds=timeout_s))
+    deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
 
 
 class LearnerEngine:

@@ -193,6 +193,20 @@ def test_counters(queue):
     assert queue.counters() == {"produced": 1, "trained": 5, "stale": 2}
 
 
+def test_an_acknowledgement_counts_only_the_records_it_acknowledges(queue):
+    """Ids acknowledged before, unknown, or repeated in one call count nothing (a retried ack must not
+    count twice)."""
+    ids = [queue.push(b"r", {}) for _ in range(3)]
+    queue.read("learner-0", count=10, block_s=0.1)
+    queue.ack(ids[:1], counter="trained")
+    queue.ack([ids[0], ids[1], ids[1], "1-1"], counter="trained")  # once before, twice here, never pushed
+    assert queue.counters()["trained"] == 2
+    queue.ack(ids[2:], counter="stale")
+    queue.ack(ids, counter="stale")  # every one acknowledged already
+    assert queue.counters() == {"produced": 3, "trained": 2, "stale": 1}
+    assert queue.stats().backlog == 0
+
+
 # ---- weight store ----
 
 
