@@ -627,15 +627,24 @@ def push_actor_batches(world: World, cfg: PSOConfig, queue: RedisExperienceQueue
     Actor(cfg, policy, prompts, queue, weights, RewardClient(world.reward_url), actor_id="a0").run()
 
 
+def run_with_experience(
+    world: World, *overrides: str, store: type[RedisWeightStore] = RedisWeightStore
+) -> tuple[PSOConfig, RedisExperienceQueue, RedisWeightStore]:
+    """A config of this world (no back-pressure), its queue and weight store, and `actor.max_batches`
+    batches pushed by a real actor."""
+    cfg, _ = world.config("actor.max_backlog=100000", *overrides)
+    client = connect(cfg.redis)
+    queue, weights = RedisExperienceQueue(client, cfg.redis), store(client, cfg.redis)
+    push_actor_batches(world, cfg, queue, weights)
+    return cfg, queue, weights
+
+
 @pytest.mark.parametrize("point", ["trained", "stale"])
 def test_a_learner_dying_right_after_an_ack_keeps_every_record_accounted(world, point):
-    cfg, _ = world.config("actor.max_batches=2", "actor.max_backlog=100000")
-    client = connect(cfg.redis)
-    queue, weights = RedisExperienceQueue(client, cfg.redis), RedisWeightStore(client, cfg.redis)
-    push_actor_batches(world, cfg, queue, weights)
+    cfg, queue, weights = run_with_experience(world, "actor.max_batches=2")
     assert queue.stats().produced >= 2 * cfg.optim.pairs_per_step
 
-    learner = in_process_learner(cfg, _DyingQueue(client, cfg.redis, point), weights)
+    learner = in_process_learner(cfg, _DyingQueue(queue.redis, cfg.redis, point), weights)
     if point == "stale":
         learner.state.version = cfg.learner.max_staleness + 1  # every record is stale (and dropped)
     with pytest.raises(_Killed):
@@ -648,11 +657,8 @@ def test_a_learner_dying_right_after_an_ack_keeps_every_record_accounted(world, 
 
 def test_a_record_exactly_max_staleness_versions_old_is_trained_one_older_is_dropped(world):
     for age, run in [(4, "at-the-limit"), (5, "over-it")]:
-        cfg, _ = world.config("actor.max_batches=1", "actor.max_backlog=100000", f"redis.run={run}")
+        cfg, queue, weights = run_with_experience(world, "actor.max_batches=1", f"redis.run={run}")  # version 0
         assert cfg.learner.max_staleness == 4
-        client = connect(cfg.redis)
-        queue, weights = RedisExperienceQueue(client, cfg.redis), RedisWeightStore(client, cfg.redis)
-        push_actor_batches(world, cfg, queue, weights)  # one update's worth, sampled with version 0
         learner = in_process_learner(cfg, queue, weights)
         learner.state.version = age  # a new run: the learner publishes this version first
         n = cfg.actor.prompts_per_batch
@@ -664,11 +670,9 @@ def test_a_record_exactly_max_staleness_versions_old_is_trained_one_older_is_dro
 
 
 def test_stale_records_are_trained_at_a_lower_weight_when_downweighted(world):
-    cfg, _ = world.config("actor.max_batches=1", "actor.max_backlog=100000", "learner.stale=downweight",
-                          "learner.max_updates=1")  # fmt: skip
-    client = connect(cfg.redis)
-    queue, weights = RedisExperienceQueue(client, cfg.redis), RedisWeightStore(client, cfg.redis)
-    push_actor_batches(world, cfg, queue, weights)
+    cfg, queue, weights = run_with_experience(
+        world, "actor.max_batches=1", "learner.stale=downweight", "learner.max_updates=1"
+    )
     learner = in_process_learner(cfg, queue, weights)
     learner.state.version = cfg.learner.max_staleness + 1  # every record is stale
     seen = []
@@ -684,11 +688,9 @@ def test_stale_records_are_trained_at_a_lower_weight_when_downweighted(world):
 
 
 def test_weights_are_published_every_publish_every_updates(world):
-    cfg, _ = world.config("actor.max_batches=4", "actor.max_backlog=100000", "learner.publish_every=2",
-                          "learner.max_updates=4")  # fmt: skip
-    client = connect(cfg.redis)
-    queue, weights = RedisExperienceQueue(client, cfg.redis), _CountingStore(client, cfg.redis)
-    push_actor_batches(world, cfg, queue, weights)
+    cfg, queue, weights = run_with_experience(
+        world, "actor.max_batches=4", "learner.publish_every=2", "learner.max_updates=4", store=_CountingStore
+    )
     published_versions = []
     publish = weights.publish
     weights.publish = lambda version, *a, **kw: published_versions.append(version) or publish(version, *a, **kw)
@@ -714,11 +716,9 @@ def test_sigterm_makes_the_learner_checkpoint_and_exit_143_and_resume_continues_
 
 
 def test_a_learner_takes_over_the_records_a_dead_rank_held(world):
-    cfg, _ = world.config("actor.max_batches=1", "actor.max_backlog=100000", "learner.reclaim_idle_s=0.5",
-                          "learner.max_updates=1")  # fmt: skip
-    client = connect(cfg.redis)
-    queue, weights = RedisExperienceQueue(client, cfg.redis), RedisWeightStore(client, cfg.redis)
-    push_actor_batches(world, cfg, queue, weights)
+    cfg, queue, weights = run_with_experience(
+        world, "actor.max_batches=1", "learner.reclaim_idle_s=0.5", "learner.max_updates=1"
+    )
     n = cfg.actor.prompts_per_batch
     held = RedisExperienceQueue(connect(cfg.redis), cfg.redis).read("learner-1", count=n, block_s=1)
     assert len(held) == n and queue.stats().waiting == 0  # every record is pending on rank 1, which dies
