@@ -241,7 +241,8 @@ def create_app(
         top = max(total)
         # softmax of total / temperature, shifted by the top: the exponents are <= 0, and -inf gives 0
         odds = [math.exp((t - top) / body.temperature) for t in total]
-        probabilities = [o / sum(odds) for o in odds]
+        norm = sum(odds)
+        probabilities = [o / norm for o in odds]
         return JSONResponse({**result, "probabilities": probabilities, "winner": total.index(top)})
 
     return RequestGuard(

@@ -84,11 +84,13 @@ class RewardClient:
         return self._request("GET", "/v1/models").json()["models"]
 
     def ready(self) -> bool:
-        """Whether /readyz answers 200 right now (no retries)."""
+        """Whether a reward server answers /readyz as ready right now (no retries)."""
         try:
-            return self.http.get("/readyz").status_code == 200
+            r = self.http.get("/readyz")
         except httpx.TransportError:
             return False
+        readiness = _readiness(r)
+        return r.status_code == 200 and readiness is not None and readiness["ready"]
 
     def wait_ready(self, timeout: float = 300.0, interval: float = 0.5) -> None:
         """Block until /readyz answers 200; RewardServerError if it does not within `timeout`."""
