@@ -88,11 +88,13 @@ class Actor:
         return self.stats
 
     def step(self, stop: threading.Event) -> int:
-        """One batch: refresh weights, respect back-pressure, sample, score, pair, push. Returns records pushed."""
-        self.refresh_weights()
+        """One batch: respect back-pressure, refresh weights, sample, score, pair, push. Returns records pushed.
+        The weights are refreshed after the pause: a batch sampled with the version from before it would
+        reach the learner stale."""
         self._wait_for_room(stop)
         if stop.is_set():
             return 0
+        self.refresh_weights()
         started = time.monotonic()
         cfg, g = self.cfg, self.cfg.sampling.group_size
         prompts = [self.prompts[i] for i in self.rng.integers(len(self.prompts), size=cfg.actor.prompts_per_batch)]
@@ -139,7 +141,9 @@ class Actor:
         if newest is None or newest <= self.version or newest in self.stats.refused:
             return
         try:
-            bundle = decode_weights(self.weights.fetch(newest), expected=self.policy.weight_spec())
+            # fetch checked the size and checksum against the manifest: the codec's own SHA-256 pass is redundant
+            data = self.weights.fetch(newest)
+            bundle = decode_weights(data, expected=self.policy.weight_spec(), checksum=False)
             if bundle.version != newest:
                 raise CodecError(f"the bundle stored as version {newest} says it is version {bundle.version}")
             self.policy.load_weights(bundle)
@@ -192,6 +196,7 @@ def run_actor(cfg: PSOConfig, stop: threading.Event | None = None) -> ActorStats
     import signal
 
     from actors.prompts import load_prompts
+    from pso.transport.node_cache import NodeWeightCache
     from pso.transport.redis import RedisExperienceQueue, RedisWeightStore, connect
 
     stop = stop or threading.Event()
@@ -205,9 +210,12 @@ def run_actor(cfg: PSOConfig, stop: threading.Event | None = None) -> ActorStats
     try:
         prompts = load_prompts(cfg.actor.prompts, cfg.loop.prompts)
         client = connect(cfg.redis)  # fails fast, naming the URL, when Redis is unreachable
+        weights = RedisWeightStore(client, cfg.redis)
+        if cfg.actor.weights_cache_dir is not None:  # an unwritable folder fails here, before the model loads
+            weights = NodeWeightCache(weights, cfg.actor.weights_cache_dir, cfg.redis.keep_versions)
         policy = DistilledPolicy.from_config(cfg.model, cfg.finetune)
         reward = RewardClient(cfg.actor.reward_url)
-        queue, weights = RedisExperienceQueue(client, cfg.redis), RedisWeightStore(client, cfg.redis)
+        queue = RedisExperienceQueue(client, cfg.redis)
         actor = Actor(cfg, policy, prompts, queue, weights, reward)
         registry.register(ActorCollector(actor))
         if ops:

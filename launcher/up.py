@@ -34,7 +34,7 @@ from pso.images import save_grid
 from pso.net import free_port
 from pso.policy import DistilledPolicy
 from pso.sampling import sample_groups
-from pso.transport.base import WeightStore, WeightsUnavailable
+from pso.transport.base import ExperienceQueue, WeightStore, WeightsUnavailable
 from reward_server.client import RewardClient
 
 log = logging.getLogger("pso.up")
@@ -55,7 +55,7 @@ def run_config(cfg: PSOConfig, run_dir: Path, redis_url: str) -> PSOConfig:
 
 def run_up(cfg: PSOConfig) -> dict:
     from pso.redis_server import LocalRedis
-    from pso.transport.redis import RedisWeightStore, connect
+    from pso.transport.redis import RedisExperienceQueue, RedisWeightStore, connect
 
     run_dir = cfg.up.run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -87,13 +87,15 @@ def run_up(cfg: PSOConfig) -> dict:
         learner = start("learner", *_learner_command(cfg, config_path))
         for i in range(cfg.up.actors):
             start(f"actor-{i}", "pso.cli", "actor", "-c", str(config_path), "--set", f"actor.id=actor-{i}")
-        weights = RedisWeightStore(connect(cfg.redis), cfg.redis)
+        client = connect(cfg.redis)
+        weights = RedisWeightStore(client, cfg.redis)
         viewer = DistilledPolicy.from_config(cfg.model, cfg.finetune)  # draws the grids, then is evaluated
         _follow(cfg, run_dir, learner, children, weights, viewer)
         for child in children:
             if child.name.startswith("actor"):
                 child.stop()
         summary = evaluate(cfg, viewer, weights, RewardClient(cfg.actor.reward_url), run_dir)
+        summary["experience"] = experience_summary(RedisExperienceQueue(client, cfg.redis))
     rows = read_metrics(cfg.learner.metrics_file)
     if rows:
         reward_curve(rows, run_dir / "reward_curve.png", f"online PSO, run {cfg.redis.run}")
@@ -136,7 +138,7 @@ def _follow(
                 version=int(last["version"]),
                 reward=f"{np.mean([r['reward_mean'] for r in rows[-10:]]):.4f}",
                 pairs_s=f"{last['pairs_per_s']:.1f}",
-                backlog=int(last["backlog"]),
+                backlog=int(last.get("backlog", 0)),
             )
         grids.draw_new()
         time.sleep(0.5)
@@ -219,6 +221,15 @@ def evaluate(
             "win_rate": float(((diff > 0).float() + 0.5 * (diff == 0).float()).mean()),
         }
     return summary
+
+
+def experience_summary(queue: ExperienceQueue) -> dict:
+    """What became of the records the actors produced, and the share wasted as stale (of those decided)."""
+    counters, stats = queue.counters(), queue.stats()
+    out = {k: counters.get(k, 0) for k in ("produced", "trained", "stale", "corrupt", "redelivered")}
+    out["left"] = stats.backlog  # pushed after the learner's last update: sampled, never trained on
+    out["stale_share"] = out["stale"] / max(out["trained"] + out["stale"] + out["corrupt"], 1)
+    return out
 
 
 def _stop_all(children: list[Child]) -> None:

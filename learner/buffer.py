@@ -1,7 +1,7 @@
 """Experience waiting to be trained on: records in arrival order, consumed pair by pair.
 
 An update takes a fixed number of pairs (so every rank runs the same number of micro-batches);
-a record whose pairs straddle two updates is acknowledged after the second.
+a record whose pairs straddle two updates is finished by the second.
 """
 
 from __future__ import annotations
@@ -37,6 +37,11 @@ class PairBuffer:
 
     def __len__(self) -> int:
         return len(self._records)
+
+    def started(self) -> dict[str, int]:
+        """Records partly trained on: id -> pairs taken (a checkpoint keeps it, so that a resumed
+        learner skips those pairs when the record comes back)."""
+        return {r.id: r.next_pair for r in self._records if r.next_pair}
 
     def add(self, item: BufferedRecord) -> None:
         self._records.append(item)

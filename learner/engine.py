@@ -25,6 +25,7 @@ from the torch extensions cache (~/.cache/torch_extensions or TORCH_EXTENSIONS_D
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from contextlib import nullcontext
@@ -376,26 +377,49 @@ class LearnerEngine:
         return dict(self._spec)
 
     # ----- checkpoints -----
-    def save_checkpoint(self, directory: str | Path, client_state: dict[str, Any]) -> None:
+    def save_checkpoint(self, directory: str | Path, client_state: dict[str, Any], rank_state: dict[str, Any]) -> None:
         """A DeepSpeed checkpoint (trainable weights, optimiser and loss-scaler state, step counters)
-        plus `client_state` (e.g. weight version, stream position, counters) in `directory`.
+        plus `client_state` (e.g. weight version, counters) and each rank's own `rank_state` (JSON,
+        e.g. the records it covers) in `directory`.
 
         Collective: every rank calls it with the same directory and writes its own shards. Frozen
-        weights are left out: the base model is reloaded from `model.pretrained`.
+        weights are left out: the base model is reloaded from `model.pretrained`. The checkpoint is
+        named in `latest` (atomically) only once every rank has written all of it, so a process
+        killed at any point leaves the previous one in place.
         """
-        self.engine.save_checkpoint(str(directory), client_state=dict(client_state), exclude_frozen_parameters=True)
-        log.info("checkpoint saved in %s (step %d)", directory, self.engine.global_steps)
+        tag = f"global_step{self.engine.global_steps}"
+        folder = Path(directory) / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_atomically(folder / f"rank{self.rank}.json", json.dumps(rank_state))
+        self.engine.save_checkpoint(
+            str(directory), tag=tag, client_state=dict(client_state), save_latest=False, exclude_frozen_parameters=True
+        )  # ends with a barrier: every rank's files are written
+        if self.rank == 0:
+            _write_atomically(Path(directory) / "latest", tag)
+        torch.distributed.barrier()
+        log.info("checkpoint saved in %s (step %d)", folder, self.engine.global_steps)
 
-    def load_checkpoint(self, directory: str | Path) -> dict[str, Any] | None:
-        """Resume from the newest checkpoint in `directory` (weights, optimiser state, counters) and
-        return its client state; None, touching nothing, when there is none. Collective."""
-        if not (Path(directory) / "latest").is_file():
+    def load_checkpoint(self, directory: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+        """Resume from the newest checkpoint in `directory` (weights, optimiser state, counters); returns
+        its client state and the rank states of every rank that saved it (however many ranks resume);
+        None, touching nothing, when there is none. Collective."""
+        latest = Path(directory) / "latest"
+        if not latest.is_file():
             return None
-        path, client_state = self.engine.load_checkpoint(str(directory), load_module_strict=False)
+        tag = latest.read_text().strip()
+        path, client_state = self.engine.load_checkpoint(str(directory), tag=tag, load_module_strict=False)
         if path is None:
-            raise RuntimeError(f"DeepSpeed could not load the checkpoint named in {Path(directory) / 'latest'}")
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {tag!r}, named in {latest}")
+        ranks = [json.loads(f.read_text()) for f in sorted((Path(directory) / tag).glob("rank*.json"))]
         log.info("resumed from %s (step %d)", path, self.engine.global_steps)
-        return client_state
+        return client_state, ranks
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write, then rename over `path`: a reader (or a restart after a kill) sees the old file or the new."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _select(batch: PairBatch, idx: Tensor) -> PairBatch:

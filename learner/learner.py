@@ -5,10 +5,17 @@
         read records (this rank's own unacknowledged ones first, then new ones; reclaim those a
         dead consumer left), dropping or down-weighting the stale ones
         once `pairs_per_step x gradient_accumulation_steps` pairs are buffered: one update
-        acknowledge the records fully used; every K updates publish the weights; every N checkpoint
+        every K updates publish the weights; every N checkpoint, then acknowledge the records it covers
+    checkpoint on the way out (a signal, max_updates, or Redis unreachable for longer than redis.retry_s)
 
 Every rank reads its own records and runs the same number of micro-batches per update, so the
 data-parallel gradient averaging of the DeepSpeed engine always lines up.
+
+A record is acknowledged only once a checkpoint holds the updates that trained it, so a learner killed
+at any point loses nothing from the model: the records trained since its newest checkpoint are still
+pending on it and come back after `--resume`. The checkpoint lists the records it covers that were not
+acknowledged yet, and how many pairs of a partly trained record it holds; a resumed learner acknowledges
+the former and skips those pairs of the latter, so no pair is trained twice into the model.
 """
 
 from __future__ import annotations
@@ -16,7 +23,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -29,9 +38,10 @@ from pso.config.schema import PSOConfig
 from pso.experience import check_record_fits, pair_batch_from_records
 from pso.loop import round_seed
 from pso.ops_http import OpsServer
-from pso.transport.base import Delivery, ExperienceQueue, WeightStore
+from pso.transport.base import Delivery, ExperienceQueue, QueueStats, TransportError, WeightStore
 
 log = logging.getLogger("pso.learner")
+T = TypeVar("T")
 
 
 @dataclass
@@ -45,7 +55,8 @@ class LearnerState:
     stale: int = 0
     redelivered: int = 0
     corrupt: int = 0
-    last_id: str = "0-0"  # the newest record acknowledged (the stream position)
+    lost: int = 0  # records lost with a Redis that restarted empty (waiting unread when last seen)
+    run_marker: str | None = None  # the run's marker in Redis (pso/transport/base.py: ExperienceQueue.run_marker)
     history: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -56,6 +67,13 @@ class Learner:
         self.pairs_per_update = cfg.optim.pairs_per_step * cfg.learner.gradient_accumulation_steps
         self.buffer = PairBuffer()
         self.state = LearnerState()
+        self.unacked: list[str] = []  # records trained since the last checkpoint: acknowledged once one holds them
+        self.skip: dict[str, int] = {}  # pairs of partly trained records that the resumed checkpoint holds
+        self.checkpointed_at = 0  # updates in the newest checkpoint
+        self.failure: TransportError | None = None  # Redis gone for longer than redis.retry_s: checkpoint, stop
+        self.redis_lost = False  # rank 0 found the run's marker gone: Redis lost the run's data
+        self.seen: tuple[QueueStats, dict[str, int]] | None = None  # the queue at the last update, to report losses
+        self.live = [f"learner-{r}" for r in range(engine.world_size)]  # never reclaimed from
         lc = cfg.learner
         self.sink = MetricsSink(lc.metrics_file, lc.tensorboard_dir) if rank == 0 else None
         self.demand = ActorDemand(lc.target_backlog, lc.scale_horizon_s, ranks=engine.world_size)
@@ -66,14 +84,23 @@ class Learner:
 
     def resume(self) -> bool:
         """Continue from the newest checkpoint in `learner.checkpoint_dir`; False if there is none."""
-        client = self.engine.load_checkpoint(self.cfg.learner.checkpoint_dir)
-        if client is None:
+        loaded = self.engine.load_checkpoint(self.cfg.learner.checkpoint_dir)
+        if loaded is None:
             return False
+        client, ranks = loaded
         known = LearnerState.__dataclass_fields__
         self.state = LearnerState(**{k: v for k, v in client.items() if k in known})
+        self.checkpointed_at = self.state.updates
         # a version published after the checkpoint must not be reused
         self.state.version = max(self.state.version, self.weights.latest() or 0)
-        log.info("resumed at update %d, version %d", self.state.updates, self.state.version)
+        covered = [i for r in ranks for i in r.get("covered", [])]  # every rank's, however many ranks resume
+        self.skip = {i: n for r in ranks for i, n in r.get("partial", {}).items()}
+        acked = self.queue.ack(covered, counter="trained")  # before any read: they must not come back
+        log.info(
+            "resumed at update %d, version %d; the checkpoint holds %d records not acknowledged before (%d "
+            "acknowledged now) and part of %d more", self.state.updates, self.state.version, len(covered), acked,
+            len(self.skip),
+        )  # fmt: skip
         return True
 
     def run(self, stop: threading.Event | None = None) -> LearnerState:
@@ -81,24 +108,46 @@ class Learner:
         limit = self.cfg.learner.max_updates
         self._start_versions()
         try:
-            while (limit is None or self.state.updates < limit) and not _any_rank(stop.is_set()):
+            while limit is None or self.state.updates < limit:
+                stopping, lost = _any_rank(stop.is_set() or self.failure is not None, self.redis_lost)
+                if lost:
+                    self._report_lost_redis()
+                if stopping:
+                    break
                 waited = self._fill(stop)
-                if _any_rank(self.buffer.pairs < self.pairs_per_update):
-                    continue  # some rank was stopped while waiting: nobody updates, all stop at the top
+                if _any_rank(self.buffer.pairs < self.pairs_per_update)[0]:
+                    continue  # some rank was stopped or alarmed while waiting: nobody updates, all go to the top
                 self._update(waited)
+            if self.state.updates > self.checkpointed_at:
+                self.save_checkpoint()  # on every orderly way out, Redis lost for good included
         finally:
             if self.sink:
                 self.sink.close()
             if self.ops:
                 self.ops.close()
+        if self.failure is not None:
+            raise self.failure
         return self.state
+
+    def _guard(self, op: Callable[[], T]) -> T | None:
+        """Run a Redis operation; if Redis stays unreachable past redis.retry_s, remember it (every rank then
+        stops after this update, checkpointing first) instead of leaving the ranks' collectives unmatched."""
+        if self.failure is not None:
+            return None
+        try:
+            return op()
+        except TransportError as exc:
+            log.error("stopping after this update, with a checkpoint: %s", exc)
+            self.failure = exc
+            return None
 
     def _start_versions(self) -> None:
         """Publish what the actors start from, so that they and the learner agree: version 0 in a new run.
         A learner without a checkpoint in a run that has published already (its checkpoint volume lost
         beside a persistent Redis) starts from the base model above the published versions, which only
         grow: it publishes its weights as the next version at once, so the actors follow it."""
-        latest = int(_rank_max(-1 if (v := self.weights.latest()) is None else v))  # read by all before any publish
+        self._check_marker_on_start()
+        latest = int(_rank_max(-1 if (v := self.weights.latest()) is None else v)[0])  # read by all before a publish
         if latest < 0:
             self._publish()
         elif self.state.updates == 0:
@@ -110,17 +159,62 @@ class Learner:
             self.state.version = latest + 1
             self._publish()
 
+    def _check_marker_on_start(self) -> None:
+        """Rank 0: write the run's marker if there is none; a resumed learner whose run's marker is gone
+        (or another) says that Redis lost the run's data while it was down."""
+        if self.rank != 0:
+            return
+        had = self.state.run_marker
+        if had is not None and self.queue.run_marker() != had:
+            log.error(
+                "Redis no longer holds run %r as this learner's checkpoint knew it (its marker is gone): "
+                "Redis restarted empty or was flushed while the learner was down. The records that were queued "
+                "then are lost, the run's counters start again from 0, and the weights are published afresh",
+                self.cfg.redis.run,
+            )  # fmt: skip
+        self.state.run_marker = self.queue.run_marker(create=True)
+
+    def _check_marker(self) -> None:
+        if self.rank == 0 and not self.redis_lost and self.queue.run_marker() != self.state.run_marker:
+            self.redis_lost = True
+
+    def _report_lost_redis(self) -> None:
+        """Every rank, once rank 0 found the run's marker gone: say what was lost, mark the run afresh and
+        publish the weights again (the versions went with the rest), so that the actors have them."""
+        self.redis_lost = False
+        self.demand.samples.clear()  # the counters restart: rates across the reset mean nothing
+        if self.rank == 0:
+            stats, counters = self.seen or (QueueStats(0, 0, 0), {})
+            self.state.lost += stats.waiting
+            log.error(
+                "Redis lost run %r's data (restarted without persistence, or flushed): %d records waiting "
+                "unread at the last update were lost with it, and the counters start again from 0 (they were: "
+                "%s); the %d records this learner holds (read, or trained since its checkpoint) are kept. Publishing "
+                "the weights again",
+                self.cfg.redis.run, stats.waiting,
+                ", ".join(f"{k} {counters.get(k, 0)}" for k in ("produced", "trained", "stale", "corrupt")),
+                len(self.buffer) + len(self.unacked),
+            )  # fmt: skip
+            self.state.run_marker = self._guard(lambda: self.queue.run_marker(create=True))
+        self._publish()
+
     def _fill(self, stop: threading.Event) -> float:
-        """Read until an update's pairs are buffered (or stopped); returns the seconds spent waiting."""
+        """Read until an update's pairs are buffered (or stopped, or Redis lost the run); returns the seconds
+        spent waiting."""
         start = time.monotonic()
         lc = self.cfg.learner
-        while self.buffer.pairs < self.pairs_per_update and not stop.is_set():
+        self._guard(self._check_marker)
+        while self.buffer.pairs < self.pairs_per_update and not (stop.is_set() or self.failure or self.redis_lost):
             self._beat()  # waiting for experience is progress as far as health goes
-            deliveries = self.queue.reclaim(self.consumer, lc.reclaim_idle_s, 16)
-            deliveries += self.queue.read(self.consumer, 4, lc.read_block_s)
-            for d in deliveries:
-                self._admit(d)
+            self._guard(lambda: self._read(lc))
+            self._guard(self._check_marker)
         return time.monotonic() - start
+
+    def _read(self, lc) -> None:
+        deliveries = self.queue.reclaim(self.consumer, lc.reclaim_idle_s, 16, live=self.live)
+        deliveries += self.queue.read(self.consumer, 4, lc.read_block_s)
+        for d in deliveries:
+            self._admit(d)
 
     def _admit(self, d: Delivery) -> None:
         lc = self.cfg.learner
@@ -148,7 +242,7 @@ class Learner:
                 return
             self.queue.count("downweighted")  # trained on later, and counted `trained` then
             weight = lc.stale_weight
-        self.buffer.add(BufferedRecord(d.id, record, weight))
+        self.buffer.add(BufferedRecord(d.id, record, weight, next_pair=self.skip.pop(d.id, 0)))
 
     def _update(self, waited: float) -> None:
         start = time.monotonic()
@@ -161,18 +255,21 @@ class Learner:
         trained_at = st.version
         st.updates += 1
         st.trained_pairs += len(weights)
-        if take.finished:
-            self.queue.ack([r.id for r in take.finished], counter="trained")
-            st.trained_records += len(take.finished)
-            st.last_id = take.finished[-1].id
+        self.unacked += [r.id for r in take.finished]
+        st.trained_records += len(take.finished)
         if st.updates % self.cfg.learner.publish_every == 0:
             self._publish()
         if st.updates % self.cfg.learner.checkpoint_every == 0:
             self.save_checkpoint()
         busy = time.monotonic() - start
-        queue = self.queue.stats()
-        actor_busy_s = self.queue.counters().get("actor_busy_ms", 0) / 1000
-        self.demand.observe(queue.produced, actor_busy_s, queue.waiting, len(take.finished), busy)
+        queue = self._guard(self.queue.stats)
+        counters = self._guard(self.queue.counters)
+        self._guard(self._check_marker)  # after the reads: the figures kept for a loss report predate it
+        if queue is not None and counters is not None:
+            if not self.redis_lost:
+                self.seen = queue, counters
+            actor_busy_s = counters.get("actor_busy_ms", 0) / 1000
+            self.demand.observe(queue.produced, actor_busy_s, queue.waiting, len(take.finished), busy)
         versions = [r.policy_version for r in take.records]
         row = {
             "updates": st.updates,
@@ -183,9 +280,12 @@ class Learner:
             "pairs_per_s": len(weights) / max(busy + waited, 1e-9),
             "wait_s": waited,
             "stale_total": st.stale,
-            "backlog": queue.backlog,
+            "stale_share": st.stale / max(st.stale + st.trained_records + len(self.buffer), 1),
+            "lost_total": st.lost,
             "time": time.time(),
         }
+        if queue is not None:
+            row["backlog"] = queue.backlog
         wanted = self.demand.wanted()
         if wanted is not None:
             row["actors_wanted"] = wanted
@@ -203,28 +303,35 @@ class Learner:
         version = self.state.version + (1 if self.state.updates else 0)
         bundle = self.engine.export_weights(version)
         if self.rank == 0:
-            self.weights.publish(version, encode_weights(bundle), bundle.manifest())
-            log.info("published weights version %d", version)
+            data = encode_weights(bundle)
+            if self._guard(lambda: self.weights.publish(version, data, bundle.manifest()) or True):
+                log.info("published weights version %d", version)
         self.state.version = version
 
     def save_checkpoint(self) -> None:
+        """Collective. Then acknowledge the records trained since the last one: the checkpoint holds them
+        (and lists them, for a learner resumed before the acknowledgement reached Redis)."""
         client = {k: v for k, v in vars(self.state).items() if k != "history"}
-        self.engine.save_checkpoint(self.cfg.learner.checkpoint_dir, client)
+        rank_state = {"covered": self.unacked, "partial": self.buffer.started()}
+        self.engine.save_checkpoint(self.cfg.learner.checkpoint_dir, client, rank_state)
+        self.checkpointed_at = self.state.updates
         log.info("checkpoint at update %d (version %d)", self.state.updates, self.state.version)
+        covered, self.unacked = self.unacked, []
+        self._guard(lambda: self.queue.ack(covered, counter="trained"))
 
 
-def _any_rank(flag: bool) -> bool:
-    """True on every rank if it is True on any (so that all ranks stop after the same update)."""
-    return _rank_max(1.0 if flag else 0.0) > 0
+def _any_rank(*flags: bool) -> list[bool]:
+    """Each flag True on every rank if it is True on any (so that all ranks stop after the same update)."""
+    return [v > 0 for v in _rank_max(*(1.0 if f else 0.0 for f in flags))]
 
 
-def _rank_max(value: float) -> float:
-    """The largest of every rank's `value`, on every rank (a collective: all ranks call it together)."""
+def _rank_max(*values: float) -> list[float]:
+    """The largest of every rank's `values`, each, on every rank (a collective: all ranks call it together)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return value
-    t = torch.tensor([float(value)], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
+    return t.tolist()
 
 
 def run_learner(cfg: PSOConfig, resume: bool = False, stop: threading.Event | None = None) -> LearnerState:
@@ -253,8 +360,6 @@ def run_learner(cfg: PSOConfig, resume: bool = False, stop: threading.Event | No
     if resume and not learner.resume():
         log.info("no checkpoint in %s: starting fresh", cfg.learner.checkpoint_dir)
     state = learner.run(stop)
-    if state.updates % cfg.learner.checkpoint_every:
-        learner.save_checkpoint()  # the updates since the last one are not lost
     log.info(
         "learner done: %d updates, version %d, %d records (%d pairs) trained, %d stale, %d redelivered",
         state.updates, state.version, state.trained_records, state.trained_pairs, state.stale, state.redelivered,

@@ -282,6 +282,11 @@ def cmd_up(args) -> int:
             f"  {name}: {m['base']:.4f} -> {m['tuned']:.4f} (gain {m['gain']:+.4f} +- {m['gain_stderr']:.4f}, "
             f"wins {m['win_rate']:.0%})"
         )
+    e = summary["experience"]
+    print(
+        f"experience: {e['produced']} records produced, {e['trained']} trained, {e['stale']} stale "
+        f"({e['stale_share']:.1%} of those decided), {e['corrupt']} corrupt, {e['left']} left when the run stopped"
+    )
     return 0
 
 

@@ -20,6 +20,11 @@ Decoding checks, in this order: the header is complete (:class:`TruncatedError`)
 required fields (:class:`CorruptError`), then the tensors against the manifest and the record schema
 (:class:`ShapeMismatchError` for shapes and dtypes, :class:`SchemaError` for other invariants).
 The body length is checked after the version because the header layout belongs to the version.
+
+The encoder pads the JSON with spaces so that the safetensors payload starts 8-byte aligned (JSON
+allows the whitespace; decoders of either kind read both). Decoding loads the tensors in place: they
+are views of one writable buffer (the data itself when it is a writable ``bytearray``, else one copy
+of it), and a tensor whose bytes are not aligned to its element size is copied alone.
 """
 
 from __future__ import annotations
@@ -33,8 +38,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 __all__ = [
@@ -63,6 +66,25 @@ KIND_WEIGHTS = 2
 _KIND_NAMES = {KIND_EXPERIENCE: "experience record", KIND_WEIGHTS: "weight bundle"}
 _HEADER = struct.Struct("<4sHBQ32s")
 _JSON_LEN = struct.Struct("<I")
+_ST_LEN = struct.Struct("<Q")
+_PAYLOAD_ALIGN = 8
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 TensorSpec = dict[str, tuple[torch.dtype, tuple[int, ...]]]
 
@@ -152,16 +174,60 @@ def _pack(kind_code: int, meta: dict[str, Any], tensors: Mapping[str, torch.Tens
         json_bytes = json.dumps(meta, sort_keys=True, ensure_ascii=False, allow_nan=False).encode("utf-8")
     except (TypeError, ValueError) as exc:
         raise SchemaError(f"metadata is not JSON-serialisable: {exc}") from exc
+    json_bytes += b" " * (-(_HEADER.size + _JSON_LEN.size + len(json_bytes)) % _PAYLOAD_ALIGN)
     body = _JSON_LEN.pack(len(json_bytes)) + json_bytes + st_save(cpu)
     return _HEADER.pack(MAGIC, FORMAT_VERSION, kind_code, len(body), hashlib.sha256(body).digest()) + body
 
 
-def _unpack(data: bytes, kind_code: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Check the envelope of ``data`` and return (JSON metadata, tensors checked against the manifest)."""
-    data = bytes(data)
-    if len(data) < _HEADER.size:
-        raise TruncatedError(f"expected at least {_HEADER.size} header bytes, got {len(data)}")
-    magic, version, kind, body_len, digest = _HEADER.unpack_from(data)
+def _load_safetensors(view: memoryview) -> dict[str, torch.Tensor]:
+    """The tensors of the safetensors bytes ``view`` (writable, format "B"; little-endian data, read
+    as the host's order: torch has no big-endian hosts to speak of) as views of it, after the
+    checks safetensors' own loader makes: a complete header, known dtypes, and data offsets that match
+    each shape and tile the data area exactly. Raises ValueError naming the problem."""
+    if len(view) < _ST_LEN.size:
+        raise ValueError(f"{len(view)} bytes, fewer than the 8-byte header length")
+    (header_len,) = _ST_LEN.unpack_from(view)
+    start = _ST_LEN.size + header_len
+    if start > len(view):
+        raise ValueError(f"header of {header_len} bytes exceeds the {len(view) - _ST_LEN.size} bytes left")
+    header = json.loads(str(view[_ST_LEN.size : start], "utf-8"))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    header.pop("__metadata__", None)
+    data = view[start:]
+    tensors, spans = {}, []
+    for name, info in header.items():
+        dtype = _ST_DTYPES[info["dtype"]]
+        shape = [int(n) for n in info["shape"]]
+        begin, end = (int(n) for n in info["data_offsets"])
+        size = math.prod(shape) * dtype.itemsize
+        if min(shape, default=0) < 0 or not 0 <= begin <= end <= len(data) or end - begin != size:
+            raise ValueError(f"tensor {name!r}: offsets {begin}..{end} do not hold shape {shape} of {dtype}")
+        spans.append((begin, end))
+        if size == 0:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+            continue
+        raw = torch.frombuffer(data[begin:end], dtype=torch.uint8)
+        if raw.data_ptr() % dtype.itemsize:
+            raw = raw.clone()  # torch's allocations are aligned
+        tensors[name] = raw.view(dtype).reshape(shape)
+    covered = 0
+    for begin, end in sorted(spans):
+        if begin != covered:
+            raise ValueError(f"data offsets leave a gap or overlap at byte {covered}")
+        covered = end
+    if covered != len(data):
+        raise ValueError(f"tensors cover {covered} of the {len(data)} data bytes")
+    return tensors
+
+
+def _unpack(data: bytes | bytearray, kind_code: int, checksum: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Check the envelope of ``data`` and return (JSON metadata, tensors checked against the manifest).
+    ``checksum=False`` skips the SHA-256 pass, for bytes already checked against a digest of them."""
+    view = memoryview(data).cast("B")
+    if len(view) < _HEADER.size:
+        raise TruncatedError(f"expected at least {_HEADER.size} header bytes, got {len(view)}")
+    magic, version, kind, body_len, digest = _HEADER.unpack_from(view)
     if magic != MAGIC:
         raise CorruptError(f"not a PSO record: expected magic {MAGIC!r}, got {magic!r}")
     if version != FORMAT_VERSION:
@@ -170,12 +236,12 @@ def _unpack(data: bytes, kind_code: int) -> tuple[dict[str, Any], dict[str, torc
         got = _KIND_NAMES.get(kind, "unknown kind")
         raise KindMismatchError(f"expected {_KIND_NAMES[kind_code]} (kind {kind_code}), got {got} (kind {kind})")
     total = _HEADER.size + body_len
-    if len(data) < total:
-        raise TruncatedError(f"expected {total} bytes (header {_HEADER.size} + body {body_len}), got {len(data)}")
-    if len(data) > total:
-        raise CorruptError(f"expected {total} bytes, got {len(data)} ({len(data) - total} trailing bytes)")
-    body = data[_HEADER.size :]
-    if hashlib.sha256(body).digest() != digest:
+    if len(view) < total:
+        raise TruncatedError(f"expected {total} bytes (header {_HEADER.size} + body {body_len}), got {len(view)}")
+    if len(view) > total:
+        raise CorruptError(f"expected {total} bytes, got {len(view)} ({len(view) - total} trailing bytes)")
+    body = view[_HEADER.size :]
+    if checksum and hashlib.sha256(body).digest() != digest:
         raise CorruptError("checksum mismatch: body SHA-256 differs from the header")
     if body_len < _JSON_LEN.size:
         raise CorruptError(f"body of {body_len} bytes is too short for the {_JSON_LEN.size}-byte JSON length")
@@ -184,15 +250,17 @@ def _unpack(data: bytes, kind_code: int) -> tuple[dict[str, Any], dict[str, torc
     if json_end > body_len:
         raise CorruptError(f"JSON length {json_len} exceeds the {body_len - _JSON_LEN.size} bytes left in the body")
     try:
-        meta = json.loads(body[_JSON_LEN.size : json_end].decode("utf-8"))
+        meta = json.loads(str(body[_JSON_LEN.size : json_end], "utf-8"))
     except ValueError as exc:
         raise CorruptError(f"unparsable JSON metadata: {exc}") from exc
     if not isinstance(meta, dict):
         raise CorruptError(f"JSON metadata must be an object, got {type(meta).__name__}")
+    if body.readonly:  # the tensors are views of the buffer, and torch wants it writable
+        body = memoryview(bytearray(body))
     try:
-        tensors = st_load(body[json_end:])
-    except SafetensorError as exc:
-        raise CorruptError(f"unparsable safetensors payload: {exc}") from exc
+        tensors = _load_safetensors(body[json_end:])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CorruptError(f"unparsable safetensors payload: {exc!r}") from exc
     manifest = _field(meta, "tensors", dict)
     try:
         declared = {name: (spec["dtype"], tuple(spec["shape"])) for name, spec in manifest.items()}
@@ -286,7 +354,7 @@ def encode_experience(rec: ExperienceRecord) -> bytes:
     return _pack(KIND_EXPERIENCE, meta, {"states": rec.states, "stds": rec.stds, "scores": rec.scores})
 
 
-def decode_experience(data: bytes) -> ExperienceRecord:
+def decode_experience(data: bytes | bytearray) -> ExperienceRecord:
     meta, tensors = _unpack(data, KIND_EXPERIENCE)
     if tensors.keys() != {"states", "stds", "scores"}:
         raise ShapeMismatchError(f"experience tensors: expected ['scores', 'states', 'stds'], got {sorted(tensors)}")
@@ -343,10 +411,18 @@ def encode_weights(bundle: WeightBundle) -> bytes:
 
 
 def decode_weights(
-    data: bytes, expected: Mapping[str, tuple[torch.dtype, tuple[int, ...]]] | None = None
+    data: bytes | bytearray,
+    expected: Mapping[str, tuple[torch.dtype, tuple[int, ...]]] | None = None,
+    *,
+    checksum: bool = True,
 ) -> WeightBundle:
-    """Decode a weight bundle; with ``expected`` ({name: (dtype, shape)}), require exactly those tensors."""
-    meta, tensors = _unpack(data, KIND_WEIGHTS)
+    """Decode a weight bundle; with ``expected`` ({name: (dtype, shape)}), require exactly those tensors.
+
+    The tensors are views of ``data`` when it is a writable buffer (a ``bytearray``, as
+    ``WeightStore.fetch`` returns), else of one copy. ``checksum=False`` skips the body's SHA-256, for
+    bytes that ``WeightStore.fetch`` checked against the checksum taken of these very bytes at publishing.
+    """
+    meta, tensors = _unpack(data, KIND_WEIGHTS, checksum)
     if expected is not None:
         spec = {name: (_dtype_name(dtype), tuple(shape)) for name, (dtype, shape) in expected.items()}
         _check_spec(tensors, spec, "weights disagree with the expected spec")

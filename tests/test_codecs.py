@@ -374,3 +374,63 @@ def test_module_does_not_use_pickle():
         if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "torch"
     ]
     assert "load" not in torch_io and "save" not in torch_io
+
+
+# --- in-place decoding -------------------------------------------------------------------------------
+
+
+def test_payload_is_aligned_and_tensors_are_views_of_a_writable_buffer():
+    bundle = make_bundle()
+    data = bytearray(encode_weights(bundle))
+    js_len = struct.unpack_from("<I", data, HEADER)[0]
+    assert (HEADER + 4 + js_len) % 8 == 0  # the JSON is padded with spaces, still valid JSON
+    out = decode_weights(data)
+    base = torch.frombuffer(data, dtype=torch.uint8).data_ptr()
+    for t in out.tensors.values():
+        assert base <= t.data_ptr() < base + len(data)
+    out.tensors["unet.up.lora_B.weight"].zero_()  # writable, and the buffer is the caller's to give away
+    assert data != encode_weights(bundle)
+
+
+def test_read_only_and_unaligned_inputs_decode_exactly():
+    bundle = make_bundle()
+    data = encode_weights(bundle)
+    out = decode_weights(data)  # bytes: one copy, the input is never written through
+    out.tensors["unet.up.lora_B.weight"].zero_()
+    assert data == encode_weights(bundle)
+    meta = {"version": 5, "kind": "lora", "base_model": "m", "metadata": {}}
+    unpadded = seal(2, meta, bundle.tensors)  # the documented format without padding: payload not aligned
+    for name, t in decode_weights(bytearray(unpadded)).tensors.items():
+        assert torch.equal(t, bundle.tensors[name])
+
+
+def test_checksum_false_skips_only_the_hash():
+    data = bytearray(encode_weights(make_bundle()))
+    data[-1] ^= 0x01  # a tensor byte
+    with pytest.raises(CorruptError, match="checksum mismatch"):
+        decode_weights(data)
+    assert decode_weights(data, checksum=False).version == 5
+    data[4] = 9  # the envelope is still checked
+    with pytest.raises(VersionMismatchError):
+        decode_weights(data, checksum=False)
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda h: h["w"].update(dtype="F7"), "F7"),
+        (lambda h: h["w"].update(data_offsets=[0, 8]), "do not hold shape"),
+        (lambda h: h["w"].update(data_offsets=[0, 12]), "gap or overlap"),
+        (lambda h: h.pop("w"), "cover 12 of the 24 data bytes"),
+    ],
+)
+def test_safetensors_header_is_checked(edit, match):
+    payload = st_save({"w": torch.ones(3), "v": torch.zeros(3)})
+    (n,) = struct.unpack_from("<Q", payload)
+    header = json.loads(payload[8 : 8 + n])
+    edit(header)
+    js = json.dumps(header).encode()
+    payload = struct.pack("<Q", len(js)) + js + payload[8 + n :]
+    meta = json.dumps({"version": 1, "kind": "full", "base_model": "m", "metadata": {}, "tensors": {}}).encode()
+    with pytest.raises(CorruptError, match=f"unparsable safetensors payload: .*{match}"):
+        decode_weights(envelope(2, struct.pack("<I", len(meta)) + meta + payload))

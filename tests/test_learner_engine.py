@@ -248,16 +248,16 @@ def test_resuming_a_checkpoint_gives_bit_identical_updates(policy, batch, tmp_pa
     first = LearnerEngine(policy(), LOSS, OPTIM, learner)
     assert first.load_checkpoint(tmp_path / "ckpt") is None  # nothing there yet
     engine_run(first, batch, updates=2)
-    first.save_checkpoint(tmp_path / "ckpt", {"version": 2, "stream_id": "1-0", "pairs_seen": 6})
+    first.save_checkpoint(tmp_path / "ckpt", {"version": 2, "pairs_seen": 6}, {"covered": ["1-0"]})
     want_metrics = engine_run(first, batch, updates=2, first=2)  # the uninterrupted run goes on
+    first.save_checkpoint(tmp_path / "later", {}, {})
+    (tmp_path / "later" / "latest").unlink()  # killed before naming it: as if never saved
+    assert first.load_checkpoint(tmp_path / "later") is None
 
     resumed = LearnerEngine(policy(), LOSS, OPTIM, learner)
-    client_state = resumed.load_checkpoint(tmp_path / "ckpt")
-    assert {k: client_state[k] for k in ("version", "stream_id", "pairs_seen")} == {
-        "version": 2,
-        "stream_id": "1-0",
-        "pairs_seen": 6,
-    }
+    client_state, ranks = resumed.load_checkpoint(tmp_path / "ckpt")
+    assert {k: client_state[k] for k in ("version", "pairs_seen")} == {"version": 2, "pairs_seen": 6}
+    assert ranks == [{"covered": ["1-0"]}]
     assert engine_run(resumed, batch, updates=2, first=2) == want_metrics
     assert max_diff(resumed.trainable_state_dict(), first.trainable_state_dict()) == 0
 

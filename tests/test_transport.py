@@ -185,6 +185,29 @@ def test_reclaim_takes_records_of_an_idle_consumer(queue, config, redis_server):
     assert queue.stats().backlog == 0 and queue.stats().pending == 0
 
 
+def test_reclaim_never_takes_the_records_of_a_live_consumer_however_long_it_holds_them(queue, config):
+    """A learner rank holds the records it trained on until a checkpoint covers them: its peers must not
+    take them over and train them again, only a consumer outside the running ranks is reclaimed."""
+    ids = [queue.push(b"%d" % i, {}) for i in range(4)]
+    assert len(queue.read("learner-1", count=2, block_s=0)) == 2
+    assert len(queue.read("learner-7", count=2, block_s=0)) == 2  # a rank of a larger world, gone
+    time.sleep(0.06)
+    taken = queue_for(config).reclaim("learner-0", min_idle_s=0.05, count=10, live=["learner-0", "learner-1"])
+    assert [d.id for d in taken] == ids[2:]
+    assert queue_for(config).reclaim("learner-0", min_idle_s=0, count=10, live=["learner-0", "learner-1"]) == []
+    assert queue.ack(ids, counter="trained") == 4 and queue.ack(ids, counter="trained") == 0  # counts what it acked
+    assert queue.counters()["trained"] == 4
+
+
+def test_the_run_marker_is_written_once_and_is_gone_with_the_data(queue, redis_server):
+    assert queue.run_marker() is None
+    marker = queue.run_marker(create=True)
+    assert marker and queue.run_marker(create=True) == marker == queue.run_marker()  # never overwritten
+    client = redis_server.client()  # what a Redis restarted without persistence holds of the run: nothing
+    client.delete(*client.keys(f"{queue.keys.prefix}*"))
+    assert queue.run_marker() is None and queue.run_marker(create=True) != marker
+
+
 def test_counters(queue):
     queue.push(b"x", {})
     assert queue.count("trained") == 1
@@ -218,7 +241,7 @@ def test_publish_fetch_round_trip(store, redis_server):
     assert store.fetch(1) == data
     manifest = json.loads(redis_server.client().get(store.keys.manifest(1)))
     assert manifest["n_chunks"] == 49 and manifest["total_bytes"] == len(data)
-    assert manifest["chunk_bytes"] == 64 * 1024 and len(manifest["sha256"]) == 64
+    assert manifest["chunk_bytes"] == 64 * 1024 and len(manifest["xxh3_128"]) == 32
     store.publish(2, b"")
     assert store.fetch(2) == b""
 

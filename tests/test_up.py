@@ -35,6 +35,9 @@ def test_pso_up_trains_and_leaves_a_grid_for_every_weight_version(tmp_path):
     assert f"weights version {updates} against the base model on 16 prompts" in run.stdout, run.stdout
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["version"] == updates and summary["prompts"] == 16, summary
+    e = summary["experience"]  # every record produced is accounted for, and the waste is reported
+    assert e["produced"] == e["trained"] + e["stale"] + e["corrupt"] + e["left"] and e["trained"] > 0, e
+    assert f"experience: {e['produced']} records produced, {e['trained']} trained" in run.stdout, run.stdout
     for picture in ("reward_curve.png", "versions.png", "before_after.png"):
         assert (run_dir / picture).stat().st_size > 0, picture
     # one grid per version, in order as published; a version pruned before it was drawn is named in the log

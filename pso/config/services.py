@@ -44,6 +44,11 @@ class ActorConfig(StrictModel):
         None, ge=0, le=65535, description="HTTP /healthz and Prometheus /metrics on this port, if set"
     )
     stall_s: float = Field(900.0, gt=0, description="/healthz fails after this long without progress")
+    weights_cache_dir: Path | None = Field(
+        None,
+        description="a folder the actors of one node share: one of them fetches each weight version from Redis "
+        "and the others read it from here (checked against the manifest); default: every actor fetches",
+    )
 
     @field_validator("reward_url")
     @classmethod

@@ -11,7 +11,7 @@ visible to readers only once it is completely written; versions only grow; old o
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 
@@ -58,13 +58,16 @@ class ExperienceQueue(ABC):
         then new ones, waiting up to `block_s` for any."""
 
     @abstractmethod
-    def ack(self, ids: list[str], counter: str | None = None) -> None:
+    def ack(self, ids: list[str], counter: str | None = None) -> int:
         """The records were used (or deliberately dropped); they leave the queue, and in the same atomic
-        step the run's counter `counter` (e.g. trained, stale) grows by the number acknowledged now."""
+        step the run's counter `counter` (e.g. trained, stale) grows by the number acknowledged now, which
+        is returned (ids acknowledged before, or unknown, count nothing)."""
 
     @abstractmethod
-    def reclaim(self, consumer: str, min_idle_s: float, count: int) -> list[Delivery]:
-        """Take over up to `count` records pending on other consumers for at least `min_idle_s`."""
+    def reclaim(self, consumer: str, min_idle_s: float, count: int, live: Collection[str] = ()) -> list[Delivery]:
+        """Take over up to `count` records pending for at least `min_idle_s` on other consumers than
+        `consumer` and those in `live` (consumers still running, whose records are theirs however long
+        they hold them)."""
 
     @abstractmethod
     def stats(self) -> QueueStats: ...
@@ -75,6 +78,12 @@ class ExperienceQueue(ABC):
 
     @abstractmethod
     def counters(self) -> dict[str, int]: ...
+
+    @abstractmethod
+    def run_marker(self, create: bool = False) -> str | None:
+        """The run's marker, a token written once (`create`: write a new one if there is none, and return
+        the one held). It goes only with the rest of the run's data (a Redis restarted empty, a flush), so
+        a process that finds it gone or changed knows the records, counters and weights it knew are gone."""
 
 
 class WeightStore(ABC):

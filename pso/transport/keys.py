@@ -2,9 +2,10 @@
 
 pso:{run}:experience                       stream of experience records (field `data` + string fields)
 pso:{run}:counters                         hash of run counters (produced, trained, stale, ...)
+pso:{run}:marker                           string: a token the learner writes once (gone: Redis lost the run)
 pso:{run}:weights:latest                   string: the newest complete weight version
 pso:{run}:weights:versions                 sorted set of versions written (score = version), for pruning
-pso:{run}:weights:{version}:manifest       JSON: version, n_chunks, total_bytes, sha256, chunk_bytes, tensors
+pso:{run}:weights:{version}:manifest       JSON: version, n_chunks, total_bytes, xxh3_128, chunk_bytes, tensors
 pso:{run}:weights:{version}:chunk:{i}      bytes of chunk i (i = 0 .. n_chunks - 1)
 pso:{run}:weights:notices                  pub/sub channel: a version number when it becomes latest
 """
@@ -31,6 +32,10 @@ class Keys:
     @property
     def counters(self) -> str:
         return f"{self.prefix}counters"
+
+    @property
+    def marker(self) -> str:
+        return f"{self.prefix}marker"
 
     @property
     def weights_latest(self) -> str:

@@ -13,12 +13,12 @@ TransportError. Objects are not thread-safe (one per thread); the redis client t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+import uuid
+from collections.abc import Callable, Collection, Mapping
 from functools import partial
 from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -29,6 +29,7 @@ from redis.exceptions import AuthenticationError, AuthorizationError
 from redis.retry import Retry
 
 from pso.config.services import RedisConfig
+from pso.transport import digest
 from pso.transport.base import (
     Delivery,
     ExperienceQueue,
@@ -49,7 +50,10 @@ _LOST = (redis.ConnectionError, redis.TimeoutError)
 _REFUSED_CREDENTIALS = (AuthenticationError, AuthorizationError)  # ConnectionErrors a retry won't fix
 SOCKET_TIMEOUT_S = 30.0  # a dead peer is noticed after this long; blocking reads wait in shorter slices
 BLOCK_SLICE_S = 10.0
-BATCH_BYTES = 64 * 2**20  # per pipeline of chunk writes / reads: bounds client and server buffers
+BATCH_BYTES = 64 * 2**20  # per pipeline of chunk writes: bounds the client's and the server's buffers
+# per round trip of chunk reads: Redis holds a reply in that client's output buffer until it is sent, so
+# this times the fetchers reading at once is what Redis needs beside its data (64 actors: 512 MiB)
+FETCH_BATCH_BYTES = 8 * 2**20
 MIN_VERSION = (6, 2)  # XPENDING IDLE and exclusive ranges
 
 
@@ -303,18 +307,20 @@ class RedisExperienceQueue(_RedisTransport, ExperienceQueue):
             if out or block_ms is None or deadline - time.monotonic() <= 0:
                 return out
 
-    def ack(self, ids: list[str], counter: str | None = None) -> None:
+    def ack(self, ids: list[str], counter: str | None = None) -> int:
         if not ids:
-            return
+            return 0
         keys = [self.keys.experience, self.keys.counters]
         args = [EXPERIENCE_GROUP, counter or "", *ids]
-        self._retry("ack", lambda: self._ack(keys=keys, args=args))
+        acked = self._retry("ack", lambda: self._ack(keys=keys, args=args))
         self._held.difference_update(ids)
+        return int(acked)
 
-    def reclaim(self, consumer: str, min_idle_s: float, count: int) -> list[Delivery]:
+    def reclaim(self, consumer: str, min_idle_s: float, count: int, live: Collection[str] = ()) -> list[Delivery]:
         """XPENDING (IDLE) + XCLAIM rather than XAUTOCLAIM, which would also hand a consumer its own
         idle records (duplicates of records it still holds)."""
         key, min_idle_ms = self.keys.experience, int(min_idle_s * 1000)
+        keep = {consumer, *live}
 
         def op() -> list[Delivery]:
             candidates: dict[str, int] = {}  # id -> times delivered so far
@@ -322,7 +328,7 @@ class RedisExperienceQueue(_RedisTransport, ExperienceQueue):
             while len(candidates) < count:
                 pending = self.redis.xpending_range(key, EXPERIENCE_GROUP, start, "+", page, idle=min_idle_ms)
                 for p in pending:
-                    if _text(p["consumer"]) != consumer and len(candidates) < count:
+                    if _text(p["consumer"]) not in keep and len(candidates) < count:
                         candidates[_text(p["message_id"])] = p["times_delivered"]
                 if len(pending) < page:
                     break
@@ -371,6 +377,20 @@ class RedisExperienceQueue(_RedisTransport, ExperienceQueue):
     def counters(self) -> dict[str, int]:
         raw = self._retry("counters", lambda: self.redis.hgetall(self.keys.counters))
         return {_text(k): int(v) for k, v in raw.items()}
+
+    def run_marker(self, create: bool = False) -> str | None:
+        key = self.keys.marker
+
+        def op() -> bytes | None:
+            if not create:
+                return self.redis.get(key)
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.set(key, f"{uuid.uuid4().hex} {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}", nx=True)
+            pipe.get(key)
+            return pipe.execute()[1]
+
+        value = self._retry(f"GET {key}", op)
+        return None if value is None else value.decode(errors="replace")
 
 
 # KEYS: manifest, latest, chunk 0 .. n-1; ARGV: version, manifest JSON, notice channel.
@@ -440,23 +460,27 @@ class RedisWeightStore(_RedisTransport, WeightStore):
         view = memoryview(data).cast("B")
         size, chunk = len(view), self.config.chunk_bytes
         n_chunks = -(-size // chunk)
+        chunk_keys = [self.keys.chunk(version, i) for i in range(n_chunks)]
+        # Indexed first, so that a publish interrupted midway is pruned later.
+        self._retry("publish", lambda: self.redis.zadd(self.keys.weights_versions, {str(version): version}))
+        keys = [self.keys.manifest(version), self.keys.weights_latest, *chunk_keys]
+        hasher = digest.new()
+        hasher.update(view)
+        self._write_chunks(chunk_keys, view, chunk)
         manifest = json.dumps(
             {
                 "version": version,
                 "n_chunks": n_chunks,
                 "total_bytes": size,
-                "sha256": hashlib.sha256(view).hexdigest(),
+                digest.FIELD: hasher.hexdigest(),
                 "chunk_bytes": chunk,
                 "tensors": dict(tensors or {}),
             }
         )
-        chunk_keys = [self.keys.chunk(version, i) for i in range(n_chunks)]
-        # Indexed first, so that a publish interrupted midway is pruned later.
-        self._retry("publish", lambda: self.redis.zadd(self.keys.weights_versions, {str(version): version}))
-        keys = [self.keys.manifest(version), self.keys.weights_latest, *chunk_keys]
         args = [version, manifest, self.keys.weights_notices]
         for attempt in range(3):
-            self._write_chunks(chunk_keys, view, chunk)
+            if attempt:  # chunks lost between the writing and the commit
+                self._write_chunks(chunk_keys, view, chunk)
             result = self._retry("publish", lambda: self._commit(keys=keys, args=args))
             status = _text(result[0])
             if status == "ok":
@@ -517,31 +541,59 @@ class RedisWeightStore(_RedisTransport, WeightStore):
             i += 16
         self.redis.zrem(self.keys.weights_versions, str(version))
 
-    def fetch(self, version: int) -> bytes:
+    def manifest(self, version: int) -> dict:
+        """The manifest of `version` (n_chunks, total_bytes, xxh3_128, chunk_bytes, tensors), checked for the
+        fields a reader needs; WeightsUnavailable if it is missing or unreadable."""
         what = f"weights {version} of run {self.config.run!r}"
         raw = self._retry("fetch", lambda: self.redis.get(self.keys.manifest(version)))
         if raw is None:
             raise WeightsUnavailable(f"{what}: missing manifest (never published, or pruned)")
         try:
             manifest = json.loads(raw)
-            n_chunks, total, digest = int(manifest["n_chunks"]), int(manifest["total_bytes"]), manifest["sha256"]
-            per_batch = max(1, BATCH_BYTES // int(manifest["chunk_bytes"]))
+            for name in ("n_chunks", "total_bytes", "chunk_bytes"):
+                manifest[name] = int(manifest[name])
+            if manifest["chunk_bytes"] < 1 or not isinstance(manifest[digest.FIELD], str):
+                raise ValueError(f"chunk_bytes {manifest['chunk_bytes']}, {digest.FIELD} {manifest[digest.FIELD]!r}")
         except (ValueError, KeyError, TypeError) as exc:
             raise WeightsUnavailable(f"{what}: unreadable manifest: {exc!r}") from exc
-        chunks: list[bytes] = []
+        return manifest
+
+    def fetch(self, version: int, manifest: dict | None = None) -> bytearray:
+        """The bundle of `version` in one buffer (writable, so that decode_weights loads the tensors in place).
+
+        The chunk lengths are checked first (one round trip, before any bytes move), then the chunks are
+        read in round trips of FETCH_BATCH_BYTES, each copied into the buffer and hashed: one pass.
+        """
+        what = f"weights {version} of run {self.config.run!r}"
+        manifest = manifest or self.manifest(version)
+        n_chunks, total, chunk = manifest["n_chunks"], manifest["total_bytes"], manifest["chunk_bytes"]
+        keys = [self.keys.chunk(version, i) for i in range(n_chunks)]
+
+        def lengths() -> list[int]:
+            pipe = self.redis.pipeline(transaction=False)
+            for key in keys:
+                pipe.strlen(key)
+            return pipe.execute()
+
+        for i, length in enumerate(self._retry("fetch", lengths)):
+            if length == 0:
+                raise WeightsUnavailable(f"{what}: missing chunk {i} of {n_chunks} (pruned while reading?)")
+            if length != min(chunk, total - i * chunk):
+                raise WeightsUnavailable(
+                    f"{what}: size mismatch: chunk {i} holds {length} bytes, manifest says {total} in all"
+                )
+        data = bytearray(total)
+        view, hasher, per_batch = memoryview(data), digest.new(), max(1, FETCH_BATCH_BYTES // chunk)
         for first in range(0, n_chunks, per_batch):
-            keys = [self.keys.chunk(version, i) for i in range(first, min(first + per_batch, n_chunks))]
-            part = self._retry("fetch", lambda keys=keys: self.redis.mget(keys))
-            for i, value in enumerate(part, start=first):
-                if value is None:
-                    raise WeightsUnavailable(f"{what}: missing chunk {i} of {n_chunks} (pruned while reading?)")
-            chunks.extend(part)
-        data = b"".join(chunks)
-        del chunks
-        if len(data) != total:
-            raise WeightsUnavailable(f"{what}: size mismatch: {len(data)} bytes in chunks, manifest says {total}")
-        if hashlib.sha256(data).hexdigest() != digest:
-            raise WeightsUnavailable(f"{what}: checksum mismatch (sha256 of the chunks differs from the manifest)")
+            batch = keys[first : first + per_batch]
+            for i, value in enumerate(self._retry("fetch", lambda batch=batch: self.redis.mget(batch)), start=first):
+                at = i * chunk
+                if value is None or len(value) != min(chunk, total - at):
+                    raise WeightsUnavailable(f"{what}: chunk {i} of {n_chunks} changed while reading (pruned?)")
+                view[at : at + len(value)] = value
+                hasher.update(value)
+        if hasher.hexdigest() != manifest[digest.FIELD]:
+            raise WeightsUnavailable(f"{what}: checksum mismatch ({digest.FIELD} of the chunks is not the manifest's)")
         return data
 
     def _drop_pubsub(self) -> None:
