@@ -391,11 +391,15 @@ class LearnerEngine:
         folder = Path(directory) / tag
         folder.mkdir(parents=True, exist_ok=True)
         _write_atomically(folder / f"rank{self.rank}.json", json.dumps(rank_state))
+        client = {**client_state, _RANKS: self.world_size}  # a folder may hold files of an aborted save by more ranks
         self.engine.save_checkpoint(
-            str(directory), tag=tag, client_state=dict(client_state), save_latest=False, exclude_frozen_parameters=True
+            str(directory), tag=tag, client_state=client, save_latest=False, exclude_frozen_parameters=True
         )  # ends with a barrier: every rank's files are written
+        _sync_folder(folder)  # on disk before `latest` names them (acknowledgements follow the checkpoint)
+        torch.distributed.barrier()
         if self.rank == 0:
             _write_atomically(Path(directory) / "latest", tag)
+            _sync_folder(Path(directory))
         torch.distributed.barrier()
         log.info("checkpoint saved in %s (step %d)", folder, self.engine.global_steps)
 
@@ -410,16 +414,41 @@ class LearnerEngine:
         path, client_state = self.engine.load_checkpoint(str(directory), tag=tag, load_module_strict=False)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {tag!r}, named in {latest}")
-        ranks = [json.loads(f.read_text()) for f in sorted((Path(directory) / tag).glob("rank*.json"))]
+        ranks = [
+            json.loads((Path(directory) / tag / f"rank{r}.json").read_text())
+            for r in range(client_state.get(_RANKS, 0))
+        ]
         log.info("resumed from %s (step %d)", path, self.engine.global_steps)
         return client_state, ranks
+
+
+_RANKS = "checkpoint_ranks"  # the client-state key: how many rank{r}.json files the checkpoint has
 
 
 def _write_atomically(path: Path, text: str) -> None:
     """Write, then rename over `path`: a reader (or a restart after a kill) sees the old file or the new."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _sync_folder(folder: Path) -> None:
+    """fsync every file in `folder` (recursively) and the folder itself: a checkpoint that `latest` names
+    survives the node losing power, not just the process dying."""
+    for path in sorted(folder.rglob("*"), reverse=True):  # files before the folders holding them
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _select(batch: PairBatch, idx: Tensor) -> PairBatch:

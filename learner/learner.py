@@ -195,7 +195,9 @@ class Learner:
                 ", ".join(f"{k} {counters.get(k, 0)}" for k in ("produced", "trained", "stale", "corrupt")),
                 len(self.buffer) + len(self.unacked),
             )  # fmt: skip
-            self.state.run_marker = self._guard(lambda: self.queue.run_marker(create=True))
+            marker = self._guard(lambda: self.queue.run_marker(create=True))
+            if marker is not None:  # else stopping: the checkpoint keeps the old one, to report at the next start
+                self.state.run_marker = marker
         self._publish()
 
     def _fill(self, stop: threading.Event) -> float:
@@ -312,7 +314,8 @@ class Learner:
         """Collective. Then acknowledge the records trained since the last one: the checkpoint holds them
         (and lists them, for a learner resumed before the acknowledgement reached Redis)."""
         client = {k: v for k, v in vars(self.state).items() if k != "history"}
-        rank_state = {"covered": self.unacked, "partial": self.buffer.started()}
+        # pairs of a straddling record the resumed checkpoint held stay held until the record is read again
+        rank_state = {"covered": self.unacked, "partial": {**self.skip, **self.buffer.started()}}
         self.engine.save_checkpoint(self.cfg.learner.checkpoint_dir, client, rank_state)
         self.checkpointed_at = self.state.updates
         log.info("checkpoint at update %d (version %d)", self.state.updates, self.state.version)

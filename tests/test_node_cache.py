@@ -110,6 +110,27 @@ def test_old_versions_and_dead_writers_files_are_pruned(config, tmp_path):
     assert other_run.exists()
 
 
+def test_files_of_an_earlier_run_of_the_same_name_never_evict_the_new_ones(config, tmp_path):
+    cache = cache_for(config, tmp_path, keep_versions=2)
+    earlier = tmp_path / f"{config.run}-v99.psow"  # a persistent folder; versions started again at 0
+    earlier.write_bytes(b"old")
+    os.utime(earlier, (1, 1))
+    for version in (1, 2):
+        cache.publish(version, b"v%d" % version)
+        assert cache.fetch(version) == b"v%d" % version
+    assert sorted(p.name for p in tmp_path.glob("*.psow")) == [f"{config.run}-v1.psow", f"{config.run}-v2.psow"]
+
+
+def test_a_folder_that_fails_costs_the_cache_not_the_actor(config, tmp_path, caplog):
+    folder = tmp_path / "cache"
+    cache = cache_for(config, folder)
+    cache.publish(1, b"one")
+    folder.rmdir()
+    folder.write_text("not a folder any more")
+    assert cache.fetch(1) == b"one"  # from Redis
+    assert "fetching version 1 from Redis directly" in caplog.text
+
+
 def test_a_missing_version_is_refused_and_not_cached(config, tmp_path):
     cache = cache_for(config, tmp_path)
     with pytest.raises(WeightsUnavailable, match="missing manifest"):

@@ -43,7 +43,7 @@ from pso.policy import DistilledPolicy
 from pso.redis_server import LocalRedis, free_port
 from pso.tiny.rewards import large
 from pso.tiny.world import all_scenes
-from pso.transport.base import WeightsUnavailable
+from pso.transport.base import TransportError, WeightsUnavailable
 from pso.transport.keys import EXPERIENCE_GROUP
 from pso.transport.redis import RedisExperienceQueue, RedisWeightStore, connect
 from reward_server.app import create_app
@@ -350,7 +350,8 @@ def test_a_hung_rank_fails_the_learner_after_collective_timeout_s(world):
     waited = time.monotonic() - hung_at
     print(f"rank 1 hung after {done} updates; the learner exited {code} after {waited:.0f} s")
     assert code not in (0, None), world.logs()
-    assert waited >= timeout, waited  # rank 0 waited out the timeout, no less
+    # rank 0 failed on the timeout, not sooner (it may have entered its collective up to one read before the stop)
+    assert waited >= timeout - 2 * cfg.learner.read_block_s - 3, waited
     assert updates_done(cfg) <= done + 1  # rank 0 could not update without rank 1
     assert re.search(r"[Tt]imed out|[Tt]imeout", log_text(learner)), log_text(learner)[-3000:]
 
@@ -835,6 +836,32 @@ def test_a_learner_takes_over_the_records_a_dead_rank_held(world):
     assert state.trained_records == n and state.redelivered == n
     acc = accounting(queue)
     assert (acc["trained"], acc["redelivered"], acc["pending"]) == (n, n, 0), acc
+    assert_accounted(acc)
+
+
+def test_a_redis_outage_longer_than_retry_s_ends_the_learner_with_a_checkpoint_that_loses_nothing(world):
+    """Redis gone for longer than redis.retry_s: the learner checkpoints before it stops (the records it
+    trained, not yet acknowledged, listed in the checkpoint), and resumed against the same data it
+    acknowledges them without training them again."""
+    cfg, queue, _ = run_with_experience(world, "actor.max_batches=2", "redis.retry_s=2")
+    n = 2 * cfg.actor.prompts_per_batch  # one pair each: two updates
+    learner = in_process_learner(cfg, world.queue(cfg), world.weights(cfg))
+    errors = []
+    thread = threading.Thread(target=lambda: errors.append(pytest.raises(TransportError, learner.run)), daemon=True)
+    thread.start()
+    wait_for(lambda: learner.state.updates == 2 and learner.buffer.pairs == 0, 300, "both updates")
+    acc = accounting(queue)
+    assert (acc["trained"], acc["pending"]) == (0, n), acc  # trained into the model, not yet checkpointed
+    world.redis.client().save()  # what a Redis with persistence keeps over the outage
+    world.redis.stop()
+    thread.join(120)
+    assert errors and "unreachable" in str(errors[0].value), errors
+    assert learner.checkpointed_at == 2  # saved on the way out
+    world.redis.start()
+    resumed = in_process_learner(cfg, world.queue(cfg), world.weights(cfg))
+    assert resumed.resume() and resumed.state.updates == 2 and resumed.state.trained_records == n
+    acc = accounting(queue)
+    assert (acc["trained"], acc["pending"], acc["redelivered"]) == (n, 0, 0), acc
     assert_accounted(acc)
 
 

@@ -70,8 +70,16 @@ class NodeWeightCache(WeightStore):
 
     def fetch(self, version: int) -> bytearray:
         """The bundle of `version`, from the node's file if it holds what the manifest says, else from
-        the inner store (once per node: the lock makes the others wait for the file)."""
+        the inner store (once per node: the lock makes the others wait for the file). A folder that fails
+        (a full or read-only disk, permissions) costs the cache, not the actor: the bytes come from Redis."""
         manifest = self.inner.manifest(version)
+        try:
+            return self._fetch_through(version, manifest)
+        except OSError as exc:
+            logger.warning("weights cache %s: %s; fetching version %d from Redis directly", self.folder, exc, version)
+            return self.inner.fetch(version, manifest)
+
+    def _fetch_through(self, version: int, manifest: Mapping) -> bytearray:
         data, _ = self._read(version, manifest)
         if data is not None:
             return data
@@ -84,7 +92,7 @@ class NodeWeightCache(WeightStore):
                 logger.warning("weights cache %s: %s; fetching it again", self.path(version), problem)
             data = self.inner.fetch(version, manifest)
             self._write(version, data)
-            self._prune()
+            self._prune(keep=self.path(version))
         return data
 
     def _read(self, version: int, manifest: Mapping) -> tuple[bytearray | None, str | None]:
@@ -120,9 +128,11 @@ class NodeWeightCache(WeightStore):
             tmp.unlink(missing_ok=True)
             logger.warning("weights cache %s: cannot write %s (%s)", self.folder, path.name, exc)
 
-    def _prune(self) -> None:
-        """Under the lock: delete all but the newest `keep_versions` files of the run, and temporary files
-        (their writers died, as a live writer holds the lock)."""
+    def _prune(self, keep: Path) -> None:
+        """Under the lock: delete temporary files (their writers died, as a live writer holds the lock) and
+        all but the `keep_versions` newest-written files of the run, `keep` (just written) always among them:
+        written time, not version number, as a persistent folder may hold higher versions of an earlier run
+        of the same name."""
         files = []
         for entry in os.scandir(self.folder):
             match = self._pattern.fullmatch(entry.name)
@@ -130,8 +140,8 @@ class NodeWeightCache(WeightStore):
                 continue
             if match[2]:
                 os.unlink(entry.path)
-            else:
-                files.append((int(match[1]), entry.path))
-        for _, path in sorted(files)[: -self.keep_versions]:
+            elif entry.path != str(keep):
+                files.append((entry.stat().st_mtime_ns, int(match[1]), entry.path))
+        for *_, path in sorted(files)[: max(len(files) - (self.keep_versions - 1), 0)]:
             os.unlink(path)
             logger.debug("weights cache: pruned %s", path)
