@@ -30,6 +30,7 @@ from launcher.report import read_metrics, reward_curve, versions_sheet
 from pso.codecs import decode_weights
 from pso.config import dump_config
 from pso.config.schema import PSOConfig
+from pso.export import export_bundle
 from pso.images import save_grid
 from pso.net import free_port
 from pso.policy import DistilledPolicy
@@ -96,6 +97,9 @@ def run_up(cfg: PSOConfig) -> dict:
                 child.stop()
         summary = evaluate(cfg, viewer, weights, RewardClient(cfg.actor.reward_url), run_dir)
         summary["experience"] = experience_summary(RedisExperienceQueue(client, cfg.redis))
+        if summary["version"]:  # the final weights in the format diffusers loads, with a model card
+            bundle = decode_weights(weights.fetch(summary["version"]))
+            summary["export"] = str(export_bundle(bundle, cfg, run_dir / "lora", evaluation=summary))
     rows = read_metrics(cfg.learner.metrics_file)
     if rows:
         reward_curve(rows, run_dir / "reward_curve.png", f"online PSO, run {cfg.redis.run}")

@@ -283,7 +283,7 @@ class Learner:
             "wait_s": waited,
             "stale_total": st.stale,
             "stale_share": st.stale / max(st.stale + st.trained_records + len(self.buffer), 1),
-            "lost_total": st.lost,
+            "records_lost": st.lost,
             "time": time.time(),
         }
         if queue is not None:

@@ -23,7 +23,7 @@ GAUGES = {
     "backlog": "records in the experience queue, not yet acknowledged",
     "stale_total": "records dropped or down-weighted as stale",
     "stale_share": "share of the records this rank read that were stale (the samples wasted, with stale: drop)",
-    "lost_total": "records lost with a Redis that restarted empty (those waiting unread at the last update)",
+    "records_lost": "records lost with a Redis that restarted empty (those waiting unread at the last update)",
     "actors_wanted": "actors the learner wants (the autoscaling signal; learner/scaling.py)",
 }
 

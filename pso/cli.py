@@ -146,6 +146,41 @@ def cmd_tiny_build(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from pydantic import TypeAdapter
+
+    from pso.codecs import decode_weights
+    from pso.config.schema import Finetune
+    from pso.export import export_bundle
+
+    if args.weights.startswith(("redis://", "rediss://", "unix://")):
+        from pso.transport.redis import RedisWeightStore, connect
+
+        cfg = _load(args).model_copy(deep=True)
+        cfg.redis.url = args.weights
+        store = RedisWeightStore(connect(cfg.redis), cfg.redis)
+        version = args.version if args.version is not None else store.latest()
+        if version is None:
+            raise ValueError(f"run {cfg.redis.run!r} at {args.weights} has published no weights")
+        data = store.fetch(version)
+    else:
+        path = Path(args.weights)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not a .psow weight bundle (or redis://host:port/db with --version)")
+        cfg, data = _load(args), path.read_bytes()
+    bundle = decode_weights(data)
+    cfg.finetune = TypeAdapter(Finetune).validate_python(bundle.metadata.get("finetune", {"mode": bundle.kind}))
+    if args.config is None:  # the model the bundle was trained on, as it records it
+        cfg.model.pretrained = bundle.base_model
+        cfg.model.family = bundle.metadata.get("family", cfg.model.family)
+        cfg.model.dtype = bundle.metadata.get("dtype", cfg.model.dtype)
+    elif bundle.base_model != cfg.model.pretrained:
+        log.warning("the weights were trained on %s, the config names %s", bundle.base_model, cfg.model.pretrained)
+    path = export_bundle(bundle, cfg, args.out, args.format)
+    print(f"exported weights version {bundle.version} ({args.format}): {path}; model card: {args.out / 'README.md'}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from pydantic import TypeAdapter
 
@@ -287,6 +322,8 @@ def cmd_up(args) -> int:
         f"experience: {e['produced']} records produced, {e['trained']} trained, {e['stale']} stale "
         f"({e['stale_share']:.1%} of those decided), {e['corrupt']} corrupt, {e['left']} left when the run stopped"
     )
+    if "export" in summary:
+        print(f"final weights for diffusers (pipe.load_lora_weights): {summary['export']}")
     return 0
 
 
@@ -329,6 +366,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", type=Path, help="trained weights (a .psow weight bundle) to apply")
     p.add_argument("--out", type=Path, default=Path("runs/sample"))
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("export", help="trained weights as a diffusers or kohya LoRA (or model folder), with a card")
+    _config_args(p)
+    p.add_argument("weights", help="a .psow weight bundle, or redis://host:port/db (the run's published weights)")
+    p.add_argument("--version", type=int, help="with redis://: the weight version (default: the latest)")
+    p.add_argument("--out", type=Path, required=True, help="folder to write (created)")
+    p.add_argument("--format", choices=["diffusers", "kohya"], default="diffusers")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("eval", help="score a model or trained weights on a prompt set against the base model")
     _config_args(p)

@@ -699,7 +699,7 @@ def test_a_redis_restart_mid_run_is_survived_by_actors_and_learner(world):
     assert lost, learner_log[-3000:]  # said once, with what was lost
     assert len(re.findall("Redis lost run", learner_log)) == 1, learner_log[-3000:]
     assert int(lost[2]) >= restarted_at * cfg.optim.pairs_per_step, lost[0]  # the counters before the restart
-    assert metrics_rows(cfg)[-1]["lost_total"] == int(lost[1])
+    assert metrics_rows(cfg)[-1]["records_lost"] == int(lost[1])
 
 
 class _Killed(Exception):

@@ -38,6 +38,9 @@ def test_pso_up_trains_and_leaves_a_grid_for_every_weight_version(tmp_path):
     e = summary["experience"]  # every record produced is accounted for, and the waste is reported
     assert e["produced"] == e["trained"] + e["stale"] + e["corrupt"] + e["left"] and e["trained"] > 0, e
     assert f"experience: {e['produced']} records produced, {e['trained']} trained" in run.stdout, run.stdout
+    lora = run_dir / "lora"  # the final weights, as diffusers loads them, with a model card and the evaluation
+    assert summary["export"] == str(lora / "pytorch_lora_weights.safetensors") and (lora / "README.md").is_file()
+    assert "## Evaluation" in (lora / "README.md").read_text()
     for picture in ("reward_curve.png", "versions.png", "before_after.png"):
         assert (run_dir / picture).stat().st_size > 0, picture
     # one grid per version, in order as published; a version pruned before it was drawn is named in the log

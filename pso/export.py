@@ -1,0 +1,114 @@
+"""Trained weights out of the project, in the formats other tools load.
+
+    diffusers  `pytorch_lora_weights.safetensors`, written by the pipeline class's own `save_lora_weights`
+               from peft's state dict converted with diffusers' utilities, as diffusers' LoRA training
+               scripts do (adapter metadata when alpha differs from the rank): `pipe.load_lora_weights(DIR)`
+    kohya      the same adapters under the key convention ComfyUI and A1111-style tools load
+               (`lora_unet_..._lora_down.weight` + `.alpha`), converted with diffusers' utility
+    full fine-tuning: the whole pipeline folder (`save_pretrained`), whatever the format
+
+Beside the weights, a model card (`README.md` with the Hugging Face metadata block).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
+
+from pso.codecs import WeightBundle
+from pso.config.schema import PSOConfig
+from pso.families import get_family
+from pso.policy import DistilledPolicy
+
+Format = Literal["diffusers", "kohya"]
+KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
+
+
+def export_bundle(
+    bundle: WeightBundle, cfg: PSOConfig, out: Path, fmt: Format = "diffusers", evaluation: dict | None = None
+) -> Path:
+    """Write `bundle` (weights of `cfg.model`, trained as `cfg.finetune`) to the folder `out` in `fmt`,
+    with a model card; returns the weights' path."""
+    policy = DistilledPolicy.from_config(cfg.model, cfg.finetune)
+    policy.load_weights(bundle)  # checks the bundle fits this model and fine-tuning
+    out.mkdir(parents=True, exist_ok=True)
+    if bundle.kind == "full":
+        policy.pipe.save_pretrained(out)
+        path = out
+    else:
+        state = get_peft_model_state_dict(policy.unet)  # peft's names, the adapter name taken out
+        rank, alpha = cfg.finetune.rank, cfg.finetune.alpha or cfg.finetune.rank
+        if fmt == "diffusers":
+            from diffusers.utils import convert_state_dict_to_diffusers
+
+            # diffusers reads alpha from this metadata; without it it assumes alpha == rank
+            metadata = None
+            if alpha != rank:
+                metadata = {"r": rank, "lora_alpha": alpha, "target_modules": list(cfg.finetune.target_modules)}
+            type(policy.pipe).save_lora_weights(
+                out,
+                unet_lora_layers=convert_state_dict_to_diffusers(state),
+                unet_lora_adapter_metadata=metadata,
+                safe_serialization=True,
+            )
+            path = out / "pytorch_lora_weights.safetensors"
+        else:
+            from diffusers.utils import convert_state_dict_to_kohya
+
+            kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in state.items()})
+            for key in [k for k in kohya if k.endswith(".alpha")]:  # the utility writes alpha = rank
+                kohya[key] = kohya[key].new_tensor(float(alpha), dtype=kohya[key].dtype)
+            path = out / KOHYA_FILE
+            save_file({k: v.contiguous() for k, v in kohya.items()}, path, metadata={"ss_network_dim": str(rank)})
+    (out / "README.md").write_text(model_card(bundle, cfg, fmt, path.name, evaluation))
+    return path
+
+
+def model_card(bundle: WeightBundle, cfg: PSOConfig, fmt: Format, file: str, evaluation: dict | None) -> str:
+    """A Hugging Face model card: the metadata block, what the weights are, how to load them."""
+    recipe = get_family(cfg.model.family)
+    steps = cfg.model.num_steps or recipe.default_steps
+    rewards = ", ".join(f"{m.kind}" + (f" ({m.reward})" if getattr(m, "reward", None) else "") + f" x {m.weight:g}"
+                        for m in cfg.reward_server.models)  # fmt: skip
+    lora = bundle.kind == "lora"
+    tags = ["text-to-image", "diffusers", "few-step", "pso"] + (["lora"] if lora else [])
+    meta = {"base_model": cfg.model.pretrained, "library_name": "diffusers", "tags": tags}
+    rows = [
+        ("base model", f"`{cfg.model.pretrained}`"),
+        ("family", f"{cfg.model.family} ({recipe.description})"),
+        ("steps", str(steps)),
+        ("sampler", cfg.model.sampler or recipe.sampler),
+        ("rewards", rewards),
+        ("loss", f"{cfg.loss.name}, beta {getattr(cfg.loss, 'beta', 'n/a')}"),
+        ("fine-tuning", f"LoRA rank {cfg.finetune.rank}, alpha {cfg.finetune.alpha or cfg.finetune.rank}"
+         if lora else "full"),
+        ("updates (weight version)", str(bundle.version)),
+    ]  # fmt: skip
+    lines = ["---", *(f"{k}: {json.dumps(v)}" for k, v in meta.items()), "---", ""]
+    lines += [f"# {'LoRA' if lora else 'Fine-tuned'} {cfg.model.pretrained}, tuned with PSO", ""]
+    lines += ["Pairwise Sample Optimization of a few-step model toward a reward; it keeps its step count.", ""]
+    lines += ["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), ""]
+    if evaluation:
+        lines += ["## Evaluation", "", "| reward | base | tuned | gain | win rate |", "|---|---:|---:|---:|---:|"]
+        for name, m in evaluation.get("models", {}).items():
+            lines.append(
+                f"| {name} | {m['base']:.4f} | {m['tuned']:.4f} | {m['gain']:+.4f} +- {m['gain_stderr']:.4f} "
+                f"| {m['win_rate']:.0%} |"
+            )
+        lines.append("")
+    lines += ["## Use", "", "```python", "from diffusers import AutoPipelineForText2Image", ""]
+    if lora and fmt == "diffusers":
+        lines += [f'pipe = AutoPipelineForText2Image.from_pretrained("{cfg.model.pretrained}")',
+                  'pipe.load_lora_weights("path/to/this/folder")']  # fmt: skip
+    elif lora:
+        lines += [f'pipe = AutoPipelineForText2Image.from_pretrained("{cfg.model.pretrained}")',
+                  f'pipe.load_lora_weights("path/to/this/folder", weight_name="{file}")']  # fmt: skip
+    else:
+        lines += ['pipe = AutoPipelineForText2Image.from_pretrained("path/to/this/folder")']
+    guidance = cfg.model.guidance_scale if cfg.model.guidance_scale is not None else recipe.guidance_scale
+    lines += [f'image = pipe("a prompt", num_inference_steps={steps}, guidance_scale={guidance}).images[0]', "```", ""]
+    return "\n".join(lines)
