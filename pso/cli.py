@@ -11,26 +11,10 @@ from pathlib import Path
 
 from pso.config import ConfigError, dump_config, load_config
 from pso.config.schema import PSOConfig
+from pso.logs import FORMATS, setup_logging
 from pso.transport.base import TransportError
 
 log = logging.getLogger("pso")
-
-
-def setup_logging(verbose: bool, quiet_libraries: bool = True) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request
-    if quiet_libraries and not verbose:  # library chatter (load bars, fp32-module notes) drowns the operator's view
-        from diffusers.utils import logging as diffusers_logging
-        from transformers.utils import logging as transformers_logging
-
-        diffusers_logging.set_verbosity_error()
-        diffusers_logging.disable_progress_bar()
-        transformers_logging.set_verbosity_error()
-        transformers_logging.disable_progress_bar()
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -344,6 +328,13 @@ def build_parser() -> argparse.ArgumentParser:
         "Configuration: YAML (--config) < environment (PSO__SECTION__KEY=value) < --set KEY=VALUE.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logs, library warnings included")
+    parser.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        default=os.environ.get("PSO_LOG_FORMAT") or "text",
+        help="text lines with ISO 8601 times, or one JSON object per line (default: $PSO_LOG_FORMAT, else text); "
+        "the processes it starts log the same way",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="online PSO on the built-in tiny model, on CPU, in a few minutes")
@@ -460,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.verbose, getattr(args, "quiet_libraries", True))
+    setup_logging(args.verbose, getattr(args, "quiet_libraries", True), args.log_format)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return args.func(args)

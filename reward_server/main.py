@@ -77,7 +77,7 @@ def serve(config: RewardServerConfig, access_log: bool = False) -> int:
 def app_from_env():
     """The app in a worker process Granian started. A worker whose models fail to load exits with status 1,
     and Granian then stops the server with status 1."""
-    from pso.cli import setup_logging
+    from pso.logs import setup_logging
     from reward_server.app import create_app
 
     setup_logging(verbose=False)

@@ -1,6 +1,8 @@
 """The `pso` command and the shipped configs."""
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -166,3 +168,28 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert (out / "eval.md").exists() and (out / "grid.png").exists()
     assert main([*args[:-2], "--rewards", "beauty", "--out", str(out)]) == 1
     assert "unknown reward(s) ['beauty']" in capsys.readouterr().err
+
+
+ISO_8601 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d$")
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_log_lines_carry_an_iso_8601_date_and_json_gives_one_object_per_line(fmt):
+    code = (
+        "import logging, os; from pso.logs import setup_logging; setup_logging(quiet_libraries=False); "
+        "logging.getLogger('pso.t').warning('hello %s', 'there'); print(os.environ['PSO_LOG_FORMAT'])"
+    )
+    env = {**os.environ, "PSO_LOG_FORMAT": fmt}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    line = run.stderr.strip().splitlines()[-1]
+    if fmt == "json":
+        record = json.loads(line)
+        assert ISO_8601.match(record["time"]) and (record["level"], record["logger"], record["message"]) == (
+            "WARNING",
+            "pso.t",
+            "hello there",
+        )
+    else:
+        stamp, rest = line.split(" ", 1)
+        assert ISO_8601.match(stamp) and rest == "WARNING pso.t: hello there", line
+    assert run.stdout.strip() == fmt  # what the process starts inherits the format

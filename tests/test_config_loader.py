@@ -127,9 +127,10 @@ def test_invalid_discriminator_lists_allowed_names(tmp_path):
         load_config(Config, path, env={}, overrides=["loss.name=dpo"])
 
 
-def test_missing_discriminator():
-    with pytest.raises(ConfigError, match=r"loss\.name: missing required key \(command line override loss=\{}\)$"):
-        load_config(Config, env={}, overrides=["loss={}"])
+def test_a_tagged_section_without_its_tag_is_the_default_kind():
+    assert load_config(Config, env={}, overrides=["loss={}"]).loss == OnlinePSO()
+    with pytest.raises(ConfigError, match=r"loss\.name: .*'bogus'.* \(command line override loss\.name=bogus\)$"):
+        load_config(Config, env={}, overrides=["loss.name=bogus"])
 
 
 def test_error_on_section_names_sources_below_it():
@@ -211,3 +212,13 @@ def test_a_reward_url_that_can_never_reach_a_reward_server_is_refused(url):
         ActorConfig(reward_url=url)
     for good in ("http://reward-server:8000", "https://scores.example.com/pso/", "http://[::1]:8000"):
         assert ActorConfig(reward_url=good).reward_url == good
+
+
+def test_a_section_chosen_by_a_tag_and_given_in_part_is_of_the_default_kind():
+    from pso.config.schema import PSOConfig
+
+    cfg = load_config(PSOConfig, env={"PSO__FINETUNE__RANK": "4"}, overrides=["loss.beta=10"])
+    assert (cfg.loss.name, cfg.loss.beta, cfg.finetune.mode, cfg.finetune.rank) == ("online-pso", 10.0, "lora", 4)
+    assert load_config(PSOConfig, env={}, overrides=["finetune.mode=full"]).finetune.mode == "full"  # a tag given wins
+    with pytest.raises(ConfigError, match="finetune.rank"):  # and a key of another kind is still refused
+        load_config(PSOConfig, env={}, overrides=["finetune.mode=full", "finetune.rank=4"])

@@ -73,12 +73,30 @@ def load_config(
         if not sep:
             raise ConfigError(f"malformed command line override {item!r}: expected key.path=value")
         _set(data, key.strip().split("."), _parse_value(value), f"command line override {item}", sources)
+    _fill_tags(schema, data)
     try:
         return schema.model_validate(data)
     except ValidationError as e:
         file_source = f"file {path}" if path is not None else None
         lines = [_describe(err, data, sources, file_source) for err in e.errors()]
         raise ConfigError("invalid configuration:\n" + "\n".join(f"  {line}" for line in lines)) from None
+
+
+def _fill_tags(schema: type[BaseModel], data: dict[str, Any]) -> None:
+    """A section whose kind is chosen by a tag (`loss.name`, `finetune.mode`), given in part without it
+    (`--set loss.beta=10`, `PSO__FINETUNE__RANK=4`), is of the default's kind: write in the default's tag
+    (pydantic cannot pick a union member without it). Recurses into plain sub-models."""
+    for name, field in schema.model_fields.items():
+        value = data.get(name)
+        if not isinstance(value, dict):
+            continue
+        tag = field.discriminator
+        if isinstance(tag, str):
+            default = field.get_default(call_default_factory=True)
+            if tag not in value and isinstance(default, BaseModel):
+                value[tag] = getattr(default, tag)
+        elif isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            _fill_tags(field.annotation, value)
 
 
 def dump_config(model: BaseModel) -> str:
