@@ -178,10 +178,19 @@ def cmd_eval(args) -> int:
     for key, value in (("pretrained", args.model), ("family", args.family), ("num_steps", args.steps)):
         if value is not None:
             setattr(cfg.model, key, value)
-    names = [n.strip() for n in args.rewards.split(",") if n.strip()]
-    unknown = [n for n in names if n not in REWARDS]
-    if unknown or not names:
-        raise ValueError(f"unknown reward(s) {unknown}; built-in rewards: {', '.join(REWARDS)}")
+    names = [n.strip() for n in args.rewards.split(",") if n.strip()] if args.rewards else None
+    if args.reward_url:  # the models of a running reward server (reward_server/, imported only here)
+        from reward_server.client import RewardClient
+
+        client = RewardClient(args.reward_url)
+        client.wait_ready(60)
+        rewards = client.reward_fns(names)
+    else:
+        names = names or ["fidelity", "large", "crispness"]
+        unknown = [n for n in names if n not in REWARDS]
+        if unknown:
+            raise ValueError(f"unknown reward(s) {unknown}; built-in rewards: {', '.join(REWARDS)}")
+        rewards = {n: REWARDS[n] for n in names}
     prompts = read_prompts(args.prompts)
     finetune, bundle = None, None
     if args.weights:
@@ -190,7 +199,7 @@ def cmd_eval(args) -> int:
     policy = DistilledPolicy.from_config(cfg.model, finetune)
     if bundle is not None:
         policy.load_weights(bundle)
-    result = run_eval(policy, prompts, {n: REWARDS[n] for n in names}, args.seed, args.out)
+    result = run_eval(policy, prompts, rewards, args.seed, args.out)
     print(markdown_table(result["rewards"]), end="")
     print(f"written: {args.out / 'eval.json'}, {args.out / 'eval.md'}, {args.out / 'grid.png'}")
     return 0
@@ -372,7 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--family", help="model family (default: the config's model.family)")
     p.add_argument("--weights", type=Path, help="trained weights (.psow weight bundle) to evaluate against the base")
     p.add_argument("--prompts", type=Path, required=True, help="text file, one prompt per line, or a JSON list")
-    p.add_argument("--rewards", default="fidelity,large,crispness", help="comma-separated built-in rewards")
+    p.add_argument(
+        "--rewards",
+        help="comma-separated rewards: built-in ones (default fidelity,large,crispness), or with --reward-url "
+        "that server's models (default: all it serves)",
+    )
+    p.add_argument("--reward-url", help="score with a running reward server's models (pickscore, image-reward, ...)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the family's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("runs/eval"))

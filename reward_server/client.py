@@ -11,8 +11,9 @@ import logging
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import httpx
 import torch
@@ -39,6 +40,9 @@ class Scores:
     per_model: dict[str, list[float]]
     total: list[float]
     versions: dict[str, str]
+
+
+RewardFn = Callable[[torch.Tensor, list[str]], torch.Tensor]  # images, prompts -> one score per image
 
 
 class RewardClient:
@@ -82,6 +86,22 @@ class RewardClient:
 
     def models(self) -> list[dict]:
         return self._request("GET", "/v1/models").json()["models"]
+
+    def reward_fns(
+        self, names: Sequence[str] | None = None
+    ) -> dict[str, Callable[[torch.Tensor, list[str]], torch.Tensor]]:
+        """The server's models `names` (default: all) as functions (images, prompts) -> scores, the form
+        `pso eval` scores with; ValueError naming what the server has for a name it does not serve."""
+        served = [m["name"] for m in self.models()]
+        names = list(served if names is None else names)
+        unknown = [n for n in names if n not in served]
+        if unknown or not names:
+            raise ValueError(f"the reward server at {self.http.base_url} serves {served}, not {unknown or 'nothing'}")
+
+        def score(name: str, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+            return torch.tensor(self.score(images, prompts, [name]).per_model[name])
+
+        return {name: partial(score, name) for name in names}
 
     def ready(self) -> bool:
         """Whether a reward server answers /readyz as ready right now (no retries)."""

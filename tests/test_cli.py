@@ -193,3 +193,21 @@ def test_log_lines_carry_an_iso_8601_date_and_json_gives_one_object_per_line(fmt
         stamp, rest = line.split(" ", 1)
         assert ISO_8601.match(stamp) and rest == "WARNING pso.t: hello there", line
     assert run.stdout.strip() == fmt  # what the process starts inherits the format
+
+
+def test_eval_scores_with_the_models_of_a_running_reward_server(tmp_path, capsys):
+    from reward_server.app import create_app
+    from reward_server.main import serve_in_background
+
+    cfg = load_config(PSOConfig, Path(__file__).parents[1] / "configs" / "tiny.yaml")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle on a blue background\na green square on a white background\n")
+    args = ["eval", "--model", "builtin:tiny", "--family", "tiny", "--prompts", str(prompts), "--steps", "1"]
+    with serve_in_background(create_app(cfg.reward_server)) as url:
+        assert main([*args, "--reward-url", url, "--rewards", "tiny-large", "--out", str(tmp_path / "e")]) == 0
+        result = json.loads((tmp_path / "e" / "eval.json").read_text())
+        assert set(result["rewards"]) == {"tiny-large"} and result["prompts"] == 2
+        assert main([*args, "--reward-url", url, "--out", str(tmp_path / "all")]) == 0  # every model it serves
+        assert len(json.loads((tmp_path / "all" / "eval.json").read_text())["rewards"]) == 3
+        assert main([*args, "--reward-url", url, "--rewards", "pickscore", "--out", str(tmp_path / "x")]) == 1
+    assert "serves ['tiny-large', 'tiny-fidelity', 'tiny-crispness'], not ['pickscore']" in capsys.readouterr().err
