@@ -30,7 +30,7 @@ from launcher.report import read_metrics, reward_curve, versions_sheet
 from pso.codecs import decode_weights
 from pso.config import dump_config
 from pso.config.schema import PSOConfig
-from pso.export import export_bundle
+from pso.export import export_policy
 from pso.images import save_grid
 from pso.net import free_port
 from pso.policy import DistilledPolicy
@@ -97,9 +97,10 @@ def run_up(cfg: PSOConfig) -> dict:
                 child.stop()
         summary = evaluate(cfg, viewer, weights, RewardClient(cfg.actor.reward_url), run_dir)
         summary["experience"] = experience_summary(RedisExperienceQueue(client, cfg.redis))
-        if summary["version"]:  # the final weights in the format diffusers loads, with a model card
-            bundle = decode_weights(weights.fetch(summary["version"]))
-            summary["export"] = str(export_bundle(bundle, cfg, run_dir / "lora", evaluation=summary))
+        if summary["version"]:  # the final weights (the viewer holds them now) as diffusers loads them, with a card
+            summary["export"] = str(
+                export_policy(viewer, summary["version"], cfg, run_dir / "lora", evaluation=summary)
+            )
     rows = read_metrics(cfg.learner.metrics_file)
     if rows:
         reward_curve(rows, run_dir / "reward_curve.png", f"online PSO, run {cfg.redis.run}")
@@ -175,7 +176,8 @@ class _VersionGrids:
             except WeightsUnavailable:  # pruned while older ones were drawn
                 self.missed.append(version)
                 continue
-            self.policy.load_weights(decode_weights(data, expected=self.policy.weight_spec()))
+            # fetch checked the bytes against the manifest's checksum: the codec's own pass is redundant
+            self.policy.load_weights(decode_weights(data, expected=self.policy.weight_spec(), checksum=False))
             images = sample_groups(self.policy, self.prompts, 1, self.seed).images
             save_grid([images], self.out / f"v{version:04d}.png", labels=[f"version {version}"])
 

@@ -399,7 +399,7 @@ class LearnerEngine:
         torch.distributed.barrier()
         if self.rank == 0:
             _write_atomically(Path(directory) / "latest", tag)
-            _sync_folder(Path(directory))
+            _fsync(Path(directory))  # the rename itself (not the older checkpoints beside it)
         torch.distributed.barrier()
         log.info("checkpoint saved in %s (step %d)", folder, self.engine.global_steps)
 
@@ -438,13 +438,12 @@ def _write_atomically(path: Path, text: str) -> None:
 def _sync_folder(folder: Path) -> None:
     """fsync every file in `folder` (recursively) and the folder itself: a checkpoint that `latest` names
     survives the node losing power, not just the process dying."""
-    for path in sorted(folder.rglob("*"), reverse=True):  # files before the folders holding them
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    fd = os.open(folder, os.O_RDONLY)
+    for path in [*sorted(folder.rglob("*"), reverse=True), folder]:  # files before the folders holding them
+        _fsync(path)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

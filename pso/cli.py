@@ -131,11 +131,9 @@ def cmd_tiny_build(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from pydantic import TypeAdapter
-
     from pso.codecs import decode_weights
-    from pso.config.schema import Finetune
     from pso.export import export_bundle
+    from pso.policy import DistilledPolicy
 
     if args.weights.startswith(("redis://", "rediss://", "unix://")):
         from pso.transport.redis import RedisWeightStore, connect
@@ -153,7 +151,7 @@ def cmd_export(args) -> int:
             raise FileNotFoundError(f"{path}: not a .psow weight bundle (or redis://host:port/db with --version)")
         cfg, data = _load(args), path.read_bytes()
     bundle = decode_weights(data)
-    cfg.finetune = TypeAdapter(Finetune).validate_python(bundle.metadata.get("finetune", {"mode": bundle.kind}))
+    cfg.finetune = DistilledPolicy.finetune_of(bundle)
     if args.config is None:  # the model the bundle was trained on, as it records it
         cfg.model.pretrained = bundle.base_model
         cfg.model.family = bundle.metadata.get("family", cfg.model.family)
@@ -166,10 +164,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from pydantic import TypeAdapter
-
     from pso.codecs import decode_weights
-    from pso.config.schema import Finetune
     from pso.evaluation import markdown_table, read_prompts, run_eval
     from pso.policy import DistilledPolicy
     from pso.tiny.rewards import REWARDS
@@ -195,7 +190,7 @@ def cmd_eval(args) -> int:
     finetune, bundle = None, None
     if args.weights:
         bundle = decode_weights(args.weights.read_bytes())
-        finetune = TypeAdapter(Finetune).validate_python(bundle.metadata.get("finetune", {"mode": bundle.kind}))
+        finetune = DistilledPolicy.finetune_of(bundle)
     policy = DistilledPolicy.from_config(cfg.model, finetune)
     if bundle is not None:
         policy.load_weights(bundle)

@@ -35,8 +35,20 @@ def export_bundle(
     with a model card; returns the weights' path."""
     policy = DistilledPolicy.from_config(cfg.model, cfg.finetune)
     policy.load_weights(bundle)  # checks the bundle fits this model and fine-tuning
+    return export_policy(policy, bundle.version, cfg, out, fmt, evaluation)
+
+
+def export_policy(
+    policy: DistilledPolicy,
+    version: int,
+    cfg: PSOConfig,
+    out: Path,
+    fmt: Format = "diffusers",
+    evaluation: dict | None = None,
+) -> Path:
+    """`export_bundle` for a policy that holds the weights of `version` already (`pso up`'s evaluated one)."""
     out.mkdir(parents=True, exist_ok=True)
-    if bundle.kind == "full":
+    if cfg.finetune.mode == "full":
         policy.pipe.save_pretrained(out)
         path = out
     else:
@@ -64,17 +76,17 @@ def export_bundle(
                 kohya[key] = kohya[key].new_tensor(float(alpha), dtype=kohya[key].dtype)
             path = out / KOHYA_FILE
             save_file({k: v.contiguous() for k, v in kohya.items()}, path, metadata={"ss_network_dim": str(rank)})
-    (out / "README.md").write_text(model_card(bundle, cfg, fmt, path.name, evaluation))
+    (out / "README.md").write_text(model_card(version, cfg, fmt, path.name, evaluation))
     return path
 
 
-def model_card(bundle: WeightBundle, cfg: PSOConfig, fmt: Format, file: str, evaluation: dict | None) -> str:
+def model_card(version: int, cfg: PSOConfig, fmt: Format, file: str, evaluation: dict | None) -> str:
     """A Hugging Face model card: the metadata block, what the weights are, how to load them."""
     recipe = get_family(cfg.model.family)
     steps = cfg.model.num_steps or recipe.default_steps
     rewards = ", ".join(f"{m.kind}" + (f" ({m.reward})" if getattr(m, "reward", None) else "") + f" x {m.weight:g}"
                         for m in cfg.reward_server.models)  # fmt: skip
-    lora = bundle.kind == "lora"
+    lora = cfg.finetune.mode == "lora"
     tags = ["text-to-image", "diffusers", "few-step", "pso"] + (["lora"] if lora else [])
     meta = {"base_model": cfg.model.pretrained, "library_name": "diffusers", "tags": tags}
     rows = [
@@ -86,7 +98,7 @@ def model_card(bundle: WeightBundle, cfg: PSOConfig, fmt: Format, file: str, eva
         ("loss", f"{cfg.loss.name}, beta {getattr(cfg.loss, 'beta', 'n/a')}"),
         ("fine-tuning", f"LoRA rank {cfg.finetune.rank}, alpha {cfg.finetune.alpha or cfg.finetune.rank}"
          if lora else "full"),
-        ("updates (weight version)", str(bundle.version)),
+        ("updates (weight version)", str(version)),
     ]  # fmt: skip
     lines = ["---", *(f"{k}: {json.dumps(v)}" for k, v in meta.items()), "---", ""]
     lines += [f"# {'LoRA' if lora else 'Fine-tuned'} {cfg.model.pretrained}, tuned with PSO", ""]

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import torch
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 from peft import LoraConfig
+from pydantic import TypeAdapter
 from torch import Tensor
 
 from pso.codecs import WeightBundle, tensor_spec
@@ -269,6 +270,11 @@ class DistilledPolicy:
                 "finetune": self.finetune.model_dump(mode="json"),
             },
         )
+
+    @staticmethod
+    def finetune_of(bundle: WeightBundle) -> Finetune:
+        """The fine-tuning a bundle was trained with, as `export_weights` records it."""
+        return TypeAdapter(Finetune).validate_python(bundle.metadata.get("finetune", {"mode": bundle.kind}))
 
     def load_weights(self, bundle: WeightBundle) -> None:
         self._require_trainable()
