@@ -296,6 +296,11 @@ def test_pso_reward_server_command_serves_the_tiny_reward_and_stops_cleanly(tmp_
         assert client.score(images, prompts).per_model["tiny-large"] == pytest.approx(
             build_backend(TinySpec()).score(list(images), prompts).tolist(), abs=1e-6
         )
+        # one ready worker answers /readyz; the others may still be loading (slower on a busy machine)
+        deadline = time.monotonic() + 120
+        while (tmp_path / "server.log").read_text().count("ready: tiny-large on cpu") < workers:
+            assert time.monotonic() < deadline, "not every worker got ready within 120 s"
+            time.sleep(0.2)
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(120)
