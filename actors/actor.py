@@ -195,7 +195,7 @@ def run_actor(cfg: PSOConfig, stop: threading.Event | None = None) -> ActorStats
     after which it finishes the batch in hand (its records are pushed, not lost) and exits."""
     import signal
 
-    from actors.prompts import load_prompts
+    from pso.prompts import load_prompts
     from pso.transport.node_cache import NodeWeightCache
     from pso.transport.redis import RedisExperienceQueue, RedisWeightStore, connect
 

@@ -5,13 +5,19 @@ from __future__ import annotations
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-COUNTERS = {  # ActorStats field -> help; exported as pso_actor_<field>_total
-    "batches": "batches sampled, scored and pushed",
-    "records": "experience records pushed",
-    "pairs": "preference pairs pushed",
-    "images": "images sampled and scored",
-    "backpressure_s": "seconds paused because the experience backlog was over its bound",
-    "reward_wait_s": "seconds spent waiting for the reward server (scoring included)",
+COUNTERS = {  # ActorStats field -> (name, help); exported as <name>_total
+    "batches": ("pso_actor_batches", "batches sampled, scored and pushed"),
+    "records": ("pso_actor_records", "experience records pushed"),
+    "pairs": ("pso_actor_pairs", "preference pairs pushed"),
+    "images": ("pso_actor_images", "images sampled and scored"),
+    "backpressure_s": (
+        "pso_actor_backpressure_seconds",
+        "seconds paused because the experience backlog was over its bound",
+    ),
+    "reward_wait_s": (
+        "pso_actor_reward_wait_seconds",
+        "seconds spent waiting for the reward server (scoring included)",
+    ),
 }
 
 
@@ -21,8 +27,8 @@ class ActorCollector(Collector):
 
     def collect(self):
         stats = self.actor.stats
-        for name, doc in COUNTERS.items():
-            yield CounterMetricFamily(f"pso_actor_{name}", doc, value=getattr(stats, name))
+        for field, (name, doc) in COUNTERS.items():
+            yield CounterMetricFamily(name, doc, value=getattr(stats, field))
         yield GaugeMetricFamily("pso_actor_version", "weight version the actor samples with", value=self.actor.version)
         mean = stats.reward_sum / stats.images if stats.images else float("nan")
         yield GaugeMetricFamily("pso_actor_reward_mean", "mean weighted reward of every image scored", value=mean)

@@ -30,7 +30,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from actors.actor import Actor
-    from actors.prompts import load_prompts
     from launcher.processes import Child, wait_until
     from pso.config import dump_config, load_config
     from pso.config.schema import PSOConfig
@@ -38,6 +37,7 @@ def main() -> None:
     from pso.net import free_port
     from pso.pairing import pairs_in_groups
     from pso.policy import DistilledPolicy
+    from pso.prompts import load_prompts
     from pso.redis_server import LocalRedis
     from pso.sampling import sample_groups
     from pso.tiny.rewards import REWARDS

@@ -324,7 +324,7 @@ class Suite:
         return DistilledPolicy.from_config(cfg, LoraFinetune(rank=rank))
 
     def prompts(self) -> list[str]:
-        from actors.prompts import GENERAL, load_prompts
+        from pso.prompts import GENERAL, load_prompts
 
         return load_prompts(GENERAL, [])
 

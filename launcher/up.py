@@ -2,18 +2,20 @@
 
     start Redis (or use $REDIS_URL / redis.url), then the reward server (wait until ready),
     the learner and the actors, each with its log under the run folder
-    until the learner is done (learner.max_updates) or Ctrl-C: one progress line, and a sample
-    grid for each new weight version (same prompts and seeds)
-    then: base-versus-tuned evaluation through the reward server, the reward curve, and
-    everything stopped in order
+    until the learner is done (learner.max_updates) or Ctrl-C: one progress line (the learner
+    draws a sample grid of each weight version itself)
+    then: base-versus-tuned evaluation through the reward server, the final weights exported as
+    diffusers loads them, and everything stopped in order
 
-The run folder holds config.yaml (what every process read), logs/, grids/ (one per version),
-versions.png (a few of them stacked), learner/ (metrics and checkpoints), reward_curve.png,
-before_after.png and summary.json.
+The run folder holds config.yaml (what every process read), logs/, learner/ (the learner's run
+folder: metrics, checkpoints, grids/ with one grid per version, its reward curve and export),
+versions.png (a few grids stacked), reward_curve.png, before_after.png, lora/ (the final weights
+with a model card that holds the evaluation) and summary.json.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -26,7 +28,6 @@ import torch
 from tqdm import tqdm
 
 from launcher.processes import Child, wait_until
-from launcher.report import read_metrics, reward_curve, versions_sheet
 from pso.codecs import decode_weights
 from pso.config import dump_config
 from pso.config.schema import PSOConfig
@@ -34,8 +35,10 @@ from pso.export import export_policy
 from pso.images import save_grid
 from pso.net import free_port
 from pso.policy import DistilledPolicy
+from pso.prompts import load_prompts, pick_prompts
+from pso.report import read_metrics, reward_curve, versions_sheet
 from pso.sampling import sample_groups
-from pso.transport.base import ExperienceQueue, WeightStore, WeightsUnavailable
+from pso.transport.base import ExperienceQueue, WeightStore
 from reward_server.client import RewardClient
 
 log = logging.getLogger("pso.up")
@@ -49,6 +52,9 @@ def run_config(cfg: PSOConfig, run_dir: Path, redis_url: str) -> PSOConfig:
     data["redis"]["url"] = redis_url
     data["reward_server"].update(host="127.0.0.1", port=port, workers=1)
     data["actor"]["reward_url"] = f"http://127.0.0.1:{port}"
+    data["learner"]["run_dir"] = str(run_dir / "learner")
+    if data["learner"]["tensorboard_dir"] is None and importlib.util.find_spec("tensorboard") is not None:
+        data["learner"]["tensorboard_dir"] = str(run_dir / "tensorboard")  # installed: the run shows there too
     data["learner"]["metrics_file"] = str(run_dir / "learner" / "metrics.jsonl")
     data["learner"]["checkpoint_dir"] = str(run_dir / "learner" / "checkpoints")
     return PSOConfig.model_validate(data)
@@ -72,6 +78,8 @@ def run_up(cfg: PSOConfig) -> dict:
             redis_url = redis.url
             log.info("started Redis at %s", redis_url)
         cfg = run_config(cfg, run_dir, redis_url)
+        if cfg.learner.tensorboard_dir is not None:
+            log.info("TensorBoard (figures, grids, reward curve): tensorboard --logdir %s", cfg.learner.tensorboard_dir)
         config_path = run_dir / "config.yaml"
         config_path.write_text(dump_config(cfg))
         stack.callback(_stop_all, children)
@@ -90,8 +98,8 @@ def run_up(cfg: PSOConfig) -> dict:
             start(f"actor-{i}", "pso.cli", "actor", "-c", str(config_path), "--set", f"actor.id=actor-{i}")
         client = connect(cfg.redis)
         weights = RedisWeightStore(client, cfg.redis)
-        viewer = DistilledPolicy.from_config(cfg.model, cfg.finetune)  # draws the grids, then is evaluated
-        _follow(cfg, run_dir, learner, children, weights, viewer)
+        _follow(cfg, learner, children)
+        viewer = DistilledPolicy.from_config(cfg.model, cfg.finetune)  # evaluated, then exported
         for child in children:
             if child.name.startswith("actor"):
                 child.stop()
@@ -104,7 +112,7 @@ def run_up(cfg: PSOConfig) -> dict:
     rows = read_metrics(cfg.learner.metrics_file)
     if rows:
         reward_curve(rows, run_dir / "reward_curve.png", f"online PSO, run {cfg.redis.run}")
-    versions_sheet(run_dir / "grids", run_dir / "versions.png")
+    versions_sheet(cfg.learner.run_dir / "grids", run_dir / "versions.png")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -124,12 +132,9 @@ def _learner_command(cfg: PSOConfig, config_path: Path) -> tuple[str, ...]:
     )
 
 
-def _follow(
-    cfg: PSOConfig, run_dir: Path, learner: Child, children: list[Child], weights: WeightStore, painter: DistilledPolicy
-) -> None:
-    """Until the learner exits: one progress line, and a grid for each new weight version."""
+def _follow(cfg: PSOConfig, learner: Child, children: list[Child]) -> None:
+    """Until the learner exits: one progress line."""
     metrics_file = cfg.learner.metrics_file
-    grids = _VersionGrids(painter, weights, _prompts(cfg, cfg.up.grid_prompts), cfg.up.eval_seed, run_dir / "grids")
     bar = tqdm(total=cfg.learner.max_updates, desc="online PSO", unit="update")
     while learner.exit_code is None:
         for c in children:
@@ -145,60 +150,14 @@ def _follow(
                 pairs_s=f"{last['pairs_per_s']:.1f}",
                 backlog=int(last.get("backlog", 0)),
             )
-        grids.draw_new()
         time.sleep(0.5)
     bar.close()
-    grids.draw_new()  # the last versions, published while the learner finished
-    if grids.missed:
-        log.warning(
-            "no grid for %d weight versions (%s): pruned from Redis before they could be drawn "
-            "(redis.keep_versions = %d keeps only the newest)",
-            len(grids.missed), _ranges(grids.missed), cfg.redis.keep_versions,
-        )  # fmt: skip
     if learner.exit_code != 0:
         raise RuntimeError(f"the learner exited with status {learner.exit_code}:\n{learner.tail()}")
 
 
-class _VersionGrids:
-    """A sample grid (the same prompts and noise) for every weight version, in order, as they are published."""
-
-    def __init__(self, policy: DistilledPolicy, weights: WeightStore, prompts: list[str], seed: int, out: Path):
-        self.policy, self.weights, self.prompts, self.seed, self.out = policy, weights, prompts, seed, out
-        self.next = 0  # the first version not drawn yet
-        self.missed: list[int] = []
-
-    def draw_new(self) -> None:
-        latest = self.weights.latest()
-        while latest is not None and self.next <= latest:
-            version, self.next = self.next, self.next + 1
-            try:
-                data = self.weights.fetch(version)
-            except WeightsUnavailable:  # pruned while older ones were drawn
-                self.missed.append(version)
-                continue
-            # fetch checked the bytes against the manifest's checksum: the codec's own pass is redundant
-            self.policy.load_weights(decode_weights(data, expected=self.policy.weight_spec(), checksum=False))
-            images = sample_groups(self.policy, self.prompts, 1, self.seed).images
-            save_grid([images], self.out / f"v{version:04d}.png", labels=[f"version {version}"])
-
-
-def _ranges(versions: list[int]) -> str:
-    """1, 2, 3, 7 -> "1-3, 7"."""
-    spans: list[list[int]] = []
-    for v in versions:
-        if spans and v == spans[-1][1] + 1:
-            spans[-1][1] = v
-        else:
-            spans.append([v, v])
-    return ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in spans)
-
-
 def _prompts(cfg: PSOConfig, n: int) -> list[str]:
-    from actors.prompts import load_prompts
-
-    pool = load_prompts(cfg.actor.prompts, cfg.loop.prompts)
-    rng = np.random.default_rng(cfg.up.eval_seed)
-    return [pool[i] for i in rng.choice(len(pool), size=n, replace=n > len(pool))]
+    return pick_prompts(load_prompts(cfg.actor.prompts, cfg.loop.prompts), n, cfg.up.eval_seed)
 
 
 def evaluate(
@@ -212,7 +171,7 @@ def evaluate(
         policy.load_weights(decode_weights(weights.fetch(version), expected=policy.weight_spec()))
     base = sample_groups(policy, prompts, 1, cfg.up.eval_seed, reference=True).images
     tuned = sample_groups(policy, prompts, 1, cfg.up.eval_seed).images
-    n_grid = min(len(prompts), cfg.up.grid_prompts)
+    n_grid = min(len(prompts), cfg.learner.grid_prompts)
     save_grid([base[:n_grid], tuned[:n_grid]], run_dir / "before_after.png", labels=["base", f"version {version}"])
     before, after = reward.score(base, prompts), reward.score(tuned, prompts)
     summary: dict = {"version": version, "prompts": len(prompts), "models": {}}

@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from pso.codecs import WeightBundle
 from pso.config.schema import Loss, OptimConfig
 from pso.config.services import LearnerConfig
+from pso.export import CHECKPOINT_WEIGHTS
 from pso.objectives import PairBatch, compute_loss
 from pso.policy import DistilledPolicy
 
@@ -344,14 +345,19 @@ class LearnerEngine:
         Collective with ZeRO-3 (it gathers the partitions) and with bf16/fp16 under ZeRO (it
         assembles the float32 master weights): call it on every rank.
         """
-        params = [p for _, p in self._trainable]
-        gathered = deepspeed.zero.GatheredParameters(params) if self.learner.zero_stage == 3 else nullcontext()
         out = {}
-        with gathered:
+        with self.gathered_weights():
             for name, param in self._trainable:
                 master = safe_get_full_fp32_param(param) if self.learner.precision in _MIXED_DTYPE else None
                 out[name] = (param if master is None else master).detach().to("cpu", self._spec[name][0]).clone()
         return out
+
+    def gathered_weights(self) -> AbstractContextManager:
+        """Inside it the policy's trainable weights are whole on every rank (a collective under ZeRO-3, which
+        partitions them; nothing to do otherwise)."""
+        if self.learner.zero_stage != 3:
+            return nullcontext()
+        return deepspeed.zero.GatheredParameters([p for _, p in self._trainable])
 
     def export_weights(self, version: int) -> WeightBundle:
         """The trainable weights for publishing, as `DistilledPolicy.export_weights` would make them.
@@ -377,10 +383,13 @@ class LearnerEngine:
         return dict(self._spec)
 
     # ----- checkpoints -----
-    def save_checkpoint(self, directory: str | Path, client_state: dict[str, Any], rank_state: dict[str, Any]) -> None:
+    def save_checkpoint(
+        self, directory: str | Path, client_state: dict[str, Any], rank_state: dict[str, Any], weights: bytes
+    ) -> None:
         """A DeepSpeed checkpoint (trainable weights, optimiser and loss-scaler state, step counters)
-        plus `client_state` (e.g. weight version, counters) and each rank's own `rank_state` (JSON,
-        e.g. the records it covers) in `directory`.
+        plus `client_state` (e.g. weight version, counters), each rank's own `rank_state` (JSON,
+        e.g. the records it covers) and, from rank 0, `weights` (the encoded weight bundle, which
+        `pso export` reads without unpickling anything) in `directory`.
 
         Collective: every rank calls it with the same directory and writes its own shards. Frozen
         weights are left out: the base model is reloaded from `model.pretrained`. The checkpoint is
@@ -391,6 +400,8 @@ class LearnerEngine:
         folder = Path(directory) / tag
         folder.mkdir(parents=True, exist_ok=True)
         _write_atomically(folder / f"rank{self.rank}.json", json.dumps(rank_state))
+        if self.rank == 0:
+            _write_atomically(folder / CHECKPOINT_WEIGHTS, weights)
         client = {**client_state, _RANKS: self.world_size}  # a folder may hold files of an aborted save by more ranks
         self.engine.save_checkpoint(
             str(directory), tag=tag, client_state=client, save_latest=False, exclude_frozen_parameters=True
@@ -425,11 +436,11 @@ class LearnerEngine:
 _RANKS = "checkpoint_ranks"  # the client-state key: how many rank{r}.json files the checkpoint has
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def _write_atomically(path: Path, content: str | bytes) -> None:
     """Write, then rename over `path`: a reader (or a restart after a kill) sees the old file or the new."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
+    with open(tmp, "wb" if isinstance(content, bytes) else "w") as f:
+        f.write(content)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

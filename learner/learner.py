@@ -5,8 +5,10 @@
         read records (this rank's own unacknowledged ones first, then new ones; reclaim those a
         dead consumer left), dropping or down-weighting the stale ones
         once `pairs_per_step x gradient_accumulation_steps` pairs are buffered: one update
-        every K updates publish the weights; every N checkpoint, then acknowledge the records it covers
-    checkpoint on the way out (a signal, max_updates, or Redis unreachable for longer than redis.retry_s)
+        every K updates publish the weights (and draw a sample grid of them); every N checkpoint, then
+        acknowledge the records it covers
+    checkpoint on the way out (a signal, max_updates, or Redis unreachable for longer than redis.retry_s),
+    and export the weights as diffusers loads them (learner.run_dir/lora; also every `export_every` versions)
 
 Every rank reads its own records and runs the same number of micro-batches per update, so the
 data-parallel gradient averaging of the DeepSpeed engine always lines up.
@@ -21,6 +23,7 @@ the former and skips those pairs of the latter, so no pair is trained twice into
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -32,10 +35,13 @@ import torch.distributed as dist
 
 from learner.buffer import BufferedRecord, PairBuffer
 from learner.metrics import MetricsSink
+from learner.monitors import Monitors
+from learner.pictures import RunPictures
 from learner.scaling import ActorDemand
-from pso.codecs import decode_experience, encode_weights
+from pso.codecs import WeightBundle, decode_experience, encode_weights
 from pso.config.schema import PSOConfig
 from pso.experience import check_record_fits, pair_batch_from_records
+from pso.export import export_policy
 from pso.loop import round_seed
 from pso.ops_http import OpsServer
 from pso.transport.base import Delivery, ExperienceQueue, QueueStats, TransportError, WeightStore
@@ -75,7 +81,10 @@ class Learner:
         self.seen: tuple[QueueStats, dict[str, int]] | None = None  # the queue at the last update, to report losses
         self.live = [f"learner-{r}" for r in range(engine.world_size)]  # never reclaimed from
         lc = cfg.learner
-        self.sink = MetricsSink(lc.metrics_file, lc.tensorboard_dir) if rank == 0 else None
+        self.sink = MetricsSink(lc.metrics_file) if rank == 0 else None
+        self.monitors = Monitors(cfg) if rank == 0 else None
+        self.pictures = RunPictures(cfg, engine.policy, rank, lc.zero_stage, self.monitors)
+        self._bundle: tuple[tuple[int, int], WeightBundle] | None = None  # the weights of (updates, version)
         self.demand = ActorDemand(lc.target_backlog, lc.scale_horizon_s, ranks=engine.world_size)
         self.ops = None
         if self.sink is not None and lc.metrics_port is not None:
@@ -106,6 +115,7 @@ class Learner:
     def run(self, stop: threading.Event | None = None) -> LearnerState:
         stop = stop or threading.Event()
         limit = self.cfg.learner.max_updates
+        self.reported = {"stale": self.state.stale, "lost": self.state.lost}  # counted in rows (after a resume)
         self._start_versions()
         try:
             while limit is None or self.state.updates < limit:
@@ -120,9 +130,11 @@ class Learner:
                 self._update(waited)
             if self.state.updates > self.checkpointed_at:
                 self.save_checkpoint()  # on every orderly way out, Redis lost for good included
+            if self.state.updates:
+                self.export()
         finally:
-            if self.sink:
-                self.sink.close()
+            if self.monitors:
+                self.monitors.close()
             if self.ops:
                 self.ops.close()
         if self.failure is not None:
@@ -248,6 +260,7 @@ class Learner:
 
     def _update(self, waited: float) -> None:
         start = time.monotonic()
+        self._bundle = None  # the last update's weights: not held through this one (a whole UNet, when full)
         take = self.buffer.take(self.pairs_per_update)
         batch = pair_batch_from_records(self.engine.policy, take.records)
         weights = torch.tensor(take.pair_weights)
@@ -281,6 +294,9 @@ class Learner:
             "staleness": trained_at - sum(versions) / len(versions),
             "pairs_per_s": len(weights) / max(busy + waited, 1e-9),
             "wait_s": waited,
+            "pairs": len(weights),
+            "stale": st.stale - self.reported["stale"],  # since the previous row: Prometheus counts these
+            "lost": st.lost - self.reported["lost"],
             "stale_total": st.stale,
             "stale_share": st.stale / max(st.stale + st.trained_records + len(self.buffer), 1),
             "records_lost": st.lost,
@@ -291,24 +307,58 @@ class Learner:
         wanted = self.demand.wanted()
         if wanted is not None:
             row["actors_wanted"] = wanted
+        self.reported = {"stale": st.stale, "lost": st.lost}
         st.history.append(row)
         self._beat()
         if self.sink:
             self.sink.write(row)
+        if self.monitors:
+            self.monitors.scalars(row, st.updates)
 
     def _beat(self) -> None:
         if self.ops:
             self.ops.beat()
 
+    def _weights(self) -> WeightBundle:
+        """The weights now, as the current version (collective: every rank gathers under ZeRO-3), made once
+        for publishing, checkpointing and exporting alike."""
+        key = (self.state.updates, self.state.version)
+        if self._bundle is None or self._bundle[0] != key:
+            self._bundle = key, self.engine.export_weights(self.state.version)
+        return self._bundle[1]
+
     def _publish(self) -> None:
-        """Every rank gathers (ZeRO-3 needs all of them); rank 0 writes the new version."""
-        version = self.state.version + (1 if self.state.updates else 0)
-        bundle = self.engine.export_weights(version)
+        """Every rank gathers (ZeRO-3 needs all of them); rank 0 writes the new version. Then its sample grid
+        and, every `export_every` versions, its export."""
+        self.state.version += 1 if self.state.updates else 0
+        version, bundle = self.state.version, self._weights()
         if self.rank == 0:
             data = encode_weights(bundle)
             if self._guard(lambda: self.weights.publish(version, data, bundle.manifest()) or True):
                 log.info("published weights version %d", version)
-        self.state.version = version
+        self.pictures.grid(version, self.state.updates)
+        every = self.cfg.learner.export_every
+        if every is not None and self.state.updates and version % every == 0:
+            self.export()
+
+    def export(self) -> None:
+        """Collective: the weights now into `run_dir/lora`, as diffusers (or kohya-style tools) load them, with a
+        model card; the folder is replaced whole, so a reader never sees half an export."""
+        lc = self.cfg.learner
+        bundle = self._weights()
+        with self.engine.gathered_weights():  # full fine-tuning saves the UNet itself
+            if self.rank != 0:
+                return
+            final, partial, old = (lc.run_dir / name for name in ("lora", ".lora.partial", ".lora.old"))
+            for folder in (partial, old):
+                shutil.rmtree(folder, ignore_errors=True)
+            path = export_policy(self.engine.policy, bundle.version, self.cfg, partial, lc.export_format,
+                                 tensors=bundle.tensors)  # fmt: skip
+            if final.exists():
+                final.rename(old)
+            partial.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        log.info("exported weights version %d (%s) to %s", bundle.version, lc.export_format, final / path.name)
 
     def save_checkpoint(self) -> None:
         """Collective. Then acknowledge the records trained since the last one: the checkpoint holds them
@@ -316,9 +366,12 @@ class Learner:
         client = {k: v for k, v in vars(self.state).items() if k != "history"}
         # pairs of a straddling record the resumed checkpoint held stay held until the record is read again
         rank_state = {"covered": self.unacked, "partial": {**self.skip, **self.buffer.started()}}
-        self.engine.save_checkpoint(self.cfg.learner.checkpoint_dir, client, rank_state)
+        bundle = self._weights()  # on every rank: a collective under ZeRO-3
+        weights = encode_weights(bundle) if self.rank == 0 else b""
+        self.engine.save_checkpoint(self.cfg.learner.checkpoint_dir, client, rank_state, weights)
         self.checkpointed_at = self.state.updates
         log.info("checkpoint at update %d (version %d)", self.state.updates, self.state.version)
+        self.pictures.reward_curve(self.state.history, self.state.updates)
         covered, self.unacked = self.unacked, []
         self._guard(lambda: self.queue.ack(covered, counter="trained"))
 

@@ -78,15 +78,11 @@ def cmd_config(args) -> int:
 
 def cmd_sample(args) -> int:
     from pso.images import save_grid
-    from pso.policy import DistilledPolicy
     from pso.sampling import sample_groups
+    from pso.tuned import load_tuned
 
     cfg = _load(args)
-    policy = DistilledPolicy.from_config(cfg.model, cfg.finetune)
-    if args.weights:
-        from pso.codecs import decode_weights
-
-        policy.load_weights(decode_weights(args.weights.read_bytes(), expected=policy.weight_spec()))
+    policy = load_tuned(cfg.model, args.weights)
     group = args.group_size or cfg.sampling.group_size
     traj = sample_groups(
         policy,
@@ -94,6 +90,7 @@ def cmd_sample(args) -> int:
         group,
         args.seed if args.seed is not None else cfg.sampling.seed,
         batch_size=cfg.sampling.batch_size,
+        progress=True,
     )
     rows = [traj.images[traj.group(p)] for p in range(len(args.prompt))]
     grid = save_grid(rows, args.out / "samples.png", [p[:22] for p in args.prompt])
@@ -146,10 +143,13 @@ def cmd_export(args) -> int:
             raise ValueError(f"run {cfg.redis.run!r} at {args.weights} has published no weights")
         data = store.fetch(version)
     else:
-        path = Path(args.weights)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: not a .psow weight bundle (or redis://host:port/db with --version)")
-        cfg, data = _load(args), path.read_bytes()
+        from pso.export import locate_weights
+
+        source = Path(args.weights)
+        run_config = source / "config.yaml"  # a `pso up` run folder: the run's own config, for the model card
+        if args.config is None and run_config.is_file():
+            args.config = run_config
+        cfg, data = _load(args), locate_weights(source).read_bytes()
     bundle = decode_weights(data)
     cfg.finetune = DistilledPolicy.finetune_of(bundle)
     if args.config is None:  # the model the bundle was trained on, as it records it
@@ -164,10 +164,10 @@ def cmd_export(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from pso.codecs import decode_weights
-    from pso.evaluation import markdown_table, read_prompts, run_eval
-    from pso.policy import DistilledPolicy
+    from pso.evaluation import markdown_table, run_eval
+    from pso.prompts import load_prompts
     from pso.tiny.rewards import REWARDS
+    from pso.tuned import load_tuned
 
     cfg = _load(args)
     for key, value in (("pretrained", args.model), ("family", args.family), ("num_steps", args.steps)):
@@ -186,15 +186,9 @@ def cmd_eval(args) -> int:
         if unknown:
             raise ValueError(f"unknown reward(s) {unknown}; built-in rewards: {', '.join(REWARDS)}")
         rewards = {n: REWARDS[n] for n in names}
-    prompts = read_prompts(args.prompts)
-    finetune, bundle = None, None
-    if args.weights:
-        bundle = decode_weights(args.weights.read_bytes())
-        finetune = DistilledPolicy.finetune_of(bundle)
-    policy = DistilledPolicy.from_config(cfg.model, finetune)
-    if bundle is not None:
-        policy.load_weights(bundle)
-    result = run_eval(policy, prompts, rewards, args.seed, args.out)
+    prompts = load_prompts(args.prompts, max_prompts=args.max_prompts)
+    policy = load_tuned(cfg.model, args.weights)
+    result = run_eval(policy, prompts, rewards, args.seed, args.out, progress=True)
     print(markdown_table(result["rewards"]), end="")
     print(f"written: {args.out / 'eval.json'}, {args.out / 'eval.md'}, {args.out / 'grid.png'}")
     return 0
@@ -272,8 +266,11 @@ def cmd_health(args) -> int:
 
 
 def cmd_preload(args) -> int:
+    from huggingface_hub.utils import enable_progress_bars
+
     from pso.hub import describe, download, planned_downloads
 
+    enable_progress_bars()  # the logging setup turns them off with the libraries' chatter; here they are the output
     plan = planned_downloads(_load(args))
     if not plan:
         print("nothing to download: every model source is local or built in")
@@ -358,13 +355,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", "-p", action="append", required=True, help="prompt (repeatable)")
     p.add_argument("--group-size", "-g", type=int, help="images per prompt (default sampling.group_size)")
     p.add_argument("--seed", type=int, help="default sampling.seed")
-    p.add_argument("--weights", type=Path, help="trained weights (a .psow weight bundle) to apply")
+    p.add_argument(
+        "--weights",
+        type=Path,
+        help="trained weights to apply: an exported LoRA folder or .safetensors file, a .psow bundle, a learner "
+        "checkpoint or a run folder",
+    )
     p.add_argument("--out", type=Path, default=Path("runs/sample"))
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("export", help="trained weights as a diffusers or kohya LoRA (or model folder), with a card")
     _config_args(p)
-    p.add_argument("weights", help="a .psow weight bundle, or redis://host:port/db (the run's published weights)")
+    p.add_argument(
+        "weights",
+        help="a .psow weight bundle, a learner checkpoint, a run folder (its newest checkpoint), or "
+        "redis://host:port/db (the run's published weights)",
+    )
     p.add_argument("--version", type=int, help="with redis://: the weight version (default: the latest)")
     p.add_argument("--out", type=Path, required=True, help="folder to write (created)")
     p.add_argument("--format", choices=["diffusers", "kohya"], default="diffusers")
@@ -374,8 +380,25 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--model", help="hub id, folder or builtin:tiny (default: the config's model.pretrained)")
     p.add_argument("--family", help="model family (default: the config's model.family)")
-    p.add_argument("--weights", type=Path, help="trained weights (.psow weight bundle) to evaluate against the base")
-    p.add_argument("--prompts", type=Path, required=True, help="text file, one prompt per line, or a JSON list")
+    p.add_argument(
+        "--weights",
+        type=Path,
+        help="trained weights to evaluate against the base: an exported LoRA folder or .safetensors file, a .psow "
+        "bundle, a learner checkpoint or a run folder",
+    )
+    p.add_argument(
+        "--prompts",
+        required=True,
+        help="a standard prompt set: parti (shipped), drawbench or hpsv2 (downloaded on first use), or a part "
+        "of one as NAME:SUBSET (parti:Animals, parti:Complex, hpsv2:photo; docs/evaluation.md); or a text file, "
+        "one prompt per line, or a JSON list",
+    )
+    p.add_argument(
+        "--max-prompts",
+        type=int,
+        metavar="N",
+        help="score only N prompts, evenly spaced through the set (each challenge or style keeps its share)",
+    )
     p.add_argument(
         "--rewards",
         help="comma-separated rewards: built-in ones (default fidelity,large,crispness), or with --reward-url "

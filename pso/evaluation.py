@@ -19,20 +19,6 @@ from pso.policy import DistilledPolicy
 from pso.sampling import sample_groups
 
 
-def read_prompts(path: Path) -> list[str]:
-    """One prompt per line (blank lines and #-comments skipped), or a JSON list of strings."""
-    text = Path(path).read_text()
-    if path.suffix == ".json":
-        prompts = json.loads(text)
-        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"{path}: expected a JSON list of strings")
-    else:
-        prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
-    if not prompts:
-        raise ValueError(f"{path}: no prompts")
-    return prompts
-
-
 @torch.no_grad()
 def score_model(
     policy: DistilledPolicy,
@@ -41,10 +27,12 @@ def score_model(
     seed: int,
     batch_size: int = 64,
     reference: bool = False,
+    progress: bool = False,
 ) -> tuple[dict[str, Tensor], Tensor]:
     """One image per prompt from fixed per-prompt seeds; returns scores per reward and the images.
-    `reference=True` scores the base (reference) model instead of the tuned policy."""
-    traj = sample_groups(policy, prompts, 1, seed, batch_size=batch_size, reference=reference)
+    `reference=True` scores the base (reference) model instead of the tuned policy; `progress` shows a
+    bar over the sampling batches on stderr."""
+    traj = sample_groups(policy, prompts, 1, seed, batch_size=batch_size, reference=reference, progress=progress)
     return {name: fn(traj.images, prompts).float() for name, fn in rewards.items()}, traj.images
 
 
@@ -84,10 +72,12 @@ def run_eval(
     seed: int,
     out_dir: Path,
     grid_count: int = 16,
+    progress: bool = False,
 ) -> dict:
-    """The policy against its own reference model (adapters off, or the frozen copy), same seeds."""
-    tuned_scores, tuned_images = score_model(tuned, prompts, rewards, seed)
-    base_scores, base_images = score_model(tuned, prompts, rewards, seed, reference=True)
+    """The policy against its own reference model (adapters off, or the frozen copy), same seeds;
+    `progress`: a bar for each of the two (for the `pso eval` command)."""
+    tuned_scores, tuned_images = score_model(tuned, prompts, rewards, seed, progress=progress)
+    base_scores, base_images = score_model(tuned, prompts, rewards, seed, reference=True, progress=progress)
     summary = compare(tuned_scores, base_scores)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {

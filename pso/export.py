@@ -8,6 +8,10 @@
     full fine-tuning: the whole pipeline folder (`save_pretrained`), whatever the format
 
 Beside the weights, a model card (`README.md` with the Hugging Face metadata block).
+
+What `pso export` reads: a weight bundle (.psow), a learner checkpoint (each holds its weights as a bundle,
+`weights.psow`, beside DeepSpeed's pickled files, which are never read here), or a run folder (its newest
+checkpoint): `locate_weights`.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Literal
 
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
+from torch import Tensor
 
 from pso.codecs import WeightBundle
 from pso.config.schema import PSOConfig
@@ -26,6 +31,7 @@ from pso.policy import DistilledPolicy
 
 Format = Literal["diffusers", "kohya"]
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
+CHECKPOINT_WEIGHTS = "weights.psow"  # in each learner checkpoint's folder
 
 
 def export_bundle(
@@ -45,14 +51,17 @@ def export_policy(
     out: Path,
     fmt: Format = "diffusers",
     evaluation: dict | None = None,
+    tensors: dict[str, Tensor] | None = None,
 ) -> Path:
-    """`export_bundle` for a policy that holds the weights of `version` already (`pso up`'s evaluated one)."""
+    """`export_bundle` for a policy that holds the weights of `version` already (`pso up`'s evaluated one).
+    With LoRA, `tensors` (the trainable state dict) stand in for the policy's own adapters: the learner's
+    float32 master weights, complete under any ZeRO stage."""
     out.mkdir(parents=True, exist_ok=True)
     if cfg.finetune.mode == "full":
         policy.pipe.save_pretrained(out)
         path = out
     else:
-        state = get_peft_model_state_dict(policy.unet)  # peft's names, the adapter name taken out
+        state = get_peft_model_state_dict(policy.unet, state_dict=tensors)  # peft's names, no adapter name
         rank, alpha = cfg.finetune.rank, cfg.finetune.alpha or cfg.finetune.rank
         if fmt == "diffusers":
             from diffusers.utils import convert_state_dict_to_diffusers
@@ -78,6 +87,31 @@ def export_policy(
             save_file({k: v.contiguous() for k, v in kohya.items()}, path, metadata={"ss_network_dim": str(rank)})
     (out / "README.md").write_text(model_card(version, cfg, fmt, path.name, evaluation))
     return path
+
+
+def locate_weights(path: Path) -> Path:
+    """The weight bundle `path` names: a .psow file; a learner checkpoint (a tag folder holding
+    `weights.psow`, or the checkpoint folder whose `latest` names the newest); or a learner's or `pso up`'s
+    run folder (its newest checkpoint)."""
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such weight bundle or folder")
+    if (path / CHECKPOINT_WEIGHTS).is_file():
+        return path / CHECKPOINT_WEIGHTS
+    latest = path / "latest"
+    if latest.is_file():
+        tag = latest.read_text().strip()
+        if not (path / tag / CHECKPOINT_WEIGHTS).is_file():
+            raise FileNotFoundError(f"checkpoint {path / tag} holds no {CHECKPOINT_WEIGHTS}")
+        return path / tag / CHECKPOINT_WEIGHTS
+    for folder in (path / "checkpoints", path / "learner" / "checkpoints"):  # learner.run_dir, pso up's run folder
+        if (folder / "latest").is_file():
+            return locate_weights(folder)
+    raise FileNotFoundError(
+        f"{path}: no weights found (a .psow bundle, a learner checkpoint folder with `latest`, or a run folder "
+        "with checkpoints/ or learner/checkpoints/)"
+    )
 
 
 def model_card(version: int, cfg: PSOConfig, fmt: Format, file: str, evaluation: dict | None) -> str:

@@ -126,7 +126,9 @@ class DistilledPolicy:
     # ----- the two models -----
     @contextmanager
     def _reference(self) -> Iterator[UNet2DConditionModel]:
-        if self._reference_unet is not None or self.finetune is None:
+        """The base model: the frozen copy (full fine-tuning), else this UNet with its LoRA adapters off (ours,
+        or one the pipeline's `load_lora_weights` added)."""
+        if self._reference_unet is not None or not self.unet._hf_peft_config_loaded:
             yield self._reference_unet or self.unet
             return
         self.unet.disable_adapters()

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
+from tqdm import tqdm
 
 from pso.policy import DistilledPolicy
 
@@ -57,13 +58,15 @@ def sample_groups(
     decode: bool = True,
     seeds: list[int] | None = None,
     reference: bool = False,
+    progress: bool = False,
 ) -> Trajectories:
     """Sample `group_size` images per prompt, each from its own seeded starting noise.
 
     `reference=True` samples the frozen reference model instead of the policy (for comparisons).
     Each sample has its own torch.Generator, so a trajectory depends only on its seed and the
     weights (up to float rounding), never on batching; the pipeline's __call__ with the same
-    generators gives the same final latents.
+    generators gives the same final latents. `progress` shows a bar over the batches on stderr (for
+    commands; off inside services, where it would clutter the logs).
     """
     n = len(prompts) * group_size
     seeds = seeds if seeds is not None else sample_seeds(seed, n)
@@ -71,8 +74,9 @@ def sample_groups(
         raise ValueError(f"got {len(seeds)} seeds for {n} samples")
     cond_all = policy.encode(prompts).index(torch.arange(len(prompts)).repeat_interleave(group_size))
     sampler, device, dtype = policy.sampler, policy.device, policy.dtype
-    states, means = [], []
-    for start in range(0, n, batch_size):
+    states, means, images = [], [], []
+    desc = "sampling (reference model)" if reference else "sampling"
+    for start in tqdm(range(0, n, batch_size), desc=desc, unit="batch", disable=not progress):
         idx = slice(start, min(start + batch_size, n))
         gens = [torch.Generator(device).manual_seed(s) for s in seeds[idx]]
         cond = cond_all.index(idx)
@@ -91,17 +95,15 @@ def sample_groups(
             chunk_means.append(out.mean.to(dtype))
         states.append(torch.stack(chunk_states, 1))
         means.append(torch.stack(chunk_means, 1))
-    states_t = torch.cat(states)
-    images = None
-    if decode:
-        images = torch.cat([policy.decode(states_t[i : i + batch_size, -1]) for i in range(0, n, batch_size)])
+        if decode:
+            images.append(policy.decode(x))
     return Trajectories(
         list(prompts),
         group_size,
         list(seeds),
         sampler.timesteps.clone(),
-        states_t,
+        torch.cat(states),
         torch.cat(means),
         sampler.stds,
-        images,
+        torch.cat(images) if decode else None,
     )

@@ -26,7 +26,7 @@ from reward_server import decode
 from reward_server.backends import RewardBackend, build_backend
 from reward_server.errors import ApiError, describe_validation, error_body, unprocessable
 from reward_server.guard import CLIENT_GONE, RequestGuard, bearer_token
-from reward_server.metrics import ServerMetrics
+from reward_server.metrics import ServerMetrics, mark_worker_gone
 from reward_server.pool import ModelPool, Reader
 from reward_server.schemas import (
     CompareRequest,
@@ -89,6 +89,7 @@ def create_app(
         yield
         loading.cancel()
         await pool.close()
+        mark_worker_gone()
         log.info("shut down")
 
     app = FastAPI(

@@ -14,7 +14,9 @@ import asyncio
 import logging
 import os
 import resource
+import shutil
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -27,6 +29,8 @@ from pso.config.reward_server import LimitsConfig, RewardServerConfig
 
 log = logging.getLogger("pso.reward_server")
 _CONFIG_ENV = "PSO_REWARD_SERVER_CONFIG_JSON"  # hands the resolved config to the worker processes
+# where the workers' metrics meet (reward_server/metrics.py, whose import here would import prometheus_client)
+_METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Granian's own loggers propagate to the root logger that `pso` configured (dated lines, one format)
 _LOGGING = {
     "version": 1,
@@ -50,28 +54,45 @@ def http_settings(limits: LimitsConfig) -> dict:
 def serve(config: RewardServerConfig, access_log: bool = False) -> int:
     """Serve until stopped (SIGINT or SIGTERM: the requests in progress are answered first); 1 if the
     models failed to load, else 0. Every worker process loads its own models (`app_from_env`)."""
-    from granian import Granian
+    with _metrics_dir():  # first: the imports below import prometheus_client
+        from granian import Granian
 
-    from reward_server.guard import bearer_token
+        from reward_server.guard import bearer_token
 
-    bearer_token(config)  # a blank token is refused here, before any worker starts
-    _raise_open_file_limit()
-    os.environ[_CONFIG_ENV] = config.model_dump_json()
-    server = Granian(
-        "reward_server.main:app_from_env",
-        factory=True,
-        address=config.host,
-        port=config.port,
-        workers=config.workers,
-        log_access=access_log,
-        log_dictconfig=_LOGGING,
-        **http_settings(config.limits),
-    )
-    try:
-        server.serve()
-    except SystemExit as e:  # Granian ends this way when a worker died (its models failed to load)
-        return e.code if isinstance(e.code, int) else 1
+        bearer_token(config)  # a blank token is refused here, before any worker starts
+        _raise_open_file_limit()
+        os.environ[_CONFIG_ENV] = config.model_dump_json()
+        server = Granian(
+            "reward_server.main:app_from_env",
+            factory=True,
+            address=config.host,
+            port=config.port,
+            workers=config.workers,
+            log_access=access_log,
+            log_dictconfig=_LOGGING,
+            **http_settings(config.limits),
+        )
+        try:
+            server.serve()
+        except SystemExit as e:  # Granian ends this way when a worker died (its models failed to load)
+            return e.code if isinstance(e.code, int) else 1
     return 0
+
+
+@contextmanager
+def _metrics_dir() -> Iterator[None]:
+    """The folder the workers write their metrics to: the operator's $PROMETHEUS_MULTIPROC_DIR, else a fresh
+    one for this run, removed at the end. prometheus_client reads the variable when it is first imported, in
+    this process or in a worker it forks: so it is set before that."""
+    if os.environ.get(_METRICS_ENV):
+        os.makedirs(os.environ[_METRICS_ENV], exist_ok=True)
+        yield
+        return
+    os.environ[_METRICS_ENV] = tempfile.mkdtemp(prefix="pso-reward-metrics-")
+    try:
+        yield
+    finally:
+        shutil.rmtree(os.environ.pop(_METRICS_ENV), ignore_errors=True)
 
 
 def app_from_env():
@@ -85,6 +106,9 @@ def app_from_env():
 
 
 def _exit_worker(error: str) -> None:
+    from reward_server.metrics import mark_worker_gone
+
+    mark_worker_gone()
     logging.shutdown()  # flush what was logged about the failure
     os._exit(1)
 

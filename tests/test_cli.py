@@ -211,3 +211,30 @@ def test_eval_scores_with_the_models_of_a_running_reward_server(tmp_path, capsys
         assert len(json.loads((tmp_path / "all" / "eval.json").read_text())["rewards"]) == 3
         assert main([*args, "--reward-url", url, "--rewards", "pickscore", "--out", str(tmp_path / "x")]) == 1
     assert "serves ['tiny-large', 'tiny-fidelity', 'tiny-crispness'], not ['pickscore']" in capsys.readouterr().err
+
+
+def test_eval_compares_an_exported_lora_with_its_base_on_a_named_set_with_a_reward_server_model(tmp_path):
+    """The issue's "done when": a tuned LoRA folder against the base, on PartiPrompts, scored by a CLIP model
+    that a running reward server serves (a tiny random CLIP here, loaded as a real local one is)."""
+    from pso.config.reward_server import ClipScoreSpec, RewardServerConfig
+    from pso.export import export_bundle
+    from reward_server.app import create_app
+    from reward_server.backends.clip_rewards import build_random
+    from reward_server.main import serve_in_background
+
+    cfg = load_config(PSOConfig, Path(__file__).parents[1] / "configs" / "tiny.yaml")
+    policy = DistilledPolicy.from_config(cfg.model, cfg.finetune)
+    with torch.no_grad():  # trained adapters: fresh ones (B = 0) would change nothing
+        for name, param in policy.unet.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+    export_bundle(policy.export_weights(4), cfg, tmp_path / "lora")
+    server = RewardServerConfig(models=[ClipScoreSpec(model=str(build_random("clip-score", tmp_path / "clip")))])
+    args = ["eval", "-c", str(Path(__file__).parents[1] / "configs" / "tiny.yaml"), "--weights", str(tmp_path / "lora")]
+    args += ["--prompts", "parti:Animals", "--max-prompts", "3", "--out", str(tmp_path / "eval")]
+    with serve_in_background(create_app(server)) as url:
+        assert main([*args, "--reward-url", url]) == 0
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    (name, scores), *others = result["rewards"].items()
+    assert result["prompts"] == 3 and not others and name.startswith("clip")
+    assert scores["mean"] != scores["base_mean"]  # the LoRA's images, not the base model's

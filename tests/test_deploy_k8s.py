@@ -449,8 +449,8 @@ def test_autoscalers_target_deployments_on_metrics_the_adapter_serves(overlay):
             name = metric[kind.lower()]["metric"]["name"]
             assert name in served.get(kind, set()), f"{_name(hpa)}: {kind} metric {name} has no adapter rule"
     (reward,) = hpas["pso-reward-server"]["spec"]["metrics"]
-    assert reward["pods"]["metric"]["name"] == "reward_pending_images"
-    assert "reward_pending_images" in {m.name for m in ServerMetrics().registry.collect()}
+    assert reward["pods"]["metric"]["name"] == "pso_reward_pending_images"
+    assert "pso_reward_pending_images" in {m.name for m in ServerMetrics().registry.collect()}
     (actor,) = hpas["pso-actor"]["spec"]["metrics"]
     assert actor["external"]["metric"]["name"] == "pso_learner_actors_wanted"
     assert "actors_wanted" in GAUGES  # the learner serves it as pso_learner_actors_wanted once measured

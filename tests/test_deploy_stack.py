@@ -78,9 +78,9 @@ import redis
 import yaml
 
 from launcher.processes import Child
-from launcher.report import read_metrics
 from pso.config.reward_server import RewardServerConfig
 from pso.redis_server import find_redis_server
+from pso.report import read_metrics
 from pso.transport.keys import Keys
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -92,3 +92,80 @@ def test_pso_export_writes_a_lora_diffusers_loads_from_a_bundle_alone(tmp_path, 
     pipe.load_lora_weights(tmp_path / "lora")
     torch.testing.assert_close(unet_output(pipe.unet), unet_output(policy.unet), atol=1e-5, rtol=1e-4)
     assert main(["export", str(tmp_path / "missing.psow"), "--out", str(tmp_path / "x")]) == 1
+
+
+def test_locate_weights_finds_the_newest_checkpoint_of_a_checkpoint_or_run_folder(tmp_path):
+    from pso.export import CHECKPOINT_WEIGHTS, locate_weights
+
+    run = tmp_path / "up"  # a `pso up` run folder: the learner's run folder inside, its checkpoints inside that
+    checkpoints = run / "learner" / "checkpoints"
+    for tag in ("global_step4", "global_step8"):
+        (checkpoints / tag).mkdir(parents=True)
+        (checkpoints / tag / CHECKPOINT_WEIGHTS).write_bytes(tag.encode())
+    (checkpoints / "latest").write_text("global_step4")  # global_step8 was being written: not named yet
+    want = checkpoints / "global_step4" / CHECKPOINT_WEIGHTS
+    for source in (run, run / "learner", checkpoints, checkpoints / "global_step4", want):
+        assert locate_weights(source) == want, source
+    (checkpoints / "latest").write_text("global_step8")
+    assert locate_weights(run).read_bytes() == b"global_step8"
+    (checkpoints / "global_step8" / CHECKPOINT_WEIGHTS).unlink()
+    with pytest.raises(FileNotFoundError, match="holds no weights.psow"):
+        locate_weights(run)
+    with pytest.raises(FileNotFoundError, match="no weights found"):
+        locate_weights(tmp_path / "up" / "learner" / "checkpoints" / "global_step8")
+    with pytest.raises(FileNotFoundError, match="no such"):
+        locate_weights(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("form", ["diffusers", "kohya", "safetensors-file", "bundle"])
+def test_an_export_or_bundle_loads_as_the_tuned_model_with_the_base_as_its_reference(tmp_path, form):
+    from pso.tuned import load_tuned
+
+    cfg = load_config(PSOConfig, TINY, overrides=["finetune.alpha=4"])
+    policy = trained_policy(cfg)
+    bundle = policy.export_weights(2)
+    if form == "bundle":
+        source = tmp_path / "w.psow"
+        source.write_bytes(encode_weights(bundle))
+    else:
+        path = export_bundle(bundle, cfg, tmp_path / "export", fmt="kohya" if form == "kohya" else "diffusers")
+        source = path if form == "safetensors-file" else path.parent
+    tuned = load_tuned(cfg.model, source)
+    x = torch.randn(2, *tuned.latent_shape, generator=torch.Generator().manual_seed(0))
+    t, cond = torch.tensor([999, 499]), tuned.encode(["a red circle", "a blue square"])
+    want = policy.unet_output(x, t, cond)
+    torch.testing.assert_close(tuned.unet_output(x, t, cond), want, atol=1e-5, rtol=1e-4)
+    base = DistilledPolicy.from_config(cfg.model, None).unet_output(x, t, cond)
+    torch.testing.assert_close(tuned.unet_output(x, t, cond, reference=True), base)
+    assert not torch.allclose(want, base, atol=1e-4)
+
+
+def test_a_full_model_folder_is_refused_as_weights_with_the_way_to_evaluate_it(tmp_path):
+    from pso.tuned import load_tuned
+
+    (tmp_path / "model_index.json").write_text("{}")
+    with pytest.raises(ValueError, match="--model"):
+        load_tuned(load_config(PSOConfig, TINY).model, tmp_path)
+
+
+def test_pso_eval_scores_an_exported_lora_folder_as_it_scores_the_bundle(tmp_path):
+    import json
+
+    from pso.cli import main
+
+    cfg = load_config(PSOConfig, TINY)
+    bundle = trained_policy(cfg).export_weights(3)
+    (tmp_path / "w.psow").write_bytes(encode_weights(bundle))
+    export_bundle(bundle, cfg, tmp_path / "lora")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle on a blue background\na green square on a white background\n")
+    results = {}
+    for name in ("w.psow", "lora"):
+        out = tmp_path / f"eval-{name}"
+        argv = ["eval", "-c", str(TINY), "--weights", str(tmp_path / name), "--prompts", str(prompts)]
+        assert main([*argv, "--out", str(out)]) == 0
+        results[name] = json.loads((out / "eval.json").read_text())["rewards"]
+    for reward, scores in results["w.psow"].items():
+        for key, value in scores.items():
+            assert results["lora"][reward][key] == pytest.approx(value, abs=1e-4), (reward, key)
+    assert any(s["mean"] != s["base_mean"] for s in results["lora"].values())  # the LoRA changes the images

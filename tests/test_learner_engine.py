@@ -28,6 +28,7 @@ from pso.config.schema import (  # noqa: E402
     PSOConfig,
 )
 from pso.config.services import LearnerConfig  # noqa: E402
+from pso.export import locate_weights  # noqa: E402
 from pso.loop import make_optimizer, update_on_pairs  # noqa: E402
 from pso.net import free_port  # noqa: E402
 from pso.objectives import PairBatch, compute_loss  # noqa: E402
@@ -248,9 +249,13 @@ def test_resuming_a_checkpoint_gives_bit_identical_updates(policy, batch, tmp_pa
     first = LearnerEngine(policy(), LOSS, OPTIM, learner)
     assert first.load_checkpoint(tmp_path / "ckpt") is None  # nothing there yet
     engine_run(first, batch, updates=2)
-    first.save_checkpoint(tmp_path / "ckpt", {"version": 2, "pairs_seen": 6}, {"covered": ["1-0"]})
+    saved = first.trainable_state_dict()
+    bundle = encode_weights(first.export_weights(2))
+    first.save_checkpoint(tmp_path / "ckpt", {"version": 2, "pairs_seen": 6}, {"covered": ["1-0"]}, bundle)
+    # the checkpoint holds its weights as a bundle too, which pso export reads (no unpickling)
+    assert max_diff(decode_weights(locate_weights(tmp_path / "ckpt").read_bytes()).tensors, saved) == 0
     want_metrics = engine_run(first, batch, updates=2, first=2)  # the uninterrupted run goes on
-    first.save_checkpoint(tmp_path / "later", {}, {})
+    first.save_checkpoint(tmp_path / "later", {}, {}, bundle)
     (tmp_path / "later" / "latest").unlink()  # killed before naming it: as if never saved
     assert first.load_checkpoint(tmp_path / "later") is None
 
@@ -342,3 +347,24 @@ def _averaged_ranks_reference(policy, batches, weights) -> dict[str, torch.Tenso
 
 if __name__ == "__main__":
     _rank_main(*sys.argv[1:3])
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_the_engines_policy_samples_and_saves_the_trained_weights_under_any_zero_stage(policy, tmp_path, stage, mode):
+    """What the learner's grids and exports rely on: its own policy samples with the newest weights (under
+    ZeRO-3 each forward gathers them), and inside `gathered_weights` the UNet is whole to be saved."""
+    from diffusers import UNet2DConditionModel
+
+    engine = LearnerEngine(policy(mode=mode), LOSS, OPTIM, LearnerConfig(zero_stage=stage))
+    engine_run(engine, make_batch(engine.policy, PROMPTS[:2]), updates=2)
+    trained = engine.trainable_state_dict()
+    plain = policy(mode=mode)
+    plain.load_trainable_state_dict(trained)
+    got = sample_groups(engine.policy, PROMPTS, 1, seed=3).images
+    torch.testing.assert_close(got, sample_groups(plain, PROMPTS, 1, seed=3).images)
+    if mode == "full":
+        with engine.gathered_weights():
+            engine.policy.unet.save_pretrained(tmp_path / "unet")
+        saved = UNet2DConditionModel.from_pretrained(tmp_path / "unet").state_dict()
+        assert max_diff({k: saved[k] for k in trained}, trained) == 0

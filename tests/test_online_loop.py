@@ -28,19 +28,22 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from actors.actor import Actor
-from actors.prompts import load_prompts
 from launcher.processes import Child
-from launcher.report import read_metrics
+from pso.cli import main
 from pso.codecs import decode_experience, decode_weights, encode_experience, encode_weights
 from pso.config import dump_config, load_config
 from pso.config.schema import LoraFinetune, PSOConfig
 from pso.evaluation import score_model
 from pso.policy import DistilledPolicy
+from pso.prompts import load_prompts
 from pso.redis_server import LocalRedis, free_port
+from pso.report import read_metrics
 from pso.tiny.rewards import large
 from pso.tiny.world import all_scenes
 from pso.transport.base import TransportError, WeightsUnavailable
@@ -95,6 +98,7 @@ class World:
             "actor.weight_poll_s=1",
             f"learner.metrics_file={self.tmp / 'learner' / 'metrics.jsonl'}",
             f"learner.checkpoint_dir={self.tmp / 'learner' / 'checkpoints'}",
+            f"learner.run_dir={self.tmp / 'learner'}",
             "learner.checkpoint_every=1000",
         ]
         cfg = tiny_config(*base, *overrides)
@@ -454,6 +458,7 @@ def test_a_learner_killed_at_random_points_trains_every_pair_into_the_model_once
 
     ref_cfg, ref_path = world.config(
         *common, "redis.run=reference", f"learner.checkpoint_dir={world.tmp / 'ref' / 'ckpt'}",
+        f"learner.run_dir={world.tmp / 'ref'}",
         f"learner.metrics_file={world.tmp / 'ref' / 'metrics.jsonl'}", name="reference",
     )  # fmt: skip
     ref_queue = world.queue(ref_cfg)
@@ -810,6 +815,43 @@ def test_weights_are_published_every_publish_every_updates(world):
 
 
 @pytest.mark.slow
+def test_the_learner_draws_and_exports_its_run_into_its_folder_tensorboard_and_wandb(world):
+    """A grid per version on the same prompts and noise, the reward curve and the export, in the learner's run
+    folder and, as images, in TensorBoard and an offline W&B run: what a deployed learner leaves to look at."""
+    from safetensors.torch import load_file
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = world.tmp / "tensorboard"
+    cfg, queue, weights = run_with_experience(
+        world, "actor.max_batches=4", "learner.publish_every=2", "learner.max_updates=4", "learner.export_every=1",
+        f"learner.tensorboard_dir={tb}", "learner.wandb.project=pso-tests", "learner.wandb.mode=offline",
+    )  # fmt: skip
+    state = in_process_learner(cfg, queue, weights).run()
+    assert state.version == 2
+    run = cfg.learner.run_dir
+    grids = sorted((run / "grids").glob("v*.png"))
+    assert [g.name for g in grids] == ["v0000.png", "v0001.png", "v0002.png"]
+    first, last = (np.asarray(Image.open(g)) for g in (grids[0], grids[-1]))
+    assert first.shape == last.shape and (first != last).any()  # same prompts and noise, trained weights
+    assert (run / "reward_curve.png").stat().st_size > 0
+    card = (run / "lora" / "README.md").read_text()
+    assert "| updates (weight version) | 2 |" in card and not list(run.glob(".lora*"))
+    # the export holds the published weights of the last version, as pso export writes them from the checkpoint
+    assert main(["export", str(run), "--out", str(world.tmp / "exported")]) == 0
+    ours, theirs = (load_file(d / "pytorch_lora_weights.safetensors") for d in (run / "lora", world.tmp / "exported"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+    events = EventAccumulator(str(tb), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    assert {"learner/samples", "learner/reward_curve"} <= set(events.Tags()["images"])
+    assert len(events.Images("learner/samples")) == 3
+    assert [e.step for e in events.Scalars("learner/loss")] == [1, 2, 3, 4]
+    offline = list((run / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and list(offline[0].glob("run-*.wandb"))
+    assert len(list((offline[0] / "files" / "media").rglob("*.png"))) >= 4  # three grids and the curve
+
+
+@pytest.mark.slow
 def test_sigterm_makes_the_learner_checkpoint_and_exit_143_and_resume_continues_from_there(world):
     cfg, path = world.config("learner.checkpoint_every=1000")
     learner, actor = world.learner(path), world.actor(0, path)
@@ -1000,6 +1042,8 @@ def bad_runs(tmp_path_factory) -> Iterator[dict[str, tuple[int, float, str, dict
                 f"learner.checkpoint_dir={tmp / name}",
                 "--set",
                 f"learner.metrics_file={tmp / name}.jsonl",
+                "--set",
+                f"learner.run_dir={tmp / name}-run",
             ]
             proc = subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             procs[name] = (time.monotonic(), proc)

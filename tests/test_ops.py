@@ -136,13 +136,14 @@ def test_learner_ranks_multiply_the_capacity_and_no_production_means_no_estimate
 def test_the_gauges_are_absent_until_first_written(tmp_path):
     from learner.metrics import MetricsSink
 
-    sink = MetricsSink(None, None)
+    sink = MetricsSink(None)
     assert "pso_learner_actors_wanted" not in generate_latest(sink.registry).decode()
-    sink.write({"updates": 1, "version": 1, "reward_mean": 0.5, "staleness": 0, "pairs_per_s": 1, "wait_s": 0})
+    row = {"updates": 1, "version": 1, "reward_mean": 0.5, "staleness": 0, "pairs_per_s": 1, "wait_s": 0, "pairs": 8,
+           "stale": 0, "lost": 0, "stale_total": 0, "records_lost": 0}  # fmt: skip
+    sink.write(row)
     text = generate_latest(sink.registry).decode()
-    assert "pso_learner_updates 1.0" in text and "pso_learner_actors_wanted" not in text
-    sink.write({"updates": 2, "version": 2, "reward_mean": 0.5, "staleness": 0, "pairs_per_s": 1, "wait_s": 0,
-                "actors_wanted": 3.5})  # fmt: skip
+    assert "pso_learner_version 1.0" in text and "pso_learner_actors_wanted" not in text
+    sink.write(row | {"updates": 2, "version": 2, "actors_wanted": 3.5})
     assert "pso_learner_actors_wanted 3.5" in generate_latest(sink.registry).decode()
 
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from actors.prompts import load_prompts
 from pso.config import load_config
 from pso.config.schema import PSOConfig
 from pso.families import get_family
 from pso.hub import planned_downloads
+from pso.prompts import load_prompts
 from pso.random_arch import ARCHS, build_random_pipeline
 from pso.sampling import sample_groups
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import socket
 import threading
 import time
@@ -99,7 +100,7 @@ def test_models_health_readiness_openapi(url):
 def test_concurrent_clients_are_batched_and_get_their_own_scores(url):
     images, prompts = scene_batch(48, seed=3)
     want = expected_scores(images, prompts)["tiny-large"]
-    before = metric(url, "reward_batch_requests_count")
+    before = metric(url, "pso_reward_batch_requests_count")
     client = RewardClient(url)
     barrier = threading.Barrier(16)
 
@@ -110,9 +111,9 @@ def test_concurrent_clients_are_batched_and_get_their_own_scores(url):
     with ThreadPoolExecutor(16) as pool:
         got = list(pool.map(one, range(48)))
     assert [g[0] for g in got] == pytest.approx(want.tolist(), abs=1e-6)
-    batches = metric(url, "reward_batch_requests_count") - before
+    batches = metric(url, "pso_reward_batch_requests_count") - before
     assert batches < 48, f"48 concurrent requests ran in {batches} batches: no batching"
-    assert metric(url, "reward_images_scored_total", model="tiny-large") >= 48
+    assert metric(url, "pso_reward_images_scored_total", model="tiny-large") >= 48
 
 
 def _png_bytes(image: np.ndarray) -> bytes:
@@ -231,7 +232,7 @@ def test_readiness_gate_holds_until_every_model_is_loaded():
         assert httpx.get(f"{url}/healthz").status_code == 200
         r = httpx.post(f"{url}/v1/score", json={"prompts": prompts, "images": [png_b64(images[0])]})
         assert (r.status_code, error_of(r)) == (503, "not_ready")
-        assert "reward_ready 0.0" in httpx.get(f"{url}/metrics").text
+        assert "pso_reward_ready 0.0" in httpx.get(f"{url}/metrics").text
         gate.set()
         RewardClient(url).wait_ready(120)
         assert httpx.get(f"{url}/readyz").json()["models"] == ["tiny-large@cpu", "tiny-fidelity@cpu"]
@@ -276,21 +277,25 @@ def test_client_gives_up_with_a_clear_error_when_nobody_answers():
         RewardClient("http://127.0.0.1:9", retries=2, backoff=0.01).score(*scene_batch(1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 def test_pso_reward_server_command_serves_the_tiny_reward_and_stops_cleanly(tmp_path, workers):
+    """...and /metrics counts every worker's requests, whichever worker answers the scrape."""
     import signal
     import subprocess
     import sys
 
     port = free_port()
+    url = f"http://127.0.0.1:{port}"
     log = open(tmp_path / "server.log", "w+")
     proc = subprocess.Popen(
         [sys.executable, "-m", "pso.cli", "reward-server", "--port", str(port), "--workers", str(workers)],
         stdout=log,
         stderr=subprocess.STDOUT,
+        env={**os.environ, "TMPDIR": str(tmp_path)},  # where the server makes its metrics folder
     )
     try:
-        client = RewardClient(f"http://127.0.0.1:{port}")
+        client = RewardClient(url)
         client.wait_ready(120)
         images, prompts = scene_batch(4, seed=5)
         assert client.score(images, prompts).per_model["tiny-large"] == pytest.approx(
@@ -301,6 +306,12 @@ def test_pso_reward_server_command_serves_the_tiny_reward_and_stops_cleanly(tmp_
         while (tmp_path / "server.log").read_text().count("ready: tiny-large on cpu") < workers:
             assert time.monotonic() < deadline, "not every worker got ready within 120 s"
             time.sleep(0.2)
+        (folder,) = tmp_path.glob("pso-reward-metrics-*")
+        sent = _score_until_every_worker_answered(url, folder, workers)
+        scored = lambda: metric(url, "pso_reward_requests_total", endpoint="/v1/score")  # noqa: E731
+        _wait_for(lambda: scored() == sent, "every request to be counted")
+        assert [scored() for _ in range(4)] == [sent] * 4  # a new connection each: any worker may answer
+        assert metric(url, "pso_reward_ready") == 1
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(120)
@@ -308,6 +319,30 @@ def test_pso_reward_server_command_serves_the_tiny_reward_and_stops_cleanly(tmp_
     text = log.read()
     assert code == 0, text
     assert text.count("ready: tiny-large on cpu") == workers and text.count("pso.reward_server: shut down") == workers
+    assert not folder.exists()
+
+
+def _score_until_every_worker_answered(url: str, folder, workers: int) -> int:
+    """Sends /v1/score requests, 8 at a time on new connections, until every worker has answered some; returns
+    how many it sent. Each worker's own count is read from its file in the server's metrics folder."""
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    image, prompt = scene_batch(1, seed=7)
+    body = {"images": [png_b64(image[0])], "prompts": prompt}
+    sent = 0
+    for _ in range(50):
+        with ThreadPoolExecutor(8) as pool:
+            codes = list(pool.map(lambda _: httpx.post(f"{url}/v1/score", json=body, timeout=60).status_code, range(8)))
+        assert codes == [200] * 8
+        sent += 8
+        answered = [
+            sum(s.value for m in MultiProcessCollector.merge([str(f)]) for s in m.samples
+                if s.name == "pso_reward_requests_total" and s.labels["endpoint"] == "/v1/score")
+            for f in folder.glob("counter_*.db")
+        ]  # fmt: skip
+        if sum(n > 0 for n in answered) == workers:
+            return sent
+    raise AssertionError(f"{sent} requests, answered by the workers as {answered}")
 
 
 def test_pso_reward_server_rejects_a_bad_config_before_serving(tmp_path):
@@ -335,7 +370,7 @@ def test_two_model_copies_share_the_load():
             got = list(pool.map(lambda i: client.score(images[i : i + 4], prompts[i : i + 4]).total, range(0, 64, 4)))
         assert sum(got, []) == pytest.approx(want.tolist(), abs=1e-6)
         for device in ("cpu", "cpu#1"):
-            assert metric(url, "reward_batch_requests_count", device=device) > 0
+            assert metric(url, "pso_reward_batch_requests_count", device=device) > 0
 
 
 def test_pso_reward_server_exits_when_a_model_cannot_be_loaded(tmp_path):
@@ -508,7 +543,7 @@ def test_auth_and_admission_come_before_the_body(monkeypatch):
 
         release, slow = threading.Event(), {}
         caller = _stalled_upload(url, release, auth, slow)
-        _wait_for(lambda: metric(url, "reward_body_bytes") > 0, "the stalled upload to start")
+        _wait_for(lambda: metric(url, "pso_reward_body_bytes") > 0, "the stalled upload to start")
         r = httpx.get(f"{url}/v1/models", headers=auth)  # the stalled upload holds the only slot
         assert (r.status_code, error_of(r), r.headers["retry-after"]) == (429, "busy", "1")
         assert httpx.get(f"{url}/healthz").status_code == 200  # probes are never turned away
@@ -523,11 +558,11 @@ def test_a_body_that_stalls_gets_408_and_the_server_moves_on():
     with serve_in_background(create_app(config)) as url:
         release, slow = threading.Event(), {}
         caller = _stalled_upload(url, release, {}, slow)
-        _wait_for(lambda: metric(url, "reward_requests_total", status="408") == 1, "the server to answer 408")
+        _wait_for(lambda: metric(url, "pso_reward_requests_total", status="408") == 1, "the server to answer 408")
         release.set()  # the client reads the answer once its body is out
         caller.join(60)
         assert (slow["r"].status_code, error_of(slow["r"])) == (408, "body_timeout")
-        assert metric(url, "reward_body_bytes") == 0
+        assert metric(url, "pso_reward_body_bytes") == 0
         assert RewardClient(url).score(*scene_batch(1)).total
 
 
@@ -543,7 +578,7 @@ def test_a_body_without_a_length_is_cut_off_at_the_limit():
         r = httpx.post(f"{url}/v1/score", content=chunks(), headers={"content-type": "application/json"})
         assert (r.status_code, error_of(r)) == (413, "body_too_large")
         assert "content-length" not in r.request.headers and r.request.headers["transfer-encoding"] == "chunked"
-        assert metric(url, "reward_body_bytes") == 0
+        assert metric(url, "pso_reward_body_bytes") == 0
 
 
 def _wait_for(condition, what: str, timeout: float = 60) -> None:
@@ -583,7 +618,7 @@ def test_a_request_not_scored_in_time_gets_503_timeout_with_retry_after():
         )
         assert (r.status_code, error_of(r), r.headers["retry-after"]) == (503, "timeout", "1")
         gate.set()
-        _wait_for(lambda: metric(url, "reward_pending_images") == 0, "the abandoned job to give its room back")
+        _wait_for(lambda: metric(url, "pso_reward_pending_images") == 0, "the abandoned job to give its room back")
         assert RewardClient(url).score(*scene_batch(2)).total
 
 
@@ -665,12 +700,12 @@ def test_the_client_waits_as_long_as_retry_after_says(caplog):
         RewardClient(url).wait_ready(120)
         with ThreadPoolExecutor(1) as threads:
             holder = threads.submit(RewardClient(url).score, *scene_batch(1))  # holds the only slot
-            _wait_for(lambda: metric(url, "reward_pending_images") == 1, "the first request to hold the slot")
+            _wait_for(lambda: metric(url, "pso_reward_pending_images") == 1, "the first request to hold the slot")
             caplog.set_level("WARNING", logger="pso.reward_client")
             client = RewardClient(url, backoff=0.01, retries=20)
 
             def release_after_a_429():  # the slot frees up while the client waits
-                _wait_for(lambda: metric(url, "reward_requests_total", status="429") >= 1, "a 429")
+                _wait_for(lambda: metric(url, "pso_reward_requests_total", status="429") >= 1, "a 429")
                 gate.set()
 
             release = threading.Thread(target=release_after_a_429)
@@ -817,5 +852,5 @@ def test_queue_room_is_reserved_per_device_and_given_back():
         client.wait_ready(120)
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(lambda _: client.score(images, prompts), range(8)))  # 429s are retried
-        assert metric(url, "reward_pending_images") == 0
-        assert metric(url, "reward_requests_total", endpoint="/v1/score/safetensors", status="200") == 8
+        assert metric(url, "pso_reward_pending_images") == 0
+        assert metric(url, "pso_reward_requests_total", endpoint="/v1/score/safetensors", status="200") == 8

@@ -381,7 +381,7 @@ def test_a_client_that_leaves_is_counted_as_gone_and_its_work_stops(server):
     images, prompts = scene_batch(1)
 
     def count(status: str) -> float:
-        return metric(server.url, "reward_requests_total", endpoint="/v1/score/safetensors", status=status)
+        return metric(server.url, "pso_reward_requests_total", endpoint="/v1/score/safetensors", status=status)
 
     gone, bad = count("499"), count("400")
     head = b"POST /v1/score/safetensors HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
@@ -403,7 +403,7 @@ def test_bodies_held_at_once_are_bounded(tmp_path):
             c = socket.create_connection(("127.0.0.1", s.port))
             c.sendall(head + b"\0" * 990_000)
             held.append(c)
-        _wait_for(lambda: metric(s.url, "reward_body_bytes") == 1_980_000, "both uploads to be taken")
+        _wait_for(lambda: metric(s.url, "pso_reward_body_bytes") == 1_980_000, "both uploads to be taken")
         idle = socket.create_connection(("127.0.0.1", s.port))  # an announced length holds nothing until it arrives
         idle.sendall(head)
         first_line, _ = _raw_request(s.port, head, b"\0" * 200_000)  # the third is cut off as it passes the budget
@@ -411,7 +411,7 @@ def test_bodies_held_at_once_are_bounded(tmp_path):
         idle.close()
         for c in held:
             c.close()
-        _wait_for(lambda: metric(s.url, "reward_body_bytes") == 0, "the budget to come back")
+        _wait_for(lambda: metric(s.url, "pso_reward_body_bytes") == 0, "the budget to come back")
         images, prompts = scene_batch(2)
         assert RewardClient(s.url).score(images, prompts).total
     finally:
@@ -473,7 +473,7 @@ def test_work_stops_for_requests_already_answered(tmp_path):
         cpu = s.worker_cpu_seconds()
         time.sleep(3)  # the 4 x 64 images would keep both cores busy for this long and more
         assert s.worker_cpu_seconds() - cpu < 1.5
-        _wait_for(lambda: metric(s.url, "reward_requests_total", status="499") == 2, "the clients that left")
-        assert metric(s.url, "reward_pending_images") == 0
+        _wait_for(lambda: metric(s.url, "pso_reward_requests_total", status="499") == 2, "the clients that left")
+        assert metric(s.url, "pso_reward_pending_images") == 0
     finally:
         assert s.stop() == 0

@@ -64,6 +64,16 @@ class ActorConfig(StrictModel):
         return url
 
 
+class WandbConfig(StrictModel):
+    """Weights & Biases (the `wandb` extra). The API key comes from $WANDB_API_KEY, as wandb reads it."""
+
+    project: str = Field(..., min_length=1, description="the W&B project")
+    entity: str | None = Field(None, description="team or user (default: the key's)")
+    mode: Literal["online", "offline"] = Field(
+        "online", description="offline writes the run under run_dir/wandb, for `wandb sync` later (no network)"
+    )
+
+
 class LearnerConfig(StrictModel):
     """`pso learner`: PSO updates in a DeepSpeed engine, weight publishing, checkpoints."""
 
@@ -104,7 +114,26 @@ class LearnerConfig(StrictModel):
     scale_horizon_s: float = Field(
         60.0, gt=0, description="seconds in which the wanted actors should refill (or drain) the backlog"
     )
-    tensorboard_dir: Path | None = Field(None, description="TensorBoard logs here (rank 0), if set")
+    tensorboard_dir: Path | None = Field(
+        None, description="TensorBoard logs here (rank 0), if set: the figures of every update, the grids, the curve"
+    )
+    wandb: WandbConfig | None = Field(None, description="Weights & Biases logging (rank 0), if set")
+    run_dir: Path = Field(
+        Path("runs/learner"),
+        description="the learner's run folder: a sample grid per weight version (grids/), the reward curve, and the "
+        "exported weights (lora/, as diffusers loads them)",
+    )
+    grid_every: int | None = Field(
+        1, ge=1, description="draw a sample grid every N weight versions (same prompts and noise); None: never"
+    )
+    grid_prompts: int = Field(8, ge=1, le=64, description="prompts in each sample grid")
+    grid_seed: int = Field(0, description="seed of the grids' prompts and noise")
+    export_every: int | None = Field(
+        None, ge=1, description="export the weights into run_dir/lora every N versions; always at the end"
+    )
+    export_format: Literal["diffusers", "kohya"] = Field(
+        "diffusers", description="the exports' format (pso export --format): diffusers, or kohya keys for ComfyUI"
+    )
 
 
 class UpConfig(StrictModel):
@@ -113,6 +142,5 @@ class UpConfig(StrictModel):
     actors: int = Field(2, ge=1)
     learner_ranks: int = Field(1, ge=1, description="DeepSpeed ranks (processes) of the learner")
     run_dir: Path = Path("runs/up")
-    grid_prompts: int = Field(8, ge=1, description="prompts in the sample grid drawn for each weight version")
     eval_prompts: int = Field(64, ge=1, description="prompts of the final base-versus-tuned evaluation")
-    eval_seed: int = Field(0, description="seed of the grids' and the evaluation's prompts and noise")
+    eval_seed: int = Field(0, description="seed of the final evaluation's prompts and noise")
