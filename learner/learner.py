@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from learner.buffer import BufferedRecord, PairBuffer
 from learner.metrics import MetricsSink
-from learner.monitors import Monitors
+from learner.monitors import Monitors, best_effort
 from learner.pictures import RunPictures
 from learner.scaling import ActorDemand
 from pso.codecs import WeightBundle, decode_experience, encode_weights
@@ -84,7 +84,11 @@ class Learner:
         self.sink = MetricsSink(lc.metrics_file) if rank == 0 else None
         self.monitors = Monitors(cfg) if rank == 0 else None
         self.pictures = RunPictures(cfg, engine.policy, rank, lc.zero_stage, self.monitors)
-        self._bundle: tuple[tuple[int, int], WeightBundle] | None = None  # the weights of (updates, version)
+        # the weights of (updates, version), made once for publishing, checkpointing and exporting (rank 0 keeps
+        # them; the others only take part in gathering them)
+        self._bundle: tuple[tuple[int, int], WeightBundle | None] | None = None
+        self.published_at = 0  # updates in the newest published version
+        self.exported: tuple[int, int] | None = None  # (updates, version) of the newest export
         self.demand = ActorDemand(lc.target_backlog, lc.scale_horizon_s, ranks=engine.world_size)
         self.ops = None
         if self.sink is not None and lc.metrics_port is not None:
@@ -99,7 +103,7 @@ class Learner:
         client, ranks = loaded
         known = LearnerState.__dataclass_fields__
         self.state = LearnerState(**{k: v for k, v in client.items() if k in known})
-        self.checkpointed_at = self.state.updates
+        self.checkpointed_at = self.published_at = self.state.updates
         # a version published after the checkpoint must not be reused
         self.state.version = max(self.state.version, self.weights.latest() or 0)
         covered = [i for r in ranks for i in r.get("covered", [])]  # every rank's, however many ranks resume
@@ -128,6 +132,9 @@ class Learner:
                 if _any_rank(self.buffer.pairs < self.pairs_per_update)[0]:
                     continue  # some rank was stopped or alarmed while waiting: nobody updates, all go to the top
                 self._update(waited)
+            if self.state.updates > self.published_at:
+                self._publish()  # the final weights are a version, whatever publish_every
+            self.pictures.grid(self.state.version, self.state.updates, last=True)
             if self.state.updates > self.checkpointed_at:
                 self.save_checkpoint()  # on every orderly way out, Redis lost for good included
             if self.state.updates:
@@ -313,26 +320,30 @@ class Learner:
         if self.sink:
             self.sink.write(row)
         if self.monitors:
-            self.monitors.scalars(row, st.updates)
+            with best_effort("the monitors' figures"):
+                self.monitors.scalars(row, st.updates)
 
     def _beat(self) -> None:
         if self.ops:
             self.ops.beat()
 
-    def _weights(self) -> WeightBundle:
-        """The weights now, as the current version (collective: every rank gathers under ZeRO-3), made once
-        for publishing, checkpointing and exporting alike."""
+    def _weights(self) -> WeightBundle | None:
+        """The weights now, as the current version, on rank 0 (None on the others). Collective: every rank
+        gathers them under ZeRO-3, so every rank calls it at the same points."""
         key = (self.state.updates, self.state.version)
         if self._bundle is None or self._bundle[0] != key:
-            self._bundle = key, self.engine.export_weights(self.state.version)
+            bundle = self.engine.export_weights(self.state.version)
+            bundle.metadata["updates"] = self.state.updates  # a checkpoint may hold updates after its version's
+            self._bundle = key, bundle if self.rank == 0 else None
         return self._bundle[1]
 
     def _publish(self) -> None:
         """Every rank gathers (ZeRO-3 needs all of them); rank 0 writes the new version. Then its sample grid
         and, every `export_every` versions, its export."""
         self.state.version += 1 if self.state.updates else 0
+        self.published_at = self.state.updates
         version, bundle = self.state.version, self._weights()
-        if self.rank == 0:
+        if bundle is not None:
             data = encode_weights(bundle)
             if self._guard(lambda: self.weights.publish(version, data, bundle.manifest()) or True):
                 log.info("published weights version %d", version)
@@ -344,21 +355,30 @@ class Learner:
     def export(self) -> None:
         """Collective: the weights now into `run_dir/lora`, as diffusers (or kohya-style tools) load them, with a
         model card; the folder is replaced whole, so a reader never sees half an export."""
-        lc = self.cfg.learner
+        key = (self.state.updates, self.state.version)
+        if self.exported == key:
+            return
+        self.exported = key
         bundle = self._weights()
         with self.engine.gathered_weights():  # full fine-tuning saves the UNet itself
-            if self.rank != 0:
-                return
-            final, partial, old = (lc.run_dir / name for name in ("lora", ".lora.partial", ".lora.old"))
-            for folder in (partial, old):
-                shutil.rmtree(folder, ignore_errors=True)
-            path = export_policy(self.engine.policy, bundle.version, self.cfg, partial, lc.export_format,
-                                 tensors=bundle.tensors)  # fmt: skip
-            if final.exists():
-                final.rename(old)
-            partial.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        log.info("exported weights version %d (%s) to %s", bundle.version, lc.export_format, final / path.name)
+            if bundle is not None:
+                with best_effort("the export"):
+                    self._replace_export(bundle)
+
+    def _replace_export(self, bundle: WeightBundle) -> None:
+        lc = self.cfg.learner
+        final, partial, old = (lc.run_dir / name for name in ("lora", ".lora.partial", ".lora.old"))
+        if old.exists() and not final.exists():  # killed between the renames below: the old one is whole
+            old.rename(final)
+        for folder in (partial, old):
+            shutil.rmtree(folder, ignore_errors=True)
+        export_policy(self.engine.policy, bundle.version, self.cfg, partial, lc.export_format,
+                      tensors=bundle.tensors, updates=bundle.metadata["updates"])  # fmt: skip
+        if final.exists():
+            final.rename(old)
+        partial.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+        log.info("exported weights version %d (%s) to %s", bundle.version, lc.export_format, final)
 
     def save_checkpoint(self) -> None:
         """Collective. Then acknowledge the records trained since the last one: the checkpoint holds them
@@ -367,7 +387,7 @@ class Learner:
         # pairs of a straddling record the resumed checkpoint held stay held until the record is read again
         rank_state = {"covered": self.unacked, "partial": {**self.skip, **self.buffer.started()}}
         bundle = self._weights()  # on every rank: a collective under ZeRO-3
-        weights = encode_weights(bundle) if self.rank == 0 else b""
+        weights = encode_weights(bundle) if bundle is not None else b""
         self.engine.save_checkpoint(self.cfg.learner.checkpoint_dir, client, rank_state, weights)
         self.checkpointed_at = self.state.updates
         log.info("checkpoint at update %d (version %d)", self.state.updates, self.state.version)

@@ -41,7 +41,7 @@ def export_bundle(
     with a model card; returns the weights' path."""
     policy = DistilledPolicy.from_config(cfg.model, cfg.finetune)
     policy.load_weights(bundle)  # checks the bundle fits this model and fine-tuning
-    return export_policy(policy, bundle.version, cfg, out, fmt, evaluation)
+    return export_policy(policy, bundle.version, cfg, out, fmt, evaluation, updates=bundle.metadata.get("updates"))
 
 
 def export_policy(
@@ -52,10 +52,12 @@ def export_policy(
     fmt: Format = "diffusers",
     evaluation: dict | None = None,
     tensors: dict[str, Tensor] | None = None,
+    updates: int | None = None,
 ) -> Path:
     """`export_bundle` for a policy that holds the weights of `version` already (`pso up`'s evaluated one).
     With LoRA, `tensors` (the trainable state dict) stand in for the policy's own adapters: the learner's
-    float32 master weights, complete under any ZeRO stage."""
+    float32 master weights, complete under any ZeRO stage. `updates`: the learner updates in them, when known
+    (a checkpoint may hold updates after its weight version was published)."""
     out.mkdir(parents=True, exist_ok=True)
     if cfg.finetune.mode == "full":
         policy.pipe.save_pretrained(out)
@@ -85,7 +87,7 @@ def export_policy(
                 kohya[key] = kohya[key].new_tensor(float(alpha), dtype=kohya[key].dtype)
             path = out / KOHYA_FILE
             save_file({k: v.contiguous() for k, v in kohya.items()}, path, metadata={"ss_network_dim": str(rank)})
-    (out / "README.md").write_text(model_card(version, cfg, fmt, path.name, evaluation))
+    (out / "README.md").write_text(model_card(version, cfg, fmt, path.name, evaluation, updates))
     return path
 
 
@@ -102,6 +104,8 @@ def locate_weights(path: Path) -> Path:
     latest = path / "latest"
     if latest.is_file():
         tag = latest.read_text().strip()
+        if not tag or tag != Path(tag).name or tag in (".", ".."):
+            raise ValueError(f"{latest} names {tag!r}, not a checkpoint folder beside it")
         if not (path / tag / CHECKPOINT_WEIGHTS).is_file():
             raise FileNotFoundError(f"checkpoint {path / tag} holds no {CHECKPOINT_WEIGHTS}")
         return path / tag / CHECKPOINT_WEIGHTS
@@ -114,7 +118,9 @@ def locate_weights(path: Path) -> Path:
     )
 
 
-def model_card(version: int, cfg: PSOConfig, fmt: Format, file: str, evaluation: dict | None) -> str:
+def model_card(
+    version: int, cfg: PSOConfig, fmt: Format, file: str, evaluation: dict | None, updates: int | None = None
+) -> str:
     """A Hugging Face model card: the metadata block, what the weights are, how to load them."""
     recipe = get_family(cfg.model.family)
     steps = cfg.model.num_steps or recipe.default_steps
@@ -132,7 +138,8 @@ def model_card(version: int, cfg: PSOConfig, fmt: Format, file: str, evaluation:
         ("loss", f"{cfg.loss.name}, beta {getattr(cfg.loss, 'beta', 'n/a')}"),
         ("fine-tuning", f"LoRA rank {cfg.finetune.rank}, alpha {cfg.finetune.alpha or cfg.finetune.rank}"
          if lora else "full"),
-        ("updates (weight version)", str(version)),
+        ("weight version", str(version)),
+        *([("updates", str(updates))] if updates is not None else []),
     ]  # fmt: skip
     lines = ["---", *(f"{k}: {json.dumps(v)}" for k, v in meta.items()), "---", ""]
     lines += [f"# {'LoRA' if lora else 'Fine-tuned'} {cfg.model.pretrained}, tuned with PSO", ""]

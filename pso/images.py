@@ -25,7 +25,8 @@ def save_grid(rows: list[Tensor], path: str | Path, labels: list[str] | None = N
         if labels:
             draw.text((4, i * cell + cell // 2 - 6), labels[i], fill="black")
         for j, img in enumerate(to_pil(row)):
-            grid.paste(img.resize((cell, cell), Image.NEAREST), (label_w + j * cell, i * cell))
+            resample = Image.NEAREST if img.width <= cell else Image.LANCZOS  # crisp pixels up, smooth down
+            grid.paste(img.resize((cell, cell), resample), (label_w + j * cell, i * cell))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)

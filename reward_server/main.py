@@ -81,18 +81,23 @@ def serve(config: RewardServerConfig, access_log: bool = False) -> int:
 
 @contextmanager
 def _metrics_dir() -> Iterator[None]:
-    """The folder the workers write their metrics to: the operator's $PROMETHEUS_MULTIPROC_DIR, else a fresh
-    one for this run, removed at the end. prometheus_client reads the variable when it is first imported, in
-    this process or in a worker it forks: so it is set before that."""
-    if os.environ.get(_METRICS_ENV):
-        os.makedirs(os.environ[_METRICS_ENV], exist_ok=True)
-        yield
-        return
-    os.environ[_METRICS_ENV] = tempfile.mkdtemp(prefix="pso-reward-metrics-")
+    """A fresh folder for this server's workers to write their metrics to, removed at the end: inside the
+    operator's $PROMETHEUS_MULTIPROC_DIR when set (other processes may write there, and files of an earlier
+    server whose worker pids come back would be read as live), else in the temporary folder.
+    prometheus_client reads the variable when it is first imported, in this process or in a worker it
+    forks: so it is set before that."""
+    parent = os.environ.get(_METRICS_ENV)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    os.environ[_METRICS_ENV] = tempfile.mkdtemp(prefix="pso-reward-metrics-", dir=parent or None)
     try:
         yield
     finally:
-        shutil.rmtree(os.environ.pop(_METRICS_ENV), ignore_errors=True)
+        shutil.rmtree(os.environ[_METRICS_ENV], ignore_errors=True)
+        if parent:
+            os.environ[_METRICS_ENV] = parent
+        else:
+            del os.environ[_METRICS_ENV]
 
 
 def app_from_env():

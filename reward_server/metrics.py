@@ -1,10 +1,11 @@
 """The reward server's Prometheus metrics.
 
 A server that `reward_server.main.serve` started uses prometheus_client's multiprocess mode, whatever
-its number of workers: each worker process writes its figures to files in $PROMETHEUS_MULTIPROC_DIR,
-and /metrics, in whichever worker answers, reads them all (counters and histograms summed over every
-worker that ran, gauges as their `multiprocess_mode` says over the live ones). The embedded server
-(`serve_in_background`) keeps them in a registry of its own.
+its number of workers: each worker process writes its figures to files in a folder of that server's own
+($PROMETHEUS_MULTIPROC_DIR, set by `serve`), and /metrics, in whichever worker answers, reads them all
+(counters and histograms summed over every worker that ran, gauges as their `multiprocess_mode` says
+over the live ones). Without the variable (the embedded server of `serve_in_background`, in a process
+that did not set it) they are kept in a registry of its own.
 """
 
 from __future__ import annotations

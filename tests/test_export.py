@@ -46,7 +46,7 @@ def test_a_diffusers_export_loads_with_load_lora_weights_and_matches_the_policy(
     path = export_bundle(bundle, cfg, tmp_path / "export")
     assert path == tmp_path / "export" / "pytorch_lora_weights.safetensors"
     card = (tmp_path / "export" / "README.md").read_text()
-    assert card.startswith("---\nbase_model:") and "| updates (weight version) | 7 |" in card and "large" in card
+    assert card.startswith("---\nbase_model:") and "| weight version | 7 |" in card and "large" in card
 
     pipe, _ = load_pipeline(cfg.model)  # a plain diffusers pipeline of the base model
     base = unet_output(pipe.unet)
@@ -115,6 +115,10 @@ def test_locate_weights_finds_the_newest_checkpoint_of_a_checkpoint_or_run_folde
         locate_weights(tmp_path / "up" / "learner" / "checkpoints" / "global_step8")
     with pytest.raises(FileNotFoundError, match="no such"):
         locate_weights(tmp_path / "nowhere")
+    for tag in ("../../elsewhere", "/etc", ".."):  # `latest` names a folder beside it, nothing else
+        (checkpoints / "latest").write_text(tag)
+        with pytest.raises(ValueError, match="not a checkpoint folder beside it"):
+            locate_weights(run)
 
 
 @pytest.mark.parametrize("form", ["diffusers", "kohya", "safetensors-file", "bundle"])

@@ -817,26 +817,29 @@ def test_weights_are_published_every_publish_every_updates(world):
 @pytest.mark.slow
 def test_the_learner_draws_and_exports_its_run_into_its_folder_tensorboard_and_wandb(world):
     """A grid per version on the same prompts and noise, the reward curve and the export, in the learner's run
-    folder and, as images, in TensorBoard and an offline W&B run: what a deployed learner leaves to look at."""
+    folder and, as images, in TensorBoard and an offline W&B run: what a deployed learner leaves to look at.
+    Its last update, which publish_every would skip, is published too: version, checkpoint and export agree."""
     from safetensors.torch import load_file
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tb = world.tmp / "tensorboard"
     cfg, queue, weights = run_with_experience(
-        world, "actor.max_batches=4", "learner.publish_every=2", "learner.max_updates=4", "learner.export_every=1",
-        f"learner.tensorboard_dir={tb}", "learner.wandb.project=pso-tests", "learner.wandb.mode=offline",
+        world, "actor.max_batches=5", "learner.publish_every=2", "learner.max_updates=5", "learner.grid_every=1",
+        "learner.export_every=1", f"learner.tensorboard_dir={tb}", "learner.wandb.project=pso-tests",
+        "learner.wandb.mode=offline",
     )  # fmt: skip
     state = in_process_learner(cfg, queue, weights).run()
-    assert state.version == 2
+    assert state.version == 3 and weights.latest() == 3  # published after updates 2 and 4, and the last, 5
+    assert decode_weights(weights.fetch(3)).metadata["updates"] == 5
     run = cfg.learner.run_dir
     grids = sorted((run / "grids").glob("v*.png"))
-    assert [g.name for g in grids] == ["v0000.png", "v0001.png", "v0002.png"]
+    assert [g.name for g in grids] == ["v0000.png", "v0001.png", "v0002.png", "v0003.png"]
     first, last = (np.asarray(Image.open(g)) for g in (grids[0], grids[-1]))
     assert first.shape == last.shape and (first != last).any()  # same prompts and noise, trained weights
     assert (run / "reward_curve.png").stat().st_size > 0
     card = (run / "lora" / "README.md").read_text()
-    assert "| updates (weight version) | 2 |" in card and not list(run.glob(".lora*"))
-    # the export holds the published weights of the last version, as pso export writes them from the checkpoint
+    assert "| weight version | 3 |" in card and "| updates | 5 |" in card and not list(run.glob(".lora*"))
+    # the export holds the last version's weights, as pso export writes them from the final checkpoint
     assert main(["export", str(run), "--out", str(world.tmp / "exported")]) == 0
     ours, theirs = (load_file(d / "pytorch_lora_weights.safetensors") for d in (run / "lora", world.tmp / "exported"))
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
@@ -844,11 +847,11 @@ def test_the_learner_draws_and_exports_its_run_into_its_folder_tensorboard_and_w
     events = EventAccumulator(str(tb), size_guidance={"images": 0, "scalars": 0})
     events.Reload()
     assert {"learner/samples", "learner/reward_curve"} <= set(events.Tags()["images"])
-    assert len(events.Images("learner/samples")) == 3
-    assert [e.step for e in events.Scalars("learner/loss")] == [1, 2, 3, 4]
+    assert len(events.Images("learner/samples")) == 4
+    assert [e.step for e in events.Scalars("learner/loss")] == [1, 2, 3, 4, 5]
     offline = list((run / "wandb").glob("offline-run-*"))
     assert len(offline) == 1 and list(offline[0].glob("run-*.wandb"))
-    assert len(list((offline[0] / "files" / "media").rglob("*.png"))) >= 4  # three grids and the curve
+    assert len(list((offline[0] / "files" / "media").rglob("*.png"))) >= 5  # four grids and the curve
 
 
 @pytest.mark.slow

@@ -280,19 +280,23 @@ def test_client_gives_up_with_a_clear_error_when_nobody_answers():
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 def test_pso_reward_server_command_serves_the_tiny_reward_and_stops_cleanly(tmp_path, workers):
-    """...and /metrics counts every worker's requests, whichever worker answers the scrape."""
+    """...and /metrics counts every worker's requests, whichever worker answers the scrape, from a folder of
+    the server's own (in the temporary folder, or in the operator's $PROMETHEUS_MULTIPROC_DIR)."""
     import signal
     import subprocess
     import sys
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    parent = tmp_path / "operator" if workers > 1 else tmp_path
     log = open(tmp_path / "server.log", "w+")
     proc = subprocess.Popen(
         [sys.executable, "-m", "pso.cli", "reward-server", "--port", str(port), "--workers", str(workers)],
         stdout=log,
         stderr=subprocess.STDOUT,
-        env={**os.environ, "TMPDIR": str(tmp_path)},  # where the server makes its metrics folder
+        # where the server makes its metrics folder: in the temporary folder, or in the operator's (two workers)
+        env={**os.environ, "TMPDIR": str(tmp_path)}
+        | ({"PROMETHEUS_MULTIPROC_DIR": str(parent)} if workers > 1 else {}),
     )
     try:
         client = RewardClient(url)
@@ -306,7 +310,7 @@ def test_pso_reward_server_command_serves_the_tiny_reward_and_stops_cleanly(tmp_
         while (tmp_path / "server.log").read_text().count("ready: tiny-large on cpu") < workers:
             assert time.monotonic() < deadline, "not every worker got ready within 120 s"
             time.sleep(0.2)
-        (folder,) = tmp_path.glob("pso-reward-metrics-*")
+        (folder,) = parent.glob("pso-reward-metrics-*")
         sent = _score_until_every_worker_answered(url, folder, workers)
         scored = lambda: metric(url, "pso_reward_requests_total", endpoint="/v1/score")  # noqa: E731
         _wait_for(lambda: scored() == sent, "every request to be counted")
@@ -319,7 +323,7 @@ def test_pso_reward_server_command_serves_the_tiny_reward_and_stops_cleanly(tmp_
     text = log.read()
     assert code == 0, text
     assert text.count("ready: tiny-large on cpu") == workers and text.count("pso.reward_server: shut down") == workers
-    assert not folder.exists()
+    assert not folder.exists() and parent.is_dir()
 
 
 def _score_until_every_worker_answered(url: str, folder, workers: int) -> int:

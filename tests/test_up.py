@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_pso_up_trains_and_leaves_a_grid_for_every_weight_version(tmp_path):
+def test_pso_up_trains_and_leaves_its_pictures_and_weights_for_diffusers(tmp_path):
     updates, run_dir = 12, tmp_path / "run"
     run = subprocess.run(
         [sys.executable, "-m", "pso.cli", "up", "-c", str(ROOT / "configs" / "tiny.yaml"), "--updates", str(updates),
@@ -37,16 +37,18 @@ def test_pso_up_trains_and_leaves_a_grid_for_every_weight_version(tmp_path):
     assert "## Evaluation" in (lora / "README.md").read_text()
     for picture in ("reward_curve.png", "versions.png", "before_after.png"):
         assert (run_dir / picture).stat().st_size > 0, picture
-    # the learner's own pictures and export in its run folder: a grid for every version (its own weights,
-    # nothing to miss), its reward curve, and its final weights as diffusers loads them
+    # the learner's own pictures and export in its run folder: its grids (its own weights, nothing to miss),
+    # its reward curve, and its final weights as diffusers loads them
     learner = run_dir / "learner"
-    assert {int(p.stem[1:]) for p in (learner / "grids").glob("v*.png")} == set(range(updates + 1))
+    grids = {0, 5, 10, updates}  # every grid_every-th version (5 by default) and the last
+    assert {int(p.stem[1:]) for p in (learner / "grids").glob("v*.png")} == grids
     assert (learner / "reward_curve.png").stat().st_size > 0
     assert (learner / "lora" / "pytorch_lora_weights.safetensors").is_file()
-    assert f"| updates (weight version) | {updates} |" in (learner / "lora" / "README.md").read_text()
+    card = (learner / "lora" / "README.md").read_text()
+    assert f"| weight version | {updates} |" in card and f"| updates | {updates} |" in card
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})  # installed: TensorBoard too
     events.Reload()
-    assert len(events.Images("learner/samples")) == updates + 1 and events.Images("learner/reward_curve")
+    assert len(events.Images("learner/samples")) == len(grids) and events.Images("learner/reward_curve")
     # pso export finds the run's newest weights (its final checkpoint): the same adapters as the learner's export
     assert main(["export", str(run_dir), "--out", str(tmp_path / "exported")]) == 0
     assert_same_tensors(tmp_path / "exported" / "pytorch_lora_weights.safetensors",

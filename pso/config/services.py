@@ -124,7 +124,10 @@ class LearnerConfig(StrictModel):
         "exported weights (lora/, as diffusers loads them)",
     )
     grid_every: int | None = Field(
-        1, ge=1, description="draw a sample grid every N weight versions (same prompts and noise); None: never"
+        5,
+        ge=1,
+        description="draw a sample grid every N weight versions and of the last one (same prompts and noise; a "
+        "grid samples on the learner, between updates); None: never",
     )
     grid_prompts: int = Field(8, ge=1, le=64, description="prompts in each sample grid")
     grid_seed: int = Field(0, description="seed of the grids' prompts and noise")
