@@ -139,6 +139,7 @@ class Learner:
                 self.save_checkpoint()  # on every orderly way out, Redis lost for good included
             if self.state.updates:
                 self.export()
+                self.pictures.reward_curve(self.state.history, self.state.updates)
         finally:
             if self.monitors:
                 self.monitors.close()
@@ -322,6 +323,8 @@ class Learner:
         if self.monitors:
             with best_effort("the monitors' figures"):
                 self.monitors.scalars(row, st.updates)
+        if self.checkpointed_at == st.updates:  # the curve with this update's row, as often as checkpoints
+            self.pictures.reward_curve(st.history, st.updates)
 
     def _beat(self) -> None:
         if self.ops:
@@ -391,7 +394,6 @@ class Learner:
         self.engine.save_checkpoint(self.cfg.learner.checkpoint_dir, client, rank_state, weights)
         self.checkpointed_at = self.state.updates
         log.info("checkpoint at update %d (version %d)", self.state.updates, self.state.version)
-        self.pictures.reward_curve(self.state.history, self.state.updates)
         covered, self.unacked = self.unacked, []
         self._guard(lambda: self.queue.ack(covered, counter="trained"))
 

@@ -736,9 +736,10 @@ def test_dockerfile_targets_bases_and_interface():
     builder = next(s for s in stages if s.name == "builder")
     runs = [a for i, a in builder.instructions if i == "RUN"]
     torch_step = next(i for i, a in enumerate(runs) if "torch==" in a)
-    project_step = next(i for i, a in enumerate(runs) if re.search(r"pip install (-c \S+ )?/src", a))
+    project_step = next(i for i, a in enumerate(runs) if re.search(r'pip install (-c \S+ )?"?/src', a))
     assert torch_step < project_step and '--index-url "${TORCH_INDEX}"' in runs[torch_step]
     assert "-c /src/constraints.txt" in runs[project_step]  # the versions the tests ran with
+    assert '"/src[tensorboard,wandb]"' in runs[project_step]  # the learner's monitors work in the image
     indexes = {
         s.name: a.split("=", 1)[1]
         for s in stages

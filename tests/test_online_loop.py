@@ -848,6 +848,7 @@ def test_the_learner_draws_and_exports_its_run_into_its_folder_tensorboard_and_w
     events.Reload()
     assert {"learner/samples", "learner/reward_curve"} <= set(events.Tags()["images"])
     assert len(events.Images("learner/samples")) == 4
+    assert [e.step for e in events.Images("learner/reward_curve")] == [5]  # at the end, with the last update
     assert [e.step for e in events.Scalars("learner/loss")] == [1, 2, 3, 4, 5]
     offline = list((run / "wandb").glob("offline-run-*"))
     assert len(offline) == 1 and list(offline[0].glob("run-*.wandb"))
