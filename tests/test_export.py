@@ -173,3 +173,22 @@ def test_pso_eval_scores_an_exported_lora_folder_as_it_scores_the_bundle(tmp_pat
         for key, value in scores.items():
             assert results["lora"][reward][key] == pytest.approx(value, abs=1e-4), (reward, key)
     assert any(s["mean"] != s["base_mean"] for s in results["lora"].values())  # the LoRA changes the images
+
+
+def test_a_full_fine_tuning_export_is_the_pipeline_folder_with_the_trained_unet(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from pso.config.schema import FullFinetune
+
+    cfg = load_config(PSOConfig, TINY)
+    cfg.finetune = FullFinetune()
+    policy = DistilledPolicy.from_config(cfg.model, cfg.finetune)
+    with torch.no_grad():
+        policy.unet.conv_out.bias.add_(0.5)  # a trained UNet differs from the base
+    path = export_bundle(policy.export_weights(9), cfg, tmp_path / "export")
+    assert path == tmp_path / "export" and (path / "model_index.json").is_file()
+    assert "| weight version | 9 |" in (path / "README.md").read_text()
+    loaded = DiffusionPipeline.from_pretrained(path).unet.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in policy.unet.state_dict().items())
+    base, _ = load_pipeline(cfg.model)
+    assert not torch.equal(base.unet.conv_out.bias, loaded["conv_out.bias"])
