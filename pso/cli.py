@@ -12,6 +12,7 @@ from pathlib import Path
 from pso.config import ConfigError, dump_config, load_config
 from pso.config.schema import PSOConfig
 from pso.logs import FORMATS, setup_logging
+from pso.tiny.flow import FLOW_ARCHS
 from pso.transport.base import TransportError
 
 log = logging.getLogger("pso")
@@ -109,9 +110,17 @@ def cmd_sample(args) -> int:
 
 
 def cmd_tiny_random(args) -> int:
+    from pso.tiny.flow import FLOW_ARCHS, flow_builders
     from pso.tiny.pipelines import build_tiny_pipeline
 
-    path = build_tiny_pipeline(args.out, args.arch, seed=args.seed, time_cond_proj_dim=8 if args.lcm else None)
+    if args.arch in FLOW_ARCHS:
+        if args.lcm:
+            raise ValueError(
+                f"--lcm gives a UNet an LCM guidance embedding: it is for --arch sd or sdxl, not {args.arch}"
+            )
+        path = flow_builders()[args.arch](args.out, seed=args.seed)
+    else:
+        path = build_tiny_pipeline(args.out, args.arch, seed=args.seed, time_cond_proj_dim=8 if args.lcm else None)
     print(f"tiny random {args.arch} pipeline written to {path}")
     return 0
 
@@ -474,7 +483,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tiny_build)
     p = tiny.add_parser("random", help="write a tiny randomly initialised pipeline (for tests and trying things)")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--arch", choices=["sd", "sdxl"], default="sd")
+    p.add_argument(
+        "--arch",
+        choices=["sd", "sdxl", *FLOW_ARCHS],
+        default="sd",
+        help="UNet: sd, sdxl; flow-matching transformers: flux (FLUX.1), flux2 (FLUX.2 klein), zimage (Z-Image), "
+        "sd3 (SD3.5), qwenimage (Qwen-Image), sana (SANA-Sprint) (default sd)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lcm", action="store_true", help="give the UNet an LCM guidance embedding")
     p.set_defaults(func=cmd_tiny_random)

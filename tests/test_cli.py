@@ -238,3 +238,25 @@ def test_eval_compares_an_exported_lora_with_its_base_on_a_named_set_with_a_rewa
     (name, scores), *others = result["rewards"].items()
     assert result["prompts"] == 3 and not others and name.startswith("clip")
     assert scores["mean"] != scores["base_mean"]  # the LoRA's images, not the base model's
+
+
+FLOW_PIPELINES = {
+    "flux": "FluxPipeline",
+    "flux2": "Flux2KleinPipeline",
+    "zimage": "ZImagePipeline",
+    "sd3": "StableDiffusion3Pipeline",
+    "qwenimage": "QwenImagePipeline",
+    "sana": "SanaSprintPipeline",
+}
+
+
+@pytest.mark.parametrize("arch", sorted(FLOW_PIPELINES))
+def test_tiny_random_writes_each_flow_matching_architecture_as_its_diffusers_pipeline(tmp_path, arch):
+    from diffusers import DiffusionPipeline
+
+    from pso.tiny.flow import FLOW_ARCHS, flow_builders
+
+    assert set(FLOW_ARCHS) == set(flow_builders()) == set(FLOW_PIPELINES)
+    assert main(["tiny", "random", "--out", str(tmp_path / arch), "--arch", arch]) == 0
+    assert type(DiffusionPipeline.from_pretrained(tmp_path / arch)).__name__ == FLOW_PIPELINES[arch]
+    assert main(["tiny", "random", "--out", str(tmp_path / "lcm"), "--arch", arch, "--lcm"]) == 1

@@ -17,7 +17,6 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from diffusers.models.attention_processor import Attention
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from pso.tiny.tokenizer import build_clip_tokenizer
@@ -74,13 +73,26 @@ def _unet(arch: str, time_cond_proj_dim: int | None) -> UNet2DConditionModel:
         time_cond_proj_dim=time_cond_proj_dim,
         **(sdxl if arch == "sdxl" else {}),
     )
-    # PyTorch's default init (std 1/sqrt(3 fan_in)) leaves cross-attention nearly uniform over the 77
-    # tokens, so the prompt barely matters; a larger std makes it visibly change the image.
-    for module in unet.modules():
-        if isinstance(module, Attention):
-            for linear in (module.to_q, module.to_k, module.to_v, module.to_out[0]):
+    return sharpen_attention(unet)
+
+
+def sharpen_attention(model: torch.nn.Module) -> torch.nn.Module:
+    """Re-draw every attention projection of a denoiser (UNet or transformer) with std 3/sqrt(fan_in).
+
+    PyTorch's default init (std 1/sqrt(3 fan_in)) leaves attention nearly uniform over the prompt's
+    tokens, so the prompt barely changes a tiny random model's image; the larger std makes it visibly do.
+    """
+    for module in model.modules():
+        if not (hasattr(module, "to_q") and hasattr(module, "to_out")):
+            continue
+        outs = [module.to_out[0]] if len(module.to_out) else []
+        for linear in [module.to_q, module.to_k, module.to_v, *outs, *(getattr(module, n, None) for n in _ADDED)]:
+            if isinstance(linear, torch.nn.Linear):
                 torch.nn.init.normal_(linear.weight, std=3 / linear.in_features**0.5)
-    return unet
+    return model
+
+
+_ADDED = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")  # joint attention's text-stream projections
 
 
 def sd_pipeline(vae, text_encoder, tokenizer, unet, scheduler) -> StableDiffusionPipeline:
