@@ -97,9 +97,12 @@ def test_means_recomputed_at_mixed_steps_equal_the_recorded_ones(make_policy):
     assert traj.stds[-1] == 0 and bool((traj.stds[:-1] > 0).all())
 
 
-def test_flow_matching_families_say_not_supported():
-    with pytest.raises(UnsupportedFamilyError, match="flux-schnell.*not supported yet"):
-        get_family("flux-schnell")
+@pytest.mark.parametrize(
+    "name", ["flux-schnell", "flux2-klein", "z-image-turbo", "sd35-turbo", "qwen-image-lightning", "sana-sprint"]
+)
+def test_flow_matching_families_say_not_supported(name):
+    with pytest.raises(UnsupportedFamilyError, match=f"{name}.*not supported yet"):
+        get_family(name)
     with pytest.raises(ValueError, match="unknown model family 'sd-9'.*supported families: sd-turbo"):
         ModelConfig(family="sd-9")
 
