@@ -85,8 +85,9 @@ class Learner:
         self.monitors = Monitors(cfg) if rank == 0 else None
         self.pictures = RunPictures(cfg, engine.policy, rank, lc.zero_stage, self.monitors)
         # the weights of (updates, version), made once for publishing, checkpointing and exporting (rank 0 keeps
-        # them; the others only take part in gathering them)
+        # them; the others only take part in gathering them), and their encoding, made once for Redis and disk
         self._bundle: tuple[tuple[int, int], WeightBundle | None] | None = None
+        self._encoded: tuple[tuple[int, int], bytes] | None = None
         self.published_at = 0  # updates in the newest published version
         self.exported: tuple[int, int] | None = None  # (updates, version) of the newest export
         self.demand = ActorDemand(lc.target_backlog, lc.scale_horizon_s, ranks=engine.world_size)
@@ -268,7 +269,7 @@ class Learner:
 
     def _update(self, waited: float) -> None:
         start = time.monotonic()
-        self._bundle = None  # the last update's weights: not held through this one (a whole UNet, when full)
+        self._bundle = self._encoded = None  # the last update's weights: not held through this one (a UNet, if full)
         take = self.buffer.take(self.pairs_per_update)
         batch = pair_batch_from_records(self.engine.policy, take.records)
         weights = torch.tensor(take.pair_weights)
@@ -340,6 +341,13 @@ class Learner:
             self._bundle = key, bundle if self.rank == 0 else None
         return self._bundle[1]
 
+    def _weight_bytes(self) -> bytes:
+        """Rank 0: `_weights()` encoded, once per (updates, version) for publishing and checkpointing alike."""
+        key = (self.state.updates, self.state.version)
+        if self._encoded is None or self._encoded[0] != key:
+            self._encoded = key, encode_weights(self._weights())
+        return self._encoded[1]
+
     def _publish(self) -> None:
         """Every rank gathers (ZeRO-3 needs all of them); rank 0 writes the new version. Then its sample grid
         and, every `export_every` versions, its export."""
@@ -347,7 +355,7 @@ class Learner:
         self.published_at = self.state.updates
         version, bundle = self.state.version, self._weights()
         if bundle is not None:
-            data = encode_weights(bundle)
+            data = self._weight_bytes()
             if self._guard(lambda: self.weights.publish(version, data, bundle.manifest()) or True):
                 log.info("published weights version %d", version)
         self.pictures.grid(version, self.state.updates)
@@ -390,7 +398,7 @@ class Learner:
         # pairs of a straddling record the resumed checkpoint held stay held until the record is read again
         rank_state = {"covered": self.unacked, "partial": {**self.skip, **self.buffer.started()}}
         bundle = self._weights()  # on every rank: a collective under ZeRO-3
-        weights = encode_weights(bundle) if bundle is not None else b""
+        weights = self._weight_bytes() if bundle is not None else b""
         self.engine.save_checkpoint(self.cfg.learner.checkpoint_dir, client, rank_state, weights)
         self.checkpointed_at = self.state.updates
         log.info("checkpoint at update %d (version %d)", self.state.updates, self.state.version)

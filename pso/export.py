@@ -30,6 +30,7 @@ from pso.families import get_family
 from pso.policy import DistilledPolicy
 
 Format = Literal["diffusers", "kohya"]
+DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"  # the name save_lora_weights writes, load_lora_weights reads
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
 CHECKPOINT_WEIGHTS = "weights.psow"  # in each learner checkpoint's folder
 
@@ -78,7 +79,7 @@ def export_policy(
                 unet_lora_adapter_metadata=metadata,
                 safe_serialization=True,
             )
-            path = out / "pytorch_lora_weights.safetensors"
+            path = out / DIFFUSERS_FILE
         else:
             from diffusers.utils import convert_state_dict_to_kohya
 

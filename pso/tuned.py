@@ -15,10 +15,8 @@ from pathlib import Path
 
 from pso.codecs import decode_weights
 from pso.config.schema import ModelConfig
-from pso.export import KOHYA_FILE, locate_weights
+from pso.export import DIFFUSERS_FILE, KOHYA_FILE, locate_weights
 from pso.policy import DistilledPolicy
-
-DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 
 
 def load_tuned(model_cfg: ModelConfig, weights: Path | None) -> DistilledPolicy:

@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 from diffusers import (
     AutoencoderKL,
+    DiffusionPipeline,
     EulerDiscreteScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
@@ -149,5 +150,11 @@ def build_tiny_pipeline(
             unet=unet,
             scheduler=scheduler,
         )
+    return save_pipeline(pipe, out_dir)
+
+
+def save_pipeline(pipe: DiffusionPipeline, out_dir: str | Path) -> Path:
+    """Every tiny pipeline's folder: diffusers' own layout, safetensors weights."""
+    out_dir = Path(out_dir)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return out_dir

@@ -8,7 +8,7 @@ text still tokenizes, down to single characters.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from transformers import CLIPTokenizer
@@ -50,19 +50,23 @@ def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     return symbols
 
 
-def _merges_for(words: Sequence[str], byte_chars: dict[int, str]) -> list[tuple[str, str]]:
-    """Merges joining each word left to right, added only where earlier merges fall short.
-
-    A new merge ranks last, so it never changes how an earlier (already single-token) word splits.
-    """
+def merges_joining(words: Iterable[list[str]]) -> list[tuple[str, str]]:
+    """BPE merges joining each word (given as its initial symbols) left to right into one token, added only
+    where earlier merges fall short. A new merge ranks last, so it never changes how an earlier (already
+    single-token) word splits. Every tiny BPE tokenizer (CLIP here, Gemma and Qwen in pso/tiny/flow)
+    builds its merges so."""
     ranks: dict[tuple[str, str], int] = {}
     for word in words:
-        chars = [byte_chars[b] for b in word.lower().encode()]
-        symbols = _bpe([*chars[:-1], chars[-1] + "</w>"], ranks)
+        symbols = _bpe(word, ranks)
         while len(symbols) > 1:
             ranks[symbols[0], symbols[1]] = len(ranks)
             symbols = _bpe(symbols, ranks)
     return list(ranks)
+
+
+def _clip_symbols(word: str, byte_chars: dict[int, str]) -> list[str]:
+    chars = [byte_chars[b] for b in word.lower().encode()]
+    return [*chars[:-1], chars[-1] + "</w>"]
 
 
 def build_clip_tokenizer(out_dir: str | Path, words: Sequence[str] | None = None) -> CLIPTokenizer:
@@ -74,7 +78,7 @@ def build_clip_tokenizer(out_dir: str | Path, words: Sequence[str] | None = None
     out_dir.mkdir(parents=True, exist_ok=True)
     byte_chars = bytes_to_unicode()
     alphabet = list(byte_chars.values())
-    merges = _merges_for(TOKENIZER_WORDS if words is None else words, byte_chars)
+    merges = merges_joining(_clip_symbols(w, byte_chars) for w in (TOKENIZER_WORDS if words is None else words))
     tokens = [*alphabet, *(c + "</w>" for c in alphabet), *map("".join, merges), BOS, EOS]
     (out_dir / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
     merge_lines = "".join(f"{a} {b}\n" for a, b in merges)

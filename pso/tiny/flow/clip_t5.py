@@ -19,7 +19,7 @@ from diffusers import (
 )
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5TokenizerFast
 
-from pso.tiny.pipelines import TEXT_DIM, _seeded, sharpen_attention, text_config
+from pso.tiny.pipelines import TEXT_DIM, _seeded, save_pipeline, sharpen_attention, text_config
 from pso.tiny.tokenizer import TOKENIZER_WORDS, build_clip_tokenizer
 
 T5_DIM = 2 * TEXT_DIM  # SD3 pads the two CLIPs' concatenated hidden states to the T5 width
@@ -106,8 +106,7 @@ def build_flux(out_dir: str | Path, seed: int = 0) -> Path:
         tokenizer_2=tokenizer_2,
         transformer=transformer,
     )
-    pipe.save_pretrained(out_dir, safe_serialization=True)
-    return out_dir
+    return save_pipeline(pipe, out_dir)
 
 
 def build_sd3(out_dir: str | Path, seed: int = 0) -> Path:
@@ -146,8 +145,7 @@ def build_sd3(out_dir: str | Path, seed: int = 0) -> Path:
         text_encoder_3=_seeded(seed, lambda: t5_encoder(tokenizer_3)),
         tokenizer_3=tokenizer_3,
     )
-    pipe.save_pretrained(out_dir, safe_serialization=True)
-    return out_dir
+    return save_pipeline(pipe, out_dir)
 
 
 BUILDERS: dict[str, Callable[..., Path]] = {"flux": build_flux, "sd3": build_sd3}

@@ -18,8 +18,8 @@ import torch
 from diffusers import AutoencoderDC, SanaSprintPipeline, SanaTransformer2DModel, SCMScheduler
 from transformers import Gemma2Config, Gemma2Model, GemmaTokenizer
 
-from pso.tiny.pipelines import _seeded, sharpen_attention
-from pso.tiny.tokenizer import TOKENIZER_WORDS, _bpe
+from pso.tiny.pipelines import _seeded, save_pipeline, sharpen_attention
+from pso.tiny.tokenizer import TOKENIZER_WORDS, merges_joining
 
 TEXT_DIM = 32
 LATENT_CHANNELS = 8
@@ -40,16 +40,11 @@ def build_gemma_tokenizer(words: Sequence[str] | None = None) -> GemmaTokenizer:
     then one token per merge; any text tokenizes. It adds <bos> like Gemma's. By default the words
     are the tiny world's and the pipeline's instruction's, so that the instruction stays short.
     """
-    ranks: dict[tuple[str, str], int] = {}
-    for word in [*TOKENIZER_WORDS, *instruction_words()] if words is None else words:
-        for form in (word, SPACE + word):
-            symbols = _bpe(list(form), ranks)
-            while len(symbols) > 1:
-                ranks[symbols[0], symbols[1]] = len(ranks)
-                symbols = _bpe(symbols, ranks)
+    words = [*TOKENIZER_WORDS, *instruction_words()] if words is None else words
+    merges = merges_joining(list(form) for word in words for form in (word, SPACE + word))
     alphabet = [SPACE, *map(chr, range(ord("!"), ord("~") + 1))]
-    tokens = [*SPECIAL_TOKENS, *(f"<0x{b:02X}>" for b in range(256)), *alphabet, *map("".join, ranks)]
-    return GemmaTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=list(ranks), add_bos_token=True)
+    tokens = [*SPECIAL_TOKENS, *(f"<0x{b:02X}>" for b in range(256)), *alphabet, *map("".join, merges)]
+    return GemmaTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, add_bos_token=True)
 
 
 def _text_encoder(tokenizer: GemmaTokenizer) -> Gemma2Model:
@@ -137,8 +132,7 @@ def build_sana(out_dir: str | Path, seed: int = 0) -> Path:
         transformer=_seeded(seed, _transformer),
         scheduler=SCMScheduler(num_train_timesteps=1000, prediction_type="trigflow", sigma_data=0.5),
     )
-    pipe.save_pretrained(out_dir, safe_serialization=True)
-    return out_dir
+    return save_pipeline(pipe, out_dir)
 
 
 BUILDERS = {"sana": build_sana}

@@ -10,14 +10,13 @@ Each pipeline makes 32x32 px images, builds offline in well under a second and s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 from diffusers import (
     AutoencoderKL,
     AutoencoderKLFlux2,
     AutoencoderKLQwenImage,
-    DiffusionPipeline,
     FlowMatchEulerDiscreteScheduler,
     Flux2KleinPipeline,
     Flux2Transformer2DModel,
@@ -36,8 +35,8 @@ from transformers import (
     Qwen3Model,
 )
 
-from pso.tiny.pipelines import _seeded, sharpen_attention
-from pso.tiny.tokenizer import TOKENIZER_WORDS, _bpe, bytes_to_unicode
+from pso.tiny.pipelines import _seeded, save_pipeline, sharpen_attention
+from pso.tiny.tokenizer import TOKENIZER_WORDS, bytes_to_unicode, merges_joining
 
 TEXT_DIM = 16  # hidden size of every tiny Qwen text encoder
 LATENT_CHANNELS = 4
@@ -91,23 +90,12 @@ QWEN_IMAGE_SCHEDULER = dict(
 )
 
 
-def _merges(words: Iterable[str]) -> list[tuple[str, str]]:
-    """Byte-level BPE merges that make each word one token, added only where earlier merges fall short."""
-    byte_chars = bytes_to_unicode()
-    ranks: dict[tuple[str, str], int] = {}
-    for word in words:
-        symbols = _bpe([byte_chars[b] for b in word.encode()], ranks)
-        while len(symbols) > 1:
-            ranks[symbols[0], symbols[1]] = len(ranks)
-            symbols = _bpe(symbols, ranks)
-    return list(ranks)
-
-
 def build_qwen_tokenizer() -> Qwen2Tokenizer:
     """A tiny Qwen2 tokenizer: byte alphabet, one token per merge (each word alone and after a space), specials."""
     words = [*QWEN_WORDS, *(" " + w for w in QWEN_WORDS if w.isalpha())]
-    merges = _merges(words)
-    tokens = [*bytes_to_unicode().values(), *map("".join, merges), *SPECIAL_TOKENS]
+    byte_chars = bytes_to_unicode()
+    merges = merges_joining([byte_chars[b] for b in word.encode()] for word in words)
+    tokens = [*byte_chars.values(), *map("".join, merges), *SPECIAL_TOKENS]
     tokenizer = Qwen2Tokenizer(
         vocab={t: i for i, t in enumerate(tokens)},
         merges=merges,
@@ -157,12 +145,6 @@ def _vae_blocks() -> dict:
     )
 
 
-def _save(pipe: DiffusionPipeline, out_dir: str | Path) -> Path:
-    out_dir = Path(out_dir)
-    pipe.save_pretrained(out_dir, safe_serialization=True)
-    return out_dir
-
-
 def build_flux2(out_dir: str | Path, seed: int = 0) -> Path:
     """Save a tiny FLUX.2 [klein] pipeline (distilled, so no CFG) to `out_dir`; the same seed gives identical weights.
 
@@ -196,7 +178,7 @@ def build_flux2(out_dir: str | Path, seed: int = 0) -> Path:
         transformer=transformer,
         is_distilled=True,
     )
-    return _save(pipe, out_dir)
+    return save_pipeline(pipe, out_dir)
 
 
 def build_zimage(out_dir: str | Path, seed: int = 0) -> Path:
@@ -230,7 +212,7 @@ def build_zimage(out_dir: str | Path, seed: int = 0) -> Path:
         tokenizer=tokenizer,
         transformer=transformer,
     )
-    return _save(pipe, out_dir)
+    return save_pipeline(pipe, out_dir)
 
 
 def _qwen_vl_config(tokenizer: Qwen2Tokenizer) -> Qwen2_5_VLConfig:
@@ -300,7 +282,7 @@ def build_qwenimage(out_dir: str | Path, seed: int = 0) -> Path:
         tokenizer=tokenizer,
         transformer=transformer,
     )
-    return _save(pipe, out_dir)
+    return save_pipeline(pipe, out_dir)
 
 
 BUILDERS: dict[str, Callable[..., Path]] = {"flux2": build_flux2, "zimage": build_zimage, "qwenimage": build_qwenimage}
