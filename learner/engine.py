@@ -169,6 +169,13 @@ def init_distributed(device: torch.device, timeout_s: float = 1800.0) -> None:
         # machine waits forever. gloo's own all-reduce is all a CPU learner needs.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
+    # DeepSpeed reduces gradients over its own copy of the world group, made on first use with torch's
+    # new_group, which gives it the backend's default timeout (30 min), not this one: a rank hung inside an
+    # update would stall the others that long. Made here, with the learner's timeout, it is the one the
+    # engine DeepSpeed initializes next uses (DeepSpeed keeps it in deepspeed.utils.groups._WORLD_GROUP; no
+    # public setting reaches it). Collective: every rank calls this.
+    world = range(torch.distributed.get_world_size())
+    deepspeed.utils.groups._WORLD_GROUP = torch.distributed.new_group(ranks=world, timeout=timeout)
 
 
 class LearnerEngine:

@@ -368,3 +368,16 @@ def test_the_engines_policy_samples_and_saves_the_trained_weights_under_any_zero
             engine.policy.unet.save_pretrained(tmp_path / "unet")
         saved = UNet2DConditionModel.from_pretrained(tmp_path / "unet").state_dict()
         assert max_diff({k: saved[k] for k in trained}, trained) == 0
+
+
+def test_deepspeeds_gradient_reduction_waits_no_longer_than_collective_timeout_s(policy):
+    """A rank hung inside an update must fail the others after learner.collective_timeout_s, like one hung
+    between updates: DeepSpeed's gradient all-reduce runs on its own group, not the default one."""
+    from datetime import timedelta
+
+    from deepspeed.utils import groups
+
+    engine = LearnerEngine(policy(), LOSS, OPTIM, LearnerConfig(collective_timeout_s=123))
+    group = engine.engine.seq_data_parallel_group
+    assert group is groups._get_data_parallel_group()
+    assert group._get_backend(torch.device("cpu")).options._timeout == timedelta(seconds=123)
