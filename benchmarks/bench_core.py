@@ -61,7 +61,7 @@ def main() -> None:
     batch = PairBatch.from_trajectories(traj, pairs, policy.encode(prompts))
 
     def update():
-        policy.unet.zero_grad()
+        policy.backbone.zero_grad()
         compute_loss(policy, OnlinePSOLoss(), batch, torch.Generator()).loss.backward()
 
     sec = timed(update, args.repeat)

@@ -115,11 +115,12 @@ def weighted_loss(
 
 
 class PSOLossModule(nn.Module):
-    """What DeepSpeed wraps: the policy's UNet (its only submodule) with the PSO loss as forward."""
+    """What DeepSpeed wraps: the policy's backbone (its only submodule, registered under the pipeline's name
+    for it, "unet" or "transformer") with the PSO loss as forward."""
 
     def __init__(self, policy: DistilledPolicy, loss_cfg: Loss):
         super().__init__()
-        self.unet = policy.unet
+        self.add_module(policy.denoiser.component, policy.backbone)
         self.policy = policy  # not an nn.Module: its VAE, text encoders and reference copy stay unregistered
         self.loss_cfg = loss_cfg
 
@@ -217,7 +218,7 @@ class LearnerEngine:
         )
         self.rank = torch.distributed.get_rank()
         self.world_size = torch.distributed.get_world_size()
-        self._trainable = [(n, p) for n, p in policy.unet.named_parameters() if n in self._spec]
+        self._trainable = [(n, p) for n, p in policy.backbone.named_parameters() if n in self._spec]
         log.info(
             "learner engine: %s weights (%d tensors, %.2fM values), ZeRO stage %d, %s, %d rank(s) on %s",
             policy.finetune.mode,

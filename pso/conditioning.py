@@ -1,94 +1,78 @@
-"""Text conditioning for SD and SDXL UNets, computed once per prompt and reused for every step."""
+"""Text conditioning for any denoiser, computed once per prompt and reused for every step.
+
+A denoiser (pso/denoisers) encodes prompts into the keyword arguments its backbone takes; this
+container only knows how to select and join samples, so the policy, the losses and the learner
+handle every model kind alike.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
-from diffusers import DiffusionPipeline
 from torch import Tensor
 
-from pso.loading import pipeline_arch
+Tree = Any  # a Tensor (batch-first), a list with one entry per sample, None, or a dict of trees
+
+
+def _map(tree: Tree, leaf: Callable[[Tensor | list], Tensor | list]) -> Tree:
+    if tree is None:
+        return None
+    if isinstance(tree, dict):
+        return {k: _map(v, leaf) for k, v in tree.items()}
+    return leaf(tree)
+
+
+def _select(tree: Tree, idx: Tensor | slice) -> Tree:
+    def leaf(x):
+        if isinstance(x, Tensor):
+            return x[idx]
+        # per-sample lists (variable-length text embeddings)
+        rows = range(len(x))[idx] if isinstance(idx, slice) else idx.tolist()
+        return [x[i] for i in rows]
+
+    return _map(tree, leaf)
+
+
+def _join(trees: list[Tree]) -> Tree:
+    first = trees[0]
+    if first is None:
+        return None
+    if isinstance(first, dict):
+        return {k: _join([t[k] for t in trees]) for k in first}
+    if isinstance(first, Tensor):
+        return torch.cat(trees)
+    return [row for t in trees for row in t]
 
 
 @dataclass
 class Conditioning:
-    """UNet conditioning for a batch. `uncond` is set when classifier-free guidance is on."""
+    """Backbone keyword arguments for a batch of prompts.
 
-    prompt_embeds: Tensor
-    added_cond: dict[str, Tensor] | None = None  # SDXL: pooled text_embeds and time_ids
-    timestep_cond: Tensor | None = None  # LCM guidance (w) embedding
+    `batched` holds one row per sample (tensors batch-first, or per-sample lists); `shared` is the same
+    for every sample (e.g. FLUX's text position ids). `uncond` is set when classifier-free guidance is
+    on, and the guided prediction is uncond + guidance_scale * (cond - uncond).
+    """
+
+    batched: dict[str, Tree]
+    shared: dict[str, Any] = field(default_factory=dict)
     uncond: Conditioning | None = None
     guidance_scale: float = 0.0
 
     def index(self, idx: Tensor | slice) -> Conditioning:
         """Select rows (e.g. repeat each prompt G times, or take a micro-batch)."""
         return replace(
-            self,
-            prompt_embeds=self.prompt_embeds[idx],
-            added_cond=None if self.added_cond is None else {k: v[idx] for k, v in self.added_cond.items()},
-            timestep_cond=None if self.timestep_cond is None else self.timestep_cond[idx],
-            uncond=None if self.uncond is None else self.uncond.index(idx),
+            self, batched=_select(self.batched, idx), uncond=None if self.uncond is None else self.uncond.index(idx)
         )
 
     @classmethod
     def cat(cls, items: list[Conditioning]) -> Conditioning:
-        """Concatenate along the batch dimension (all items share guidance settings)."""
+        """Concatenate along the batch dimension (all items share guidance settings and `shared`)."""
         first = items[0]
-
-        def cat(get):
-            return None if get(first) is None else torch.cat([get(c) for c in items])
-
         return replace(
             first,
-            prompt_embeds=cat(lambda c: c.prompt_embeds),
-            added_cond=None
-            if first.added_cond is None
-            else {k: torch.cat([c.added_cond[k] for c in items]) for k in first.added_cond},
-            timestep_cond=cat(lambda c: c.timestep_cond),
+            batched=_join([c.batched for c in items]),
             uncond=None if first.uncond is None else cls.cat([c.uncond for c in items]),
         )
-
-    def unet_kwargs(self) -> dict:
-        return {
-            "encoder_hidden_states": self.prompt_embeds,
-            "added_cond_kwargs": self.added_cond,
-            "timestep_cond": self.timestep_cond,
-        }
-
-
-@torch.no_grad()
-def encode_prompts(
-    pipe: DiffusionPipeline, prompts: list[str], guidance_scale: float, image_size: tuple[int, int]
-) -> Conditioning:
-    """Encode prompts the way the pipeline's own __call__ does (same CFG and w-embedding rules)."""
-    device = pipe.unet.device
-    w_dim = pipe.unet.config.time_cond_proj_dim
-    do_cfg = guidance_scale > 1 and w_dim is None
-    added = neg_added = None
-    if pipeline_arch(pipe) == "sdxl":
-        embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
-            prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=do_cfg
-        )
-        time_ids = (
-            pipe._get_add_time_ids(
-                image_size,
-                (0, 0),
-                image_size,
-                dtype=embeds.dtype,
-                text_encoder_projection_dim=int(pooled.shape[-1]),
-            )
-            .to(device)
-            .repeat(len(prompts), 1)
-        )
-        added = {"text_embeds": pooled, "time_ids": time_ids}
-        if do_cfg:
-            neg_added = {"text_embeds": neg_pooled, "time_ids": time_ids}
-    else:
-        embeds, neg = pipe.encode_prompt(prompts, device, 1, do_cfg)
-    timestep_cond = None
-    if w_dim is not None:
-        w = torch.tensor(guidance_scale - 1).repeat(len(prompts))
-        timestep_cond = pipe.get_guidance_scale_embedding(w, embedding_dim=w_dim).to(device, embeds.dtype)
-    uncond = Conditioning(neg, neg_added) if do_cfg else None
-    return Conditioning(embeds, added, timestep_cond, uncond, guidance_scale)

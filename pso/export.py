@@ -4,7 +4,8 @@
                from peft's state dict converted with diffusers' utilities, as diffusers' LoRA training
                scripts do (adapter metadata when alpha differs from the rank): `pipe.load_lora_weights(DIR)`
     kohya      the same adapters under the key convention ComfyUI and A1111-style tools load
-               (`lora_unet_..._lora_down.weight` + `.alpha`), converted with diffusers' utility
+               (`lora_unet_..._lora_down.weight` + `.alpha`; transformers `lora_transformer_...`), converted with
+               diffusers' utility
     full fine-tuning: the whole pipeline folder (`save_pretrained`), whatever the format
 
 Beside the weights, a model card (`README.md` with the Hugging Face metadata block).
@@ -64,7 +65,7 @@ def export_policy(
         policy.pipe.save_pretrained(out)
         path = out
     else:
-        state = get_peft_model_state_dict(policy.unet, state_dict=tensors)  # peft's names, no adapter name
+        state = get_peft_model_state_dict(policy.backbone, state_dict=tensors)  # peft's names, no adapter name
         rank, alpha = cfg.finetune.rank, cfg.finetune.alpha or cfg.finetune.rank
         if fmt == "diffusers":
             from diffusers.utils import convert_state_dict_to_diffusers
@@ -73,17 +74,13 @@ def export_policy(
             metadata = None
             if alpha != rank:
                 metadata = {"r": rank, "lora_alpha": alpha, "target_modules": list(cfg.finetune.target_modules)}
-            type(policy.pipe).save_lora_weights(
-                out,
-                unet_lora_layers=convert_state_dict_to_diffusers(state),
-                unet_lora_adapter_metadata=metadata,
-                safe_serialization=True,
-            )
+            policy.denoiser.save_lora(out, convert_state_dict_to_diffusers(state), metadata)
             path = out / DIFFUSERS_FILE
         else:
             from diffusers.utils import convert_state_dict_to_kohya
 
-            kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in state.items()})
+            prefix = policy.denoiser.kohya_prefix
+            kohya = convert_state_dict_to_kohya({f"{prefix}{k}": v for k, v in state.items()})
             for key in [k for k in kohya if k.endswith(".alpha")]:  # the utility writes alpha = rank
                 kohya[key] = kohya[key].new_tensor(float(alpha), dtype=kohya[key].dtype)
             path = out / KOHYA_FILE

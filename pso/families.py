@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-SamplerKind = Literal["lcm", "tcd", "euler_ancestral", "euler", "ddim"]
-Arch = Literal["sd", "sdxl"]
+SamplerKind = Literal["lcm", "tcd", "euler_ancestral", "euler", "ddim", "flow_euler"]
+Arch = Literal["sd", "sdxl", "flux", "flux2", "zimage", "sd3", "qwenimage", "sana"]
 
 
 class UnsupportedFamilyError(ValueError):
@@ -34,6 +34,8 @@ class FamilyRecipe:
     # Prediction type per step count where it differs from the checkpoint's (SDXL-Lightning 1-step).
     prediction_type: dict[int, str] = field(default_factory=dict)
     example_hub_id: str = ""
+    # the text encoder's token budget where the family's pipeline default is wrong for it (FLUX.1-schnell: 256)
+    max_sequence_length: int | None = None
 
 
 _TRAILING = {"timestep_spacing": "trailing"}
@@ -149,6 +151,19 @@ FAMILIES: dict[str, FamilyRecipe] = {
             example_hub_id="stabilityai/stable-diffusion-xl-base-1.0",
         ),
         FamilyRecipe(
+            "flux-schnell",
+            ("flux",),
+            "flow_euler",
+            4,
+            (1, 2, 3, 4),
+            0.0,
+            "FLUX.1-schnell (1024 px, T5 up to 256 tokens): flow-matching Euler on sigmas linspace(1, 1/N, N), no "
+            "shift, no guidance. Deterministic at eta 0 (the pipeline's sampler); set eta > 0 for online PSO.",
+            {"shift": 1.0, "use_dynamic_shifting": False},
+            example_hub_id="black-forest-labs/FLUX.1-schnell",
+            max_sequence_length=256,
+        ),
+        FamilyRecipe(
             "tiny",
             ("sd",),
             "lcm",
@@ -163,12 +178,9 @@ FAMILIES: dict[str, FamilyRecipe] = {
     ]
 }
 
-# Flow-matching families need a transformer backbone, packed latents and a flow-matching
-# transition; this version does not run them, and says so instead of failing later.
 # The flow-matching few-step families to come (docs/flow-families-research.md has their recipes so far;
 # `pso tiny random --arch` builds a tiny random pipeline of each architecture)
 UNSUPPORTED_FAMILIES: dict[str, str] = {
-    "flux-schnell": "FLUX.1-schnell: FluxPipeline, FlowMatchEulerDiscrete shift 1.0, 1-4 steps",
     "flux2-klein": "FLUX.2 [klein], distilled: Flux2KleinPipeline, FlowMatchEulerDiscrete, 4 steps",
     "z-image-turbo": "Z-Image-Turbo: ZImagePipeline, FlowMatchEulerDiscrete shift 3.0, 8 steps",
     "sd35-turbo": "SD3.5-Large-Turbo: StableDiffusion3Pipeline, FlowMatchEulerDiscrete shift 3.0, 4 steps",

@@ -7,31 +7,15 @@ import logging
 from pathlib import Path
 
 import torch
-from diffusers import (
-    DiffusionPipeline,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
-    UNet2DConditionModel,
-)
+from diffusers import DiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
 
 from pso.config.schema import ModelConfig
-from pso.families import Arch, FamilyRecipe, get_family
+from pso.denoisers import UNET_ARCHS, Denoiser, denoiser_for, pipeline_arch
+from pso.families import FamilyRecipe, get_family
 from pso.samplers import SAMPLERS, Sampler
 
 log = logging.getLogger(__name__)
-
-
-def pipeline_arch(pipe: DiffusionPipeline) -> Arch:
-    """ "sd" or "sdxl"; any other pipeline class is refused with the reason."""
-    if isinstance(pipe, StableDiffusionXLPipeline):
-        return "sdxl"
-    if isinstance(pipe, StableDiffusionPipeline):
-        return "sd"
-    raise ValueError(
-        f"{type(pipe).__name__} is not supported: PSO runs UNet pipelines "
-        "(StableDiffusionPipeline, StableDiffusionXLPipeline)"
-    )
 
 
 BUILTIN_MODELS = {"builtin:tiny": Path(__file__).parent / "tiny" / "assets" / "model"}
@@ -77,7 +61,7 @@ def check_device(device: str) -> None:
         raise ValueError(f"model.device is {device!r} but this machine has no CUDA device; use --set model.device=cpu")
 
 
-def build_sampler(pipe: DiffusionPipeline, recipe: FamilyRecipe, cfg: ModelConfig) -> Sampler:
+def build_sampler(denoiser: Denoiser, recipe: FamilyRecipe, cfg: ModelConfig) -> Sampler:
     """The family's scheduler with its pinned settings, at the configured step count."""
     num_steps = cfg.num_steps or recipe.default_steps
     if num_steps not in recipe.steps:
@@ -90,9 +74,10 @@ def build_sampler(pipe: DiffusionPipeline, recipe: FamilyRecipe, cfg: ModelConfi
             f"which only the lcm sampler follows; sampler {kind!r} cannot be used"
         )
     eta = recipe.eta if cfg.eta is None else cfg.eta
-    sampler = _make_sampler(pipe, recipe, kind, num_steps, timesteps, eta)
+    image_size = cfg.resolution or denoiser.default_image_size()
+    sampler = _make_sampler(denoiser, recipe, kind, num_steps, timesteps, eta, image_size)
     if kind != recipe.sampler:  # an override must keep the timesteps the model was distilled for
-        own = _make_sampler(pipe, recipe, recipe.sampler, num_steps, timesteps, eta).timesteps
+        own = _make_sampler(denoiser, recipe, recipe.sampler, num_steps, timesteps, eta, image_size).timesteps
         if not torch.equal(sampler.timesteps.round().long(), own.round().long()):
             raise ValueError(
                 f"sampler {kind!r} would sample {recipe.name} at timesteps "
@@ -101,7 +86,9 @@ def build_sampler(pipe: DiffusionPipeline, recipe: FamilyRecipe, cfg: ModelConfi
     return sampler
 
 
-def _make_sampler(pipe, recipe: FamilyRecipe, kind: str, num_steps: int, timesteps, eta: float) -> Sampler:
+def _make_sampler(
+    denoiser: Denoiser, recipe: FamilyRecipe, kind: str, num_steps: int, timesteps, eta: float, image_size: int
+) -> Sampler:
     sampler_cls = SAMPLERS[kind]
     accepted = inspect.signature(sampler_cls.scheduler_class.__init__).parameters
     # clipping and thresholding of x0 are pixel-space tricks that distilled latent models never use
@@ -109,12 +96,14 @@ def _make_sampler(pipe, recipe: FamilyRecipe, kind: str, num_steps: int, timeste
     settings.update(recipe.scheduler_settings)
     if num_steps in recipe.prediction_type:
         settings["prediction_type"] = recipe.prediction_type[num_steps]
-    scheduler = sampler_cls.scheduler_class.from_config(pipe.scheduler.config, **settings)
-    return sampler_cls(scheduler, num_steps, list(timesteps) if timesteps else None, eta=eta)
+    scheduler = sampler_cls.scheduler_class.from_config(denoiser.pipe.scheduler.config, **settings)
+    schedule = denoiser.schedule(scheduler, num_steps, image_size)
+    return sampler_cls(scheduler, num_steps, list(timesteps) if timesteps else None, eta=eta, schedule=schedule)
 
 
-def load_pipeline(cfg: ModelConfig) -> tuple[DiffusionPipeline, Sampler]:
-    """Load from a hub id or a local folder, apply the family recipe, and return (pipeline, sampler).
+def load_pipeline(cfg: ModelConfig) -> tuple[Denoiser, Sampler]:
+    """Load from a hub id or a local folder, apply the family recipe, and return (its denoiser, sampler);
+    the pipeline is `denoiser.pipe`.
 
     The pipeline's own scheduler is replaced by the sampler's, so `pipe(...)` samples exactly as
     the policy does.
@@ -124,6 +113,8 @@ def load_pipeline(cfg: ModelConfig) -> tuple[DiffusionPipeline, Sampler]:
     dtype = getattr(torch, cfg.dtype)
     kwargs = dict(dtype=dtype, revision=cfg.revision, variant=cfg.variant, local_files_only=cfg.local_files_only)
     if cfg.unet:
+        if not set(recipe.arch) <= UNET_ARCHS:
+            raise ValueError(f"model.unet replaces a UNet, but family {recipe.name} runs a transformer")
         kwargs["unet"] = _load_unet(cfg.unet, cfg, dtype)
     source = resolve_pretrained(cfg.pretrained)
     if Path(source).is_dir():
@@ -142,6 +133,7 @@ def load_pipeline(cfg: ModelConfig) -> tuple[DiffusionPipeline, Sampler]:
         pipe.unload_lora_weights()
     pipe.set_progress_bar_config(disable=True)
     pipe.to(cfg.device)
-    sampler = build_sampler(pipe, recipe, cfg)
+    denoiser = denoiser_for(pipe, recipe.max_sequence_length)
+    sampler = build_sampler(denoiser, recipe, cfg)
     pipe.scheduler = sampler.scheduler
-    return pipe, sampler
+    return denoiser, sampler

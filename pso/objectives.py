@@ -92,7 +92,7 @@ def _log_ratios(policy: DistilledPolicy, states: Tensor, cond: Conditioning, red
 
 
 def _distilled_t(policy: DistilledPolicy, n: int, gen: torch.Generator) -> Tensor:
-    ts = policy.sampler.timesteps.round().long()
+    ts = policy.sampler.timesteps
     return ts[torch.randint(len(ts), (n,), generator=gen)]
 
 
@@ -102,7 +102,7 @@ def check_loss_fits_sampler(policy: DistilledPolicy, cfg: Loss) -> None:
         raise ValueError(
             f"loss {cfg.name!r} trains on stochastic transitions, but sampler {policy.sampler.kind!r} at "
             f"{policy.sampler.num_steps} step(s) (eta={policy.sampler.eta}) has none; use >= 2 steps with a "
-            "stochastic sampler (euler_ancestral, lcm, tcd or ddim with eta > 0), or loss offline-pso"
+            "stochastic sampler (euler_ancestral, lcm, tcd, ddim or flow_euler with eta > 0), or loss offline-pso"
         )
 
 
@@ -120,7 +120,7 @@ def compute_loss(policy: DistilledPolicy, cfg: Loss, batch: PairBatch, gen: torc
         if isinstance(cfg, OfflinePSOLoss):
             t = _distilled_t(policy, p, gen)
         else:
-            t = torch.randint(policy.sampler.num_train_timesteps, (p,), generator=gen)
+            t = policy.sampler.random_timesteps(p, gen)
         noise = torch.randn(x0_w.shape, generator=gen).to(x0_w)
         err, err_ref = policy.forward_noised_errors(
             torch.cat([x0_w, x0_l]),

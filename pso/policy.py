@@ -1,8 +1,9 @@
 """The distilled model as a trainable policy next to its frozen reference model.
 
-`DistilledPolicy` owns the pipeline, the sampler and the trainable weights. With LoRA the
-reference model is the same UNet with its adapters switched off (no second copy in memory);
-with full fine-tuning it is a frozen deep copy made before any update.
+`DistilledPolicy` owns the pipeline, its denoiser (pso/denoisers: the one place that knows the model
+kind), the sampler and the trainable weights of the backbone (a UNet or a transformer). With LoRA the
+reference model is the same backbone with its adapters switched off (no second copy in memory); with
+full fine-tuning it is a frozen deep copy made before any update.
 """
 
 from __future__ import annotations
@@ -12,14 +13,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from diffusers import DiffusionPipeline, UNet2DConditionModel
+from diffusers import DiffusionPipeline
 from peft import LoraConfig
 from pydantic import TypeAdapter
-from torch import Tensor
+from torch import Tensor, nn
 
 from pso.codecs import WeightBundle, tensor_spec
-from pso.conditioning import Conditioning, encode_prompts
+from pso.conditioning import Conditioning
 from pso.config.schema import Finetune, LoraFinetune, ModelConfig, Reduction
+from pso.denoisers import Denoiser
 from pso.families import get_family
 from pso.loading import build_sampler, load_pipeline
 from pso.samplers import Sampler
@@ -32,24 +34,24 @@ def reduce_elements(x: Tensor, reduction: Reduction) -> Tensor:
 
 
 class DistilledPolicy:
-    def __init__(self, pipe: DiffusionPipeline, sampler: Sampler, model_cfg: ModelConfig, finetune: Finetune | None):
-        self.pipe = pipe
+    def __init__(self, denoiser: Denoiser, sampler: Sampler, model_cfg: ModelConfig, finetune: Finetune | None):
+        self.denoiser = denoiser
+        self.pipe: DiffusionPipeline = denoiser.pipe
         self.sampler = sampler
         self.model_cfg = model_cfg
         self.finetune = finetune
         recipe = get_family(model_cfg.family)
         self.guidance_scale = recipe.guidance_scale if model_cfg.guidance_scale is None else model_cfg.guidance_scale
-        self.unet: UNet2DConditionModel = pipe.unet
-        for module in (pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
-            if module is not None:
-                module.requires_grad_(False).eval()
-        if pipe.vae.config.get("force_upcast") and pipe.vae.dtype == torch.float16:
-            pipe.vae.to(torch.float32)  # the SDXL VAE overflows in fp16
-        self._reference_unet: UNet2DConditionModel | None = None
+        self.backbone: nn.Module = denoiser.backbone
+        for module in denoiser.frozen_modules():
+            module.requires_grad_(False).eval()
+        if self.pipe.vae.config.get("force_upcast") and self.pipe.vae.dtype == torch.float16:
+            self.pipe.vae.to(torch.float32)  # the SDXL VAE overflows in fp16
+        self._reference_backbone: nn.Module | None = None
         if finetune is None:  # inference only: nothing trains, the policy is its own reference
-            self.unet.requires_grad_(False)
+            self.backbone.requires_grad_(False)
         elif isinstance(finetune, LoraFinetune):
-            self.unet.requires_grad_(False)
+            self.backbone.requires_grad_(False)
             config = LoraConfig(
                 r=finetune.rank,
                 lora_alpha=finetune.alpha or finetune.rank,
@@ -57,8 +59,8 @@ class DistilledPolicy:
             )
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(finetune.init_seed)
-                self.unet.add_adapter(config)
-            for name, param in self.unet.named_parameters():
+                self.backbone.add_adapter(config)
+            for name, param in self.backbone.named_parameters():
                 param.requires_grad_("lora_" in name)
                 if "lora_" in name:  # AdamW's eps underflows in fp16: keep the adapters in float32
                     param.data = param.data.float()
@@ -68,76 +70,63 @@ class DistilledPolicy:
                     "full fine-tuning needs dtype float32 or bfloat16 (AdamW breaks on float16 "
                     "weights); or train LoRA adapters, which are kept in float32"
                 )
-            self._reference_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
-            self.unet.requires_grad_(True)
+            self._reference_backbone = copy.deepcopy(self.backbone).requires_grad_(False).eval()
+            self.backbone.requires_grad_(True)
         if finetune is not None and finetune.gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
-        self.unet.eval()  # no dropout or norm statistics differ between sampling and training passes
+            self.backbone.enable_gradient_checkpointing()
+        self.backbone.eval()  # no dropout or norm statistics differ between sampling and training passes
 
     def set_num_steps(self, num_steps: int) -> None:
         """Switch the sampler to another of the family's step counts (e.g. train at 4, evaluate at 1)."""
         self.model_cfg = self.model_cfg.model_copy(update={"num_steps": num_steps})
-        self.sampler = build_sampler(self.pipe, get_family(self.model_cfg.family), self.model_cfg)
+        self.sampler = build_sampler(self.denoiser, get_family(self.model_cfg.family), self.model_cfg)
         self.pipe.scheduler = self.sampler.scheduler
 
     @classmethod
     def from_config(cls, model_cfg: ModelConfig, finetune: Finetune | None) -> DistilledPolicy:
-        pipe, sampler = load_pipeline(model_cfg)
-        return cls(pipe, sampler, model_cfg, finetune)
+        denoiser, sampler = load_pipeline(model_cfg)
+        return cls(denoiser, sampler, model_cfg, finetune)
 
     # ----- shapes and conditioning -----
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        return self.backbone.device
 
     @property
     def dtype(self) -> torch.dtype:
-        """The model's dtype (LoRA adapters may be float32 inside a float16 UNet)."""
+        """The model's dtype (LoRA adapters may be float32 inside a float16 backbone)."""
         return getattr(torch, self.model_cfg.dtype)
 
     @property
     def image_size(self) -> int:
-        return self.model_cfg.resolution or self.unet.config.sample_size * self.pipe.vae_scale_factor
+        return self.model_cfg.resolution or self.denoiser.default_image_size()
 
     @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        side = self.image_size // self.pipe.vae_scale_factor
-        return (self.unet.config.in_channels, side, side)
+    def latent_shape(self) -> tuple[int, ...]:
+        return self.denoiser.latent_shape(self.image_size)
 
     def encode(self, prompts: list[str]) -> Conditioning:
-        return encode_prompts(self.pipe, prompts, self.guidance_scale, (self.image_size, self.image_size))
+        return self.denoiser.encode(prompts, self.guidance_scale, self.image_size)
 
-    @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
         """Latents to images in [0, 1], (B, 3, H, W) float32."""
-        vae = self.pipe.vae
-        latents = latents.to(vae.dtype)
-        mean, std = vae.config.get("latents_mean"), vae.config.get("latents_std")
-        if mean is not None and std is not None:
-            shape = (1, -1, 1, 1)
-            mean = torch.tensor(mean).view(shape).to(latents)
-            std = torch.tensor(std).view(shape).to(latents)
-            latents = latents * std / vae.config.scaling_factor + mean
-        else:
-            latents = latents / vae.config.scaling_factor
-        image = vae.decode(latents).sample
-        return (image.float() / 2 + 0.5).clamp(0, 1)
+        return self.denoiser.decode(latents)
 
     # ----- the two models -----
     @contextmanager
-    def _reference(self) -> Iterator[UNet2DConditionModel]:
-        """The base model: the frozen copy (full fine-tuning), else this UNet with its LoRA adapters off (ours,
-        or one the pipeline's `load_lora_weights` added)."""
-        if self._reference_unet is not None or not self.unet._hf_peft_config_loaded:
-            yield self._reference_unet or self.unet
+    def _reference(self) -> Iterator[nn.Module]:
+        """The base model: the frozen copy (full fine-tuning), else this backbone with its LoRA adapters off
+        (ours, or one the pipeline's `load_lora_weights` added)."""
+        if self._reference_backbone is not None or not self.backbone._hf_peft_config_loaded:
+            yield self._reference_backbone or self.backbone
             return
-        self.unet.disable_adapters()
+        self.backbone.disable_adapters()
         try:
-            yield self.unet
+            yield self.backbone
         finally:
-            self.unet.enable_adapters()
+            self.backbone.enable_adapters()
 
-    def unet_output(
+    def model_output(
         self,
         model_input: Tensor,
         t: Tensor,
@@ -146,34 +135,19 @@ class DistilledPolicy:
         reference: bool = False,
         guided: bool = True,
     ) -> Tensor:
-        """The UNet's prediction (CFG-combined when the conditioning carries an unconditional branch).
+        """The backbone's prediction (CFG-combined when the conditioning carries an unconditional branch).
 
         `reference=True` evaluates the frozen reference model without building a graph.
         """
         if reference:
-            with torch.no_grad(), self._reference() as unet:
-                return self._call(unet, model_input, t, cond, guided)
-        return self._call(self.unet, model_input, t, cond, guided)
-
-    @staticmethod
-    def _call(unet: UNet2DConditionModel, x: Tensor, t: Tensor, cond: Conditioning, guided: bool) -> Tensor:
-        if cond.uncond is None or not guided:
-            return unet(x, t, **cond.unet_kwargs()).sample
-        both = torch.cat([cond.uncond.prompt_embeds, cond.prompt_embeds])
-        added = (
-            None
-            if cond.added_cond is None
-            else {k: torch.cat([cond.uncond.added_cond[k], v]) for k, v in cond.added_cond.items()}
-        )
-        out_uncond, out_cond = unet(
-            torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=both, added_cond_kwargs=added
-        ).sample.chunk(2)
-        return out_uncond + cond.guidance_scale * (out_cond - out_uncond)
+            with torch.no_grad(), self._reference() as backbone:
+                return self.denoiser.predict(backbone, model_input, t, cond, guided)
+        return self.denoiser.predict(self.backbone, model_input, t, cond, guided)
 
     def predict(self, x: Tensor, step: Tensor, cond: Conditioning, *, reference: bool = False) -> Tensor:
         """The model output for sampler states x at per-sample step indices."""
         t = self.sampler.timesteps.to(x.device)[step]
-        return self.unet_output(self.sampler.model_input(x, step).to(self.dtype), t, cond, reference=reference)
+        return self.model_output(self.sampler.model_input(x, step).to(self.dtype), t, cond, reference=reference)
 
     # ----- the quantities PSO needs -----
     def transition_log_ratio(
@@ -188,7 +162,7 @@ class DistilledPolicy:
             raise ValueError(
                 f"transition at step(s) {sorted(set(step[std <= 0].tolist()))} is deterministic under sampler "
                 f"{self.sampler.kind!r} (eta={self.sampler.eta}); it has no likelihood. Train on steps before the "
-                "last, choose a stochastic sampler (euler_ancestral, lcm, tcd with eta > 0, ddim with eta > 0), "
+                "last, choose a stochastic sampler (euler_ancestral, lcm, tcd, ddim or flow_euler with eta > 0), "
                 "or use a forward-noised loss (offline-pso)."
             )
         mean = self.sampler.step(x, self.predict(x, step, cond), step).mean.float()
@@ -209,42 +183,32 @@ class DistilledPolicy:
         *,
         with_reference: bool = True,
     ) -> tuple[Tensor, Tensor | None]:
-        """Prediction errors of policy and reference on x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, (B,) each.
+        """Prediction errors of policy and reference on x0 forward-noised to timesteps t, (B,) each.
 
-        The target is the model's own prediction type (eps, v or x0); the conditional branch is
-        used without guidance, as in ordinary diffusion training.
+        The sampler knows the noising and the target in the model's own parameterisation (eps, v or x0
+        for UNets, the velocity for flow matching); the conditional branch is used without guidance, as
+        in ordinary diffusion training.
         """
-        t = t.to(x0.device)
-        abar = self.sampler.alphas_cumprod.to(x0.device)[t].view(-1, 1, 1, 1)
-        alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
-        x_t = (alpha * x0.float() + sigma * noise.float()).to(self.dtype)
-        target = self.prediction_target(x0.float(), noise.float(), alpha, sigma)
-        err = reduce_elements((self.unet_output(x_t, t, cond, guided=False).float() - target) ** 2, reduction)
+        x_t, target = self.sampler.forward_noise(x0.float(), noise.float(), t.to(x0.device))
+        x_t, t = x_t.to(self.dtype), t.to(x0.device)
+        err = reduce_elements((self.model_output(x_t, t, cond, guided=False).float() - target) ** 2, reduction)
         if not with_reference:
             return err, None
-        out_ref = self.unet_output(x_t, t, cond, reference=True, guided=False).float()
+        out_ref = self.model_output(x_t, t, cond, reference=True, guided=False).float()
         return err, reduce_elements((out_ref - target) ** 2, reduction)
-
-    def prediction_target(self, x0: Tensor, noise: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
-        kind = self.sampler.prediction_type
-        if kind == "epsilon":
-            return noise
-        if kind == "sample":
-            return x0
-        return alpha * noise - sigma * x0  # v_prediction
 
     # ----- trainable weights -----
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.unet.parameters() if p.requires_grad]
+        return [p for p in self.backbone.parameters() if p.requires_grad]
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
-        """Just the trainable tensors (LoRA factors, or the whole UNet), detached copies on CPU."""
-        return {n: p.detach().cpu().clone() for n, p in self.unet.named_parameters() if p.requires_grad}
+        """Just the trainable tensors (LoRA factors, or the whole backbone), detached copies on CPU."""
+        return {n: p.detach().cpu().clone() for n, p in self.backbone.named_parameters() if p.requires_grad}
 
     @torch.no_grad()
     def load_trainable_state_dict(self, tensors: dict[str, Tensor]) -> None:
         """Copy tensors into the trainable parameters; names, shapes and dtypes must match exactly."""
-        params = {n: p for n, p in self.unet.named_parameters() if p.requires_grad}
+        params = {n: p for n, p in self.backbone.named_parameters() if p.requires_grad}
         missing, unexpected = sorted(params.keys() - tensors.keys()), sorted(tensors.keys() - params.keys())
         if missing or unexpected:
             raise ValueError(
@@ -292,4 +256,4 @@ class DistilledPolicy:
 
     def weight_spec(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         """Names, dtypes and shapes a weight bundle for this model must have (for decode_weights)."""
-        return tensor_spec({n: p for n, p in self.unet.named_parameters() if p.requires_grad})
+        return tensor_spec({n: p for n, p in self.backbone.named_parameters() if p.requires_grad})

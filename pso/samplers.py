@@ -22,6 +22,7 @@ from diffusers import (
     DDIMScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
     LCMScheduler,
     TCDScheduler,
 )
@@ -57,7 +58,16 @@ class Sampler(ABC):
     kind: SamplerKind
     scheduler_class: type[SchedulerMixin]
 
-    def __init__(self, scheduler: SchedulerMixin, num_steps: int, timesteps: list[int] | None = None, eta: float = 0.0):
+    def __init__(
+        self,
+        scheduler: SchedulerMixin,
+        num_steps: int,
+        timesteps: list[int] | None = None,
+        eta: float = 0.0,
+        schedule: dict | None = None,
+    ):
+        """`timesteps`: a family's own grid; else `schedule` holds what the pipeline passes to `set_timesteps`
+        besides the step count (FLUX's sigmas and shift `mu`)."""
         if not isinstance(scheduler, self.scheduler_class):
             raise TypeError(
                 f"{type(self).__name__} needs a {self.scheduler_class.__name__}, got {type(scheduler).__name__}"
@@ -71,16 +81,17 @@ class Sampler(ABC):
             if len(timesteps) != num_steps:
                 raise ValueError(f"custom timesteps {timesteps} do not have {num_steps} entries")
             scheduler.set_timesteps(timesteps=list(timesteps))
+        elif schedule:
+            scheduler.set_timesteps(**schedule)
         else:
             scheduler.set_timesteps(num_steps)
         self.scheduler = scheduler
         self.num_steps = num_steps
         self.eta = eta
-        self.prediction_type: str = scheduler.config.prediction_type
         self.timesteps: Tensor = scheduler.timesteps.clone()
-        self.alphas_cumprod: Tensor = scheduler.alphas_cumprod.to(torch.float32)
-        self.num_train_timesteps: int = scheduler.config.num_train_timesteps
-        self.init_noise_sigma = float(scheduler.init_noise_sigma)
+        if len(self.timesteps) != num_steps:
+            raise ValueError(f"{type(scheduler).__name__} set {len(self.timesteps)} timesteps, not {num_steps}")
+        self.init_noise_sigma = float(getattr(scheduler, "init_noise_sigma", 1.0))  # flow matching starts at N(0, I)
         self._table: dict[str, Tensor] = {
             k: torch.stack([torch.as_tensor(r[k], dtype=torch.float32) for r in self._rows()]) for k in self._rows()[0]
         }
@@ -93,8 +104,16 @@ class Sampler(ABC):
     def step(self, x: Tensor, model_output: Tensor, step: Tensor) -> Step:
         """The transition from state x at step index `step` (LongTensor, one per sample)."""
 
+    @abstractmethod
+    def forward_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """(x_t, target): x0 noised to timesteps t (B,), and the model output that would be exact there."""
+
+    @abstractmethod
+    def random_timesteps(self, n: int, gen: torch.Generator) -> Tensor:
+        """n timesteps drawn uniformly over the whole training range (Diffusion-DPO's forward-noised loss)."""
+
     def model_input(self, x: Tensor, step: Tensor) -> Tensor:
-        """The UNet's input for state x (identity for variance-preserving samplers)."""
+        """The model's input for state x (the scheduler's `scale_model_input`; identity for most)."""
         return x
 
     def _at(self, name: str, step: Tensor) -> Tensor:
@@ -110,12 +129,41 @@ class Sampler(ABC):
         """Whether any transition before the last has noise, i.e. the online form has something to train."""
         return bool((self._table["std"][:-1] > 0).any())
 
+
+class VPSampler(Sampler):
+    """Samplers of variance-preserving (UNet) models: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, integer t."""
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.prediction_type
+
+    @property
+    def alphas_cumprod(self) -> Tensor:
+        return self.scheduler.alphas_cumprod.to(torch.float32)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.scheduler.config.num_train_timesteps
+
     def _alpha_sigma(self, t: Tensor | int) -> tuple[Tensor, Tensor]:
         abar = self.alphas_cumprod[t]
         return abar.sqrt(), (1 - abar).sqrt()
 
+    def forward_noise(self, x0, noise, t):
+        abar = self.alphas_cumprod.to(x0.device)[t.round().long()].view(-1, 1, 1, 1)
+        alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
+        x_t = alpha * x0 + sigma * noise
+        if self.prediction_type == "epsilon":
+            return x_t, noise
+        if self.prediction_type == "sample":
+            return x_t, x0
+        return x_t, alpha * noise - sigma * x0  # v_prediction
 
-class LCMSampler(Sampler):
+    def random_timesteps(self, n, gen):
+        return torch.randint(self.num_train_timesteps, (n,), generator=gen)
+
+
+class LCMSampler(VPSampler):
     """LCMScheduler: boundary-condition denoise, then re-noise to the next timestep."""
 
     kind = "lcm"
@@ -147,7 +195,7 @@ class LCMSampler(Sampler):
         return Step(denoised, self._at("renoise", step) * denoised, self._at("std", step))
 
 
-class TCDSampler(Sampler):
+class TCDSampler(VPSampler):
     """TCDScheduler: move to an intermediate timestep s = floor((1 - gamma) t_prev), then re-noise."""
 
     kind = "tcd"
@@ -181,7 +229,7 @@ class TCDSampler(Sampler):
         return Step(x0, self._at("renoise", step) * noised, self._at("std", step))
 
 
-class DDIMSampler(Sampler):
+class DDIMSampler(VPSampler):
     """DDIMScheduler with eta (0 = deterministic DDIM, as Hyper-SD's N-step LoRAs use)."""
 
     kind = "ddim"
@@ -214,7 +262,7 @@ class DDIMSampler(Sampler):
         return Step(x0, mean, self._at("std", step))
 
 
-class _EulerBase(Sampler):
+class _EulerBase(VPSampler):
     """Euler samplers work in sigma space: x = x0 + sigma * eps, UNet input x / sqrt(sigma^2 + 1)."""
 
     def _sigma_pairs(self):
@@ -273,6 +321,55 @@ class EulerSampler(_EulerBase):
         ]
 
 
+class FlowEulerSampler(Sampler):
+    """FlowMatchEulerDiscreteScheduler (flow matching: x_s = (1 - s) x0 + s eps, velocity v = eps - x0, t = 1000 s)
+    as a stochastic policy with noise level eta in [0, 1].
+
+    With x0_hat = x - s v and eps_hat = x + (1 - s) v, the pipeline's Euler step x + (s' - s) v equals
+    (1 - s') x0_hat + s' eps_hat. The policy replaces eps_hat by sqrt(1 - eta^2) eps_hat + eta z:
+
+        x_next ~ N((1 - s') x0_hat + s' sqrt(1 - eta^2) eps_hat, (eta s')^2 I)
+
+    eta 0 is the pipeline's deterministic sampler exactly; eta 1 re-noises from the clean estimate as
+    consistency samplers do (the scheduler's `stochastic_sampling=True`). Any eta keeps the marginal of x_s'
+    when eps_hat is the true noise (the DDIM family, in flow coordinates); the last step (s' = 0) lands on
+    x0_hat without noise.
+    """
+
+    kind = "flow_euler"
+    scheduler_class = FlowMatchEulerDiscreteScheduler
+
+    def _rows(self):
+        sigmas = self.scheduler.sigmas.to(torch.float64)
+        keep = (1 - self.eta**2) ** 0.5
+        rows = []
+        for k in range(self.num_steps):
+            s, s_to = sigmas[k], sigmas[k + 1]
+            rows.append(
+                {
+                    "sigma": s,
+                    # mean = cx * x + cv * v, the expansion of the formula above
+                    "cx": 1 - s_to + s_to * keep,
+                    "cv": s_to * keep * (1 - s) - s * (1 - s_to),
+                    "std": self.eta * s_to,
+                }
+            )
+        return rows
+
+    def step(self, x, model_output, step):
+        x, v = x.float(), model_output.float()  # the scheduler steps in float32 as well
+        x0 = x - self._at("sigma", step) * v
+        return Step(x0, self._at("cx", step) * x + self._at("cv", step) * v, self._at("std", step))
+
+    def forward_noise(self, x0, noise, t):
+        s = (t.to(x0) / 1000).view(-1, *([1] * (x0.ndim - 1)))
+        return (1 - s) * x0 + s * noise, noise - x0
+
+    def random_timesteps(self, n, gen):
+        return torch.rand(n, generator=gen).clamp_min(1e-3) * 1000
+
+
 SAMPLERS: dict[str, type[Sampler]] = {
-    cls.kind: cls for cls in (LCMSampler, TCDSampler, DDIMSampler, EulerAncestralSampler, EulerSampler)
+    cls.kind: cls
+    for cls in (LCMSampler, TCDSampler, DDIMSampler, EulerAncestralSampler, EulerSampler, FlowEulerSampler)
 }

@@ -31,12 +31,15 @@ def load_tuned(model_cfg: ModelConfig, weights: Path | None) -> DistilledPolicy:
         return policy
     policy = DistilledPolicy.from_config(model_cfg, None)
     policy.pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
-    if not policy.unet._hf_peft_config_loaded:
-        raise ValueError(f"{lora}: no LoRA layers for this model's UNet ({model_cfg.pretrained})")
-    encoders = [getattr(policy.pipe, n, None) for n in ("text_encoder", "text_encoder_2")]
-    if any(getattr(e, "_hf_peft_config_loaded", False) for e in encoders):
+    if not policy.backbone._hf_peft_config_loaded:
+        raise ValueError(
+            f"{lora}: no LoRA layers for this model's {policy.denoiser.component} ({model_cfg.pretrained})"
+        )
+    if any(getattr(m, "_hf_peft_config_loaded", False) for m in policy.denoiser.frozen_modules()):
         # the prompts are encoded once for base and tuned alike: a text-encoder LoRA would change both
-        raise ValueError(f"{lora}: has text-encoder layers; only UNet LoRAs can be compared with their base")
+        raise ValueError(
+            f"{lora}: has text-encoder layers; only {policy.denoiser.component} LoRAs can be compared with their base"
+        )
     return policy
 
 

@@ -34,3 +34,18 @@ def make_policy(tiny_models):
         return DistilledPolicy.from_config(cfg, finetune)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_flow_models(tmp_path_factory):
+    """`pso tiny random --arch ARCH` pipelines of the flow-matching architectures, each built once on demand."""
+    from pso.tiny.flow import flow_builders
+
+    root, built = tmp_path_factory.mktemp("tiny-flow-models"), {}
+
+    def get(arch: str):
+        if arch not in built:
+            built[arch] = flow_builders()[arch](root / arch)
+        return built[arch]
+
+    return get

@@ -225,7 +225,7 @@ def test_eval_compares_an_exported_lora_with_its_base_on_a_named_set_with_a_rewa
     cfg = load_config(PSOConfig, Path(__file__).parents[1] / "configs" / "tiny.yaml")
     policy = DistilledPolicy.from_config(cfg.model, cfg.finetune)
     with torch.no_grad():  # trained adapters: fresh ones (B = 0) would change nothing
-        for name, param in policy.unet.named_parameters():
+        for name, param in policy.backbone.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
     export_bundle(policy.export_weights(4), cfg, tmp_path / "lora")

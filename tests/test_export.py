@@ -23,7 +23,7 @@ def trained_policy(cfg: PSOConfig) -> DistilledPolicy:
     policy = DistilledPolicy.from_config(cfg.model, cfg.finetune)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for name, param in policy.unet.named_parameters():
+        for name, param in policy.backbone.named_parameters():
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
     return policy
@@ -48,11 +48,11 @@ def test_a_diffusers_export_loads_with_load_lora_weights_and_matches_the_policy(
     card = (tmp_path / "export" / "README.md").read_text()
     assert card.startswith("---\nbase_model:") and "| weight version | 7 |" in card and "large" in card
 
-    pipe, _ = load_pipeline(cfg.model)  # a plain diffusers pipeline of the base model
+    pipe = load_pipeline(cfg.model)[0].pipe  # a plain diffusers pipeline of the base model
     base = unet_output(pipe.unet)
     pipe.load_lora_weights(tmp_path / "export")
     tuned = unet_output(pipe.unet)
-    want = unet_output(policy.unet)
+    want = unet_output(policy.backbone)
     assert not torch.allclose(tuned, base, atol=1e-4)  # the LoRA is applied ...
     torch.testing.assert_close(tuned, want, atol=1e-5, rtol=1e-4)  # ... at the policy's scale
 
@@ -64,7 +64,7 @@ def test_a_kohya_export_holds_every_adapter_with_its_alpha(tmp_path):
     assert path.name == KOHYA_FILE
     tensors = load_file(path)
     downs = [k for k in tensors if k.endswith(".lora_down.weight")]
-    n_adapters = sum("lora_A" in n for n, _ in policy.unet.named_parameters())
+    n_adapters = sum("lora_A" in n for n, _ in policy.backbone.named_parameters())
     assert len(downs) == n_adapters and all(k.startswith("lora_unet_") for k in tensors)
     assert {float(tensors[k]) for k in tensors if k.endswith(".alpha")} == {4.0}
     assert len([k for k in tensors if k.endswith(".lora_up.weight")]) == n_adapters
@@ -88,9 +88,9 @@ def test_pso_export_writes_a_lora_diffusers_loads_from_a_bundle_alone(tmp_path, 
     bundle_path.write_bytes(encode_weights(policy.export_weights(5)))
     assert main(["export", str(bundle_path), "--out", str(tmp_path / "lora")]) == 0  # no config: the bundle's
     assert "exported weights version 5 (diffusers)" in capsys.readouterr().out
-    pipe, _ = load_pipeline(cfg.model)
+    pipe = load_pipeline(cfg.model)[0].pipe
     pipe.load_lora_weights(tmp_path / "lora")
-    torch.testing.assert_close(unet_output(pipe.unet), unet_output(policy.unet), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(unet_output(pipe.unet), unet_output(policy.backbone), atol=1e-5, rtol=1e-4)
     assert main(["export", str(tmp_path / "missing.psow"), "--out", str(tmp_path / "x")]) == 1
 
 
@@ -137,10 +137,10 @@ def test_an_export_or_bundle_loads_as_the_tuned_model_with_the_base_as_its_refer
     tuned = load_tuned(cfg.model, source)
     x = torch.randn(2, *tuned.latent_shape, generator=torch.Generator().manual_seed(0))
     t, cond = torch.tensor([999, 499]), tuned.encode(["a red circle", "a blue square"])
-    want = policy.unet_output(x, t, cond)
-    torch.testing.assert_close(tuned.unet_output(x, t, cond), want, atol=1e-5, rtol=1e-4)
-    base = DistilledPolicy.from_config(cfg.model, None).unet_output(x, t, cond)
-    torch.testing.assert_close(tuned.unet_output(x, t, cond, reference=True), base)
+    want = policy.model_output(x, t, cond)
+    torch.testing.assert_close(tuned.model_output(x, t, cond), want, atol=1e-5, rtol=1e-4)
+    base = DistilledPolicy.from_config(cfg.model, None).model_output(x, t, cond)
+    torch.testing.assert_close(tuned.model_output(x, t, cond, reference=True), base)
     assert not torch.allclose(want, base, atol=1e-4)
 
 
@@ -184,11 +184,11 @@ def test_a_full_fine_tuning_export_is_the_pipeline_folder_with_the_trained_unet(
     cfg.finetune = FullFinetune()
     policy = DistilledPolicy.from_config(cfg.model, cfg.finetune)
     with torch.no_grad():
-        policy.unet.conv_out.bias.add_(0.5)  # a trained UNet differs from the base
+        policy.backbone.conv_out.bias.add_(0.5)  # a trained UNet differs from the base
     path = export_bundle(policy.export_weights(9), cfg, tmp_path / "export")
     assert path == tmp_path / "export" and (path / "model_index.json").is_file()
     assert "| weight version | 9 |" in (path / "README.md").read_text()
     loaded = DiffusionPipeline.from_pretrained(path).unet.state_dict()
-    assert all(torch.equal(loaded[k], v) for k, v in policy.unet.state_dict().items())
-    base, _ = load_pipeline(cfg.model)
+    assert all(torch.equal(loaded[k], v) for k, v in policy.backbone.state_dict().items())
+    base = load_pipeline(cfg.model)[0].pipe
     assert not torch.equal(base.unet.conv_out.bias, loaded["conv_out.bias"])

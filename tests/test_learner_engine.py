@@ -149,7 +149,7 @@ def test_the_reference_model_never_changes(policy, batch, mode):
     x, step, cond = batch.winner_states[:, 0], torch.zeros(len(batch), dtype=torch.long), batch.cond
     reference_before = pol.predict(x, step, cond, reference=True)
     trained_before = engine.trainable_state_dict()
-    frozen = pol._reference_unet if mode == "full" else pol.unet  # the reference copy / the LoRA base weights
+    frozen = pol._reference_backbone if mode == "full" else pol.backbone  # the reference copy / the LoRA base weights
     frozen_before = {n: p.detach().clone() for n, p in frozen.named_parameters() if not p.requires_grad}
     engine_run(engine, batch, updates=2)
     assert torch.equal(pol.predict(x, step, cond, reference=True), reference_before)
@@ -365,7 +365,7 @@ def test_the_engines_policy_samples_and_saves_the_trained_weights_under_any_zero
     torch.testing.assert_close(got, sample_groups(plain, PROMPTS, 1, seed=3).images)
     if mode == "full":
         with engine.gathered_weights():
-            engine.policy.unet.save_pretrained(tmp_path / "unet")
+            engine.policy.backbone.save_pretrained(tmp_path / "unet")
         saved = UNet2DConditionModel.from_pretrained(tmp_path / "unet").state_dict()
         assert max_diff({k: saved[k] for k in trained}, trained) == 0
 

@@ -97,7 +97,7 @@ def test_log_ratio_is_the_gaussian_log_likelihood_ratio(make_policy, family, mod
 
 
 def grad_norm(policy, batch):
-    policy.unet.zero_grad()
+    policy.backbone.zero_grad()
     compute_loss(policy, OnlinePSOLoss(), batch, torch.Generator()).loss.backward()
     return float(torch.stack([p.grad.norm() for p in policy.trainable_parameters() if p.grad is not None]).norm())
 
@@ -158,8 +158,11 @@ def test_sft_matches_the_plain_diffusion_loss(make_policy):
     x0 = batch.winner_states[:, -1]
     x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
     with torch.no_grad():
-        pred = policy.unet(
-            x_t, t, encoder_hidden_states=batch.cond.prompt_embeds, timestep_cond=batch.cond.timestep_cond
+        pred = policy.backbone(
+            x_t,
+            t,
+            encoder_hidden_states=batch.cond.batched["encoder_hidden_states"],
+            timestep_cond=batch.cond.batched["timestep_cond"],
         ).sample
     assert out.loss.item() == pytest.approx(((pred - noise) ** 2).mean().item(), rel=1e-5)
 
@@ -172,9 +175,7 @@ def test_lora_disabled_is_exactly_the_base_model(make_policy, tiny_models):
     t = policy.sampler.timesteps[step]
     model_in = policy.sampler.model_input(x, step)
     with torch.no_grad():
-        expected = base.unet(
-            model_in, t, encoder_hidden_states=cond.prompt_embeds, added_cond_kwargs=cond.added_cond
-        ).sample
+        expected = base.unet(model_in, t, **cond.batched).sample
         trained = policy.predict(x, step, cond)
     assert torch.equal(policy.predict(x, step, cond, reference=True), expected)
     assert not torch.allclose(trained, expected)  # the adapters do change the policy
@@ -208,14 +209,14 @@ def test_loading_weights_of_another_shape_is_refused(make_policy):
 
 def test_full_finetune_keeps_the_reference_frozen(make_policy):
     policy = make_policy("lcm", "sd-lcm", mode="full")
-    reference_before = {n: p.clone() for n, p in policy._reference_unet.named_parameters()}
-    assert not any(p.requires_grad for p in policy._reference_unet.parameters())
-    assert len(policy.trainable_parameters()) == len(list(policy.unet.parameters()))
+    reference_before = {n: p.clone() for n, p in policy._reference_backbone.named_parameters()}
+    assert not any(p.requires_grad for p in policy._reference_backbone.parameters())
+    assert len(policy.trainable_parameters()) == len(list(policy.backbone.parameters()))
     _, batch = online_batch(policy)
     opt = torch.optim.SGD(policy.trainable_parameters(), lr=1e-2)
     compute_loss(policy, OfflinePSOLoss(), batch, torch.Generator().manual_seed(0)).loss.backward()
     opt.step()
-    for name, p in policy._reference_unet.named_parameters():
+    for name, p in policy._reference_backbone.named_parameters():
         assert torch.equal(p, reference_before[name]), name
     x, step, cond = unet_probe(policy)
     with torch.no_grad():

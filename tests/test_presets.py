@@ -89,7 +89,7 @@ def test_preset_builds_its_model_on_a_full_size_random_architecture(name, random
     torch.set_num_threads(2)
     try:
         policy = DistilledPolicy.from_config(cfg.model.model_copy(update=swap), cfg.finetune)
-        unet = policy.unet
+        unet = policy.backbone
         base = sum(p.numel() for n, p in unet.named_parameters() if "lora_" not in n)
         assert base == ARCHS[arch].unet_params
         assert unet.dtype == getattr(torch, cfg.model.dtype)

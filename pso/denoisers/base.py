@@ -1,0 +1,106 @@
+"""One model kind behind one interface: how a backbone (UNet or transformer) is conditioned, called,
+sized, decoded and exported.
+
+The contract every denoiser keeps: `forward(backbone, x, t, cond)` returns exactly the `model_output`
+the pipeline's own loop hands to `scheduler.step` for state `x` at scheduler timestep `t` (after the
+scheduler's `scale_model_input`), so the samplers (pso/samplers.py) reproduce the pipeline. States are
+kept in the pipeline's unpacked latent layout (B, C, H, W); a denoiser that packs patches does it inside
+`forward`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from torch import Tensor, nn
+
+from pso.conditioning import Conditioning
+
+
+class Denoiser(ABC):
+    arch: ClassVar[str]  # the name family recipes and `pso tiny random --arch` use
+    component: ClassVar[str] = "transformer"  # the pipeline attribute holding the trainable backbone
+    # the prefix diffusers' kohya converter is given: it turns "unet." into "lora_unet_"; transformer keys
+    # get "lora_transformer_", the form ComfyUI reads for diffusers-named FLUX and SD3 LoRAs
+    kohya_prefix: ClassVar[str] = "lora_transformer."
+
+    def __init__(self, pipe: DiffusionPipeline, max_sequence_length: int | None = None):
+        self.pipe = pipe
+        self.max_sequence_length = max_sequence_length
+
+    @property
+    def backbone(self) -> nn.Module:
+        return getattr(self.pipe, self.component)
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """Every other model of the pipeline (VAE, text encoders): never trained."""
+        return [m for n, m in self.pipe.components.items() if isinstance(m, nn.Module) and n != self.component]
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.device
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.pipe.vae_scale_factor
+
+    def default_image_size(self) -> int:
+        return self.backbone.config.sample_size * self.vae_scale_factor
+
+    def latent_shape(self, image_size: int) -> tuple[int, ...]:
+        """The shape of one sample's starting noise, as the pipeline's `prepare_latents` draws it."""
+        side = image_size // self.vae_scale_factor
+        return (self.backbone.config.in_channels, side, side)
+
+    def schedule(self, scheduler: SchedulerMixin, num_steps: int, image_size: int) -> dict:
+        """What the pipeline passes to `scheduler.set_timesteps` ({}: the step count alone)."""
+        return {}
+
+    @abstractmethod
+    def encode(self, prompts: list[str], guidance_scale: float, image_size: int) -> Conditioning:
+        """Encode prompts the way the pipeline's own __call__ does (same guidance rules)."""
+
+    @abstractmethod
+    def forward(self, backbone: nn.Module, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        """The unguided model output for states x (B, ...) at scheduler timesteps t (B,)."""
+
+    def predict(self, backbone: nn.Module, x: Tensor, t: Tensor, cond: Conditioning, guided: bool = True) -> Tensor:
+        """`forward`, combined with the unconditional branch when the conditioning carries one."""
+        if cond.uncond is None or not guided:
+            return self.forward(backbone, x, t, cond)
+        out_uncond, out_cond = self.forward(
+            backbone, torch.cat([x, x]), torch.cat([t, t]), Conditioning.cat([cond.uncond, cond])
+        ).chunk(2)
+        return out_uncond + cond.guidance_scale * (out_cond - out_uncond)
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents to images in [0, 1], (B, 3, H, W) float32, as the pipeline's VAE step does."""
+        vae = self.pipe.vae
+        latents = latents.to(vae.dtype)
+        cfg = vae.config
+        mean, std = cfg.get("latents_mean"), cfg.get("latents_std")
+        if mean is not None and std is not None:
+            shape = (1, -1) + (1,) * (latents.ndim - 2)
+            latents = latents * torch.tensor(std).view(shape).to(latents) / cfg.scaling_factor
+            latents = latents + torch.tensor(mean).view(shape).to(latents)
+        else:
+            latents = latents / cfg.scaling_factor + (cfg.get("shift_factor") or 0.0)
+        return self._vae_decode(latents)
+
+    def _vae_decode(self, latents: Tensor) -> Tensor:
+        image = self.pipe.vae.decode(latents).sample
+        return (image.float() / 2 + 0.5).clamp(0, 1)
+
+    def save_lora(self, out: Path, layers: dict[str, Tensor], metadata: dict | None) -> None:
+        """Write diffusers-format LoRA layers (peft names converted) with the pipeline class's own writer."""
+        type(self.pipe).save_lora_weights(
+            out,
+            **{f"{self.component}_lora_layers": layers, f"{self.component}_lora_adapter_metadata": metadata},
+            safe_serialization=True,
+        )
