@@ -60,15 +60,13 @@ def cmd_demo(args) -> int:
 
 
 def cmd_families(args) -> int:
-    from pso.families import FAMILIES, UNSUPPORTED_FAMILIES
+    from pso.families import FAMILIES
 
     for r in FAMILIES.values():
         print(
             f"{r.name:16} {'/'.join(r.arch):8} sampler={r.sampler:16} steps={list(r.steps)} "
             f"default={r.default_steps} guidance={r.guidance_scale}\n{'':16} {r.description}"
         )
-    for name, what in UNSUPPORTED_FAMILIES.items():
-        print(f"{name:16} not supported yet: {what}")
     return 0
 
 
@@ -126,10 +124,14 @@ def cmd_tiny_random(args) -> int:
 
 
 def cmd_tiny_build(args) -> int:
-    from pso.tiny.build import BuildConfig, build_tiny_model
+    if args.flow:
+        from pso.tiny.flow_build import FlowBuildConfig as Config
+        from pso.tiny.flow_build import build_tiny_flow_model as build
+    else:
+        from pso.tiny.build import BuildConfig as Config
+        from pso.tiny.build import build_tiny_model as build
 
-    cfg = BuildConfig.quick(args.seed) if args.quick else BuildConfig(seed=args.seed)
-    report = build_tiny_model(args.out, cfg)
+    report = build(args.out, Config.quick(args.seed) if args.quick else Config(seed=args.seed))
     for name, scores in report["scores"].items():
         print(f"{name:18} " + "  ".join(f"{k} {v:.3f}" for k, v in scores.items()))
     print(f"built in {report['seconds']['total']:.0f} s; student pipeline: {args.out / 'student'}")
@@ -476,10 +478,15 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("tiny", help="the built-in tiny models").add_subparsers(
         dest="tiny", required=True, metavar="ACTION"
     )
-    p = tiny.add_parser("build", help="train the built-in few-step model from scratch (about 20 min on 2 cores)")
+    p = tiny.add_parser("build", help="train the built-in few-step model from scratch (about 25 min on 2 cores)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a seconds-long build with tiny step counts (for tests)")
+    p.add_argument(
+        "--flow",
+        action="store_true",
+        help="the flow-matching model (FLUX format, family tiny-flow) instead of the UNet one (family tiny)",
+    )
     p.set_defaults(func=cmd_tiny_build)
     p = tiny.add_parser("random", help="write a tiny randomly initialised pipeline (for tests and trying things)")
     p.add_argument("--out", type=Path, required=True)

@@ -68,13 +68,11 @@ def export_policy(
         state = get_peft_model_state_dict(policy.backbone, state_dict=tensors)  # peft's names, no adapter name
         rank, alpha = cfg.finetune.rank, cfg.finetune.alpha or cfg.finetune.rank
         if fmt == "diffusers":
-            from diffusers.utils import convert_state_dict_to_diffusers
-
             # diffusers reads alpha from this metadata; without it it assumes alpha == rank
             metadata = None
             if alpha != rank:
-                metadata = {"r": rank, "lora_alpha": alpha, "target_modules": list(cfg.finetune.target_modules)}
-            policy.denoiser.save_lora(out, convert_state_dict_to_diffusers(state), metadata)
+                metadata = {"r": rank, "lora_alpha": alpha, "target_modules": policy.lora_targets}
+            policy.denoiser.save_lora(out, state, metadata)
             path = out / DIFFUSERS_FILE
         else:
             from diffusers.utils import convert_state_dict_to_kohya

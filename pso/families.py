@@ -10,12 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-SamplerKind = Literal["lcm", "tcd", "euler_ancestral", "euler", "ddim", "flow_euler"]
+SamplerKind = Literal["lcm", "tcd", "euler_ancestral", "euler", "ddim", "flow_euler", "scm"]
 Arch = Literal["sd", "sdxl", "flux", "flux2", "zimage", "sd3", "qwenimage", "sana"]
 
 
 class UnsupportedFamilyError(ValueError):
-    """A known family that this version cannot run yet, or an unknown family name."""
+    """A family name this version does not know."""
 
 
 @dataclass(frozen=True)
@@ -164,6 +164,94 @@ FAMILIES: dict[str, FamilyRecipe] = {
             max_sequence_length=256,
         ),
         FamilyRecipe(
+            "flux2-klein",
+            ("flux2",),
+            "flow_euler",
+            4,
+            (1, 2, 3, 4),
+            1.0,
+            "FLUX.2 [klein], distilled (1024 px, Qwen3 512 tokens): flow-matching Euler on sigmas linspace(1, 1/N, N) "
+            "with the exponential shift mu = compute_empirical_mu(seq len, N), so the grid depends on resolution and "
+            "step count; no CFG (guidance is ignored). Distilled for 4 steps: 1-3 are not documented by BFL, they "
+            "follow the same formula off-recipe (expect worse images). Deterministic at eta 0; set eta > 0 for "
+            "online PSO.",
+            {"use_dynamic_shifting": True, "time_shift_type": "exponential", "shift_terminal": None},
+            example_hub_id="black-forest-labs/FLUX.2-klein-4B",
+        ),
+        FamilyRecipe(
+            "z-image-turbo",
+            ("zimage",),
+            "flow_euler",
+            8,
+            (1, 2, 4, 8),
+            0.0,
+            "Z-Image-Turbo (1024 px, Qwen3 up to 512 tokens): flow-matching Euler on sigmas linspace(1, 1/N, N) "
+            "with static shift 3, no guidance (CFG runs at any guidance > 0). 8 steps = 8 forwards, the card's "
+            "num_inference_steps=9 in diffusers < 0.42 (9 here is another grid); 1, 2 and 4 steps sample subsets "
+            "of the 8-step timesteps. Deterministic at eta 0 (the pipeline's sampler); set eta > 0 for online PSO.",
+            {"shift": 3.0, "use_dynamic_shifting": False},
+            example_hub_id="Tongyi-MAI/Z-Image-Turbo",
+        ),
+        FamilyRecipe(
+            "sd35-turbo",
+            ("sd3",),
+            "flow_euler",
+            4,
+            (1, 4),
+            0.0,
+            "SD3.5 Large Turbo (ADD, 1024 px, T5 256 tokens): flow-matching Euler, static shift 3.0, the pipeline's "
+            "own grid (no sigmas passed; 4 steps: sigmas 1, .858, .602, .009), no CFG. 4 steps is the distilled "
+            "count; 1 step is its first x0 estimate from pure noise (2 steps would only add a no-op at sigma .009, "
+            "8 are undocumented). Deterministic at eta 0; set eta > 0 for online PSO.",
+            {"shift": 3.0, "use_dynamic_shifting": False},
+            example_hub_id="stabilityai/stable-diffusion-3.5-large-turbo",
+            max_sequence_length=256,
+        ),
+        FamilyRecipe(
+            "qwen-image-lightning",
+            ("qwenimage",),
+            "flow_euler",
+            8,
+            (4, 8),
+            1.0,
+            "Qwen-Image with a Lightning LoRA: model.distill_lora must name the lightx2v/Qwen-Image-Lightning LoRA "
+            "of the step count (distill_lora_weight_name e.g. Qwen-Image-Lightning-8steps-V1.1.safetensors, or a "
+            "4steps one for 4 steps). Flow-matching Euler on the authors' scheduler (exponential shift with mu = "
+            "ln 3 at every size: static shift 3); no CFG (guidance_scale is true_cfg_scale, 1.0). Deterministic "
+            "at eta 0 (the pipeline's sampler); set eta > 0 for online PSO.",
+            # ModelTC/Qwen-Image-Lightning generate_with_diffusers.py `scheduler_config` ("shift=3 in distillation")
+            {
+                "num_train_timesteps": 1000,
+                "shift": 1.0,
+                "use_dynamic_shifting": True,
+                "base_shift": 1.0986122886681098,  # ln 3
+                "max_shift": 1.0986122886681098,
+                "base_image_seq_len": 256,
+                "max_image_seq_len": 8192,
+                "time_shift_type": "exponential",
+                "shift_terminal": None,
+                "stochastic_sampling": False,
+                "invert_sigmas": False,
+                "use_karras_sigmas": False,
+                "use_exponential_sigmas": False,
+                "use_beta_sigmas": False,
+            },
+            example_hub_id="Qwen/Qwen-Image",
+        ),
+        FamilyRecipe(
+            "sana-sprint",
+            ("sana",),
+            "scm",
+            2,
+            (1, 2, 3, 4),
+            4.5,
+            "SANA-Sprint (1024 px, Gemma-2 300 tokens after the pipeline's instruction): sCM consistency sampling "
+            "on TrigFlow angles from 1.5708 (2 steps: 1.5708, 1.3; else evenly to 0), guidance 4.5 embedded (times "
+            "guidance_embeds_scale), no CFG. Natively stochastic (re-noising every step but the last), so online "
+            "PSO trains at any eta; eta has no effect.",
+            example_hub_id="Efficient-Large-Model/Sana_Sprint_1.6B_1024px_diffusers",
+        ),
+        FamilyRecipe(
             "tiny",
             ("sd",),
             "lcm",
@@ -175,30 +263,25 @@ FAMILIES: dict[str, FamilyRecipe] = {
             custom_timesteps={1: (999,), 2: (999, 499), 4: (999, 749, 499, 249)},
             example_hub_id="builtin:tiny",
         ),
+        FamilyRecipe(
+            "tiny-flow",
+            ("flux",),
+            "flow_euler",
+            4,
+            (1, 2, 4),
+            0.0,
+            "The built-in tiny flow-matching model (pso tiny build --flow): 32 px FLUX-format, flow-Euler on "
+            "FLUX.1-schnell's sigmas; set eta > 0 for online PSO.",
+            {"shift": 1.0, "use_dynamic_shifting": False},
+            example_hub_id="builtin:tiny-flow",
+            max_sequence_length=32,
+        ),
     ]
-}
-
-# The flow-matching few-step families to come (docs/flow-families-research.md has their recipes so far;
-# `pso tiny random --arch` builds a tiny random pipeline of each architecture)
-UNSUPPORTED_FAMILIES: dict[str, str] = {
-    "flux2-klein": "FLUX.2 [klein], distilled: Flux2KleinPipeline, FlowMatchEulerDiscrete, 4 steps",
-    "z-image-turbo": "Z-Image-Turbo: ZImagePipeline, FlowMatchEulerDiscrete shift 3.0, 8 steps",
-    "sd35-turbo": "SD3.5-Large-Turbo: StableDiffusion3Pipeline, FlowMatchEulerDiscrete shift 3.0, 4 steps",
-    "qwen-image-lightning": "Qwen-Image + Lightning LoRA: QwenImagePipeline, FlowMatchEulerDiscrete shift 3, 4/8 steps",
-    "sana-sprint": "SANA-Sprint: SanaSprintPipeline, SCM (TrigFlow), 1-4 steps",
 }
 
 
 def get_family(name: str) -> FamilyRecipe:
-    """Return the recipe for `name`, or raise a clear error for unknown or unsupported families."""
+    """Return the recipe for `name`, or raise a clear error for unknown families."""
     if name in FAMILIES:
         return FAMILIES[name]
-    if name in UNSUPPORTED_FAMILIES:
-        raise UnsupportedFamilyError(
-            f"model family {name!r} ({UNSUPPORTED_FAMILIES[name]}) is a flow-matching family, "
-            "which is not supported yet; supported families: " + ", ".join(FAMILIES)
-        )
-    raise UnsupportedFamilyError(
-        f"unknown model family {name!r}; supported families: {', '.join(FAMILIES)}"
-        f" (not supported yet: {', '.join(UNSUPPORTED_FAMILIES)})"
-    )
+    raise UnsupportedFamilyError(f"unknown model family {name!r}; supported families: {', '.join(FAMILIES)}")

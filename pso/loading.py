@@ -18,7 +18,10 @@ from pso.samplers import SAMPLERS, Sampler
 log = logging.getLogger(__name__)
 
 
-BUILTIN_MODELS = {"builtin:tiny": Path(__file__).parent / "tiny" / "assets" / "model"}
+BUILTIN_MODELS = {
+    "builtin:tiny": Path(__file__).parent / "tiny" / "assets" / "model",
+    "builtin:tiny-flow": Path(__file__).parent / "tiny" / "assets" / "flow-model",
+}
 
 
 def resolve_pretrained(name: str) -> str:

@@ -55,7 +55,7 @@ class DistilledPolicy:
             config = LoraConfig(
                 r=finetune.rank,
                 lora_alpha=finetune.alpha or finetune.rank,
-                target_modules=finetune.target_modules,
+                target_modules=self.lora_targets,
             )
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(finetune.init_seed)
@@ -75,6 +75,11 @@ class DistilledPolicy:
         if finetune is not None and finetune.gradient_checkpointing:
             self.backbone.enable_gradient_checkpointing()
         self.backbone.eval()  # no dropout or norm statistics differ between sampling and training passes
+
+    @property
+    def lora_targets(self) -> list[str]:
+        """The modules LoRA adapts: the configured ones, else the denoiser's default."""
+        return list(self.finetune.target_modules or self.denoiser.lora_targets)
 
     def set_num_steps(self, num_steps: int) -> None:
         """Switch the sampler to another of the family's step counts (e.g. train at 4, evaluate at 1)."""

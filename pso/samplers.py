@@ -24,6 +24,7 @@ from diffusers import (
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     LCMScheduler,
+    SCMScheduler,
     TCDScheduler,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -88,13 +89,17 @@ class Sampler(ABC):
         self.scheduler = scheduler
         self.num_steps = num_steps
         self.eta = eta
-        self.timesteps: Tensor = scheduler.timesteps.clone()
+        self.timesteps: Tensor = self._loop_timesteps(scheduler).clone()
         if len(self.timesteps) != num_steps:
             raise ValueError(f"{type(scheduler).__name__} set {len(self.timesteps)} timesteps, not {num_steps}")
         self.init_noise_sigma = float(getattr(scheduler, "init_noise_sigma", 1.0))  # flow matching starts at N(0, I)
         self._table: dict[str, Tensor] = {
             k: torch.stack([torch.as_tensor(r[k], dtype=torch.float32) for r in self._rows()]) for k in self._rows()[0]
         }
+
+    def _loop_timesteps(self, scheduler: SchedulerMixin) -> Tensor:
+        """The timesteps the pipeline's loop visits, one per step (SCM's table also holds the final angle 0)."""
+        return scheduler.timesteps
 
     @abstractmethod
     def _rows(self) -> list[dict[str, Tensor | float]]:
@@ -369,7 +374,93 @@ class FlowEulerSampler(Sampler):
         return torch.rand(n, generator=gen).clamp_min(1e-3) * 1000
 
 
+class SCMSampler(Sampler):
+    """SCMScheduler (SANA-Sprint's sCM consistency sampler on TrigFlow angles t in [0, pi/2]) as a policy.
+
+    TrigFlow noises a clean latent X0 (the pipeline's scaled latents) as X_t = cos(t) X0 + sin(t) sigma_d z,
+    and the model predicts the velocity F with X0 = cos(t) X_t - sin(t) F. The scheduler's step from angle s
+    to the next angle t is consistency sampling, natively stochastic:
+
+        X0_hat = cos(s) X - sin(s) F,   X_next = cos(t) X0_hat + sin(t) sigma_d z
+
+    The sampler's state is the pipeline's latents in units of sigma_d, x = X / sigma_d (the pipeline's own
+    `latents / sigma_data`, which is also what it decodes at the end): the start is N(0, I), each step is
+
+        x0_hat = cos(s) x - sin(s) F / sigma_d,   x_next ~ N(cos(t) x0_hat, sin(t)^2 I)
+
+    and the last step (t = 0: cos 1, sin 0) lands on x0_hat without noise, the pipeline's returned
+    `denoised / sigma_data`. Scaling by sigma_d (0.5) is exact in floating point, so states are the pipeline's
+    up to that factor bit for bit, and the policy draws its noise from the same generators in the same order
+    (one draw per step before the last; the scheduler's draw on the last step is multiplied by sin 0 = 0).
+    `model_input` turns a state back into the pipeline's latents, what the denoiser is given.
+
+    eta has no effect: the transition noise is the scheduler's own, full re-noising (FlowEulerSampler's eta 1).
+    """
+
+    kind = "scm"
+    scheduler_class = SCMScheduler
+
+    def __init__(self, scheduler, num_steps, timesteps=None, eta=0.0, schedule=None):
+        """`schedule`: what the pipeline passes to `set_timesteps` (SANA-Sprint: `max_timesteps`, and
+        `intermediate_timesteps`, which SCMScheduler allows only at 2 steps)."""
+        if timesteps is not None:
+            raise ValueError("the scm sampler takes its angles from max_timesteps and intermediate_timesteps")
+        super().__init__(scheduler, num_steps, None, eta, {**(schedule or {}), "num_inference_steps": num_steps})
+
+    @property
+    def sigma_data(self) -> float:
+        return float(self.scheduler.config.sigma_data)
+
+    def _loop_timesteps(self, scheduler):
+        return scheduler.timesteps[:-1]  # as the pipeline's loop: the table ends with the final angle 0
+
+    def _rows(self):
+        angles = self.scheduler.timesteps.to(torch.float32)  # trig in float32 on the table, as the scheduler does
+        rows = []
+        for k in range(self.num_steps):
+            s, t = angles[k], angles[k + 1]
+            last = k == self.num_steps - 1
+            rows.append(
+                {
+                    "cos": torch.cos(s),
+                    "sin": torch.sin(s),
+                    "renoise": torch.cos(t),
+                    "std": 0.0 if last else torch.sin(t),
+                }
+            )
+        return rows
+
+    def model_input(self, x, step):
+        return x * self.sigma_data
+
+    def step(self, x, model_output, step):
+        x, out = x.float(), model_output.float()  # the pipeline steps in float32
+        x0 = self._at("cos", step) * x - self._at("sin", step) * out / self.sigma_data
+        return Step(x0, self._at("renoise", step) * x0, self._at("std", step))
+
+    def forward_noise(self, x0, noise, t):
+        """x0: a final state (the pipeline's latents / sigma_d); returns the model's input X_t = sigma_d (cos t x0
+        + sin t noise) and the exact velocity there, F = sigma_d (cos t noise - sin t x0)."""
+        t = t.to(x0).view(-1, *([1] * (x0.ndim - 1)))
+        cos, sin = torch.cos(t), torch.sin(t)
+        return self.sigma_data * (cos * x0 + sin * noise), self.sigma_data * (cos * noise - sin * x0)
+
+    def random_timesteps(self, n, gen):
+        """Angles uniform in (0, max_timesteps], the range the sampler visits (sCM training draws
+        arctan(exp(tau) / sigma_d) with a log-normal tau instead; uniform weighs every noise level alike, as
+        the other samplers' uniform t does)."""
+        return (1 - torch.rand(n, generator=gen)) * float(self.timesteps[0])
+
+
 SAMPLERS: dict[str, type[Sampler]] = {
     cls.kind: cls
-    for cls in (LCMSampler, TCDSampler, DDIMSampler, EulerAncestralSampler, EulerSampler, FlowEulerSampler)
+    for cls in (
+        LCMSampler,
+        TCDSampler,
+        DDIMSampler,
+        EulerAncestralSampler,
+        EulerSampler,
+        FlowEulerSampler,
+        SCMSampler,
+    )
 }

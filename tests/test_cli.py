@@ -77,14 +77,14 @@ def test_config_errors_name_the_key_and_the_file(tmp_path, capsys):
 
 
 def test_unknown_family_is_a_config_error(capsys):
-    assert main(["config", "--set", "model.family=flux-schnell"]) == 2
-    assert "not supported yet" in capsys.readouterr().err
+    assert main(["config", "--set", "model.family=sd-9"]) == 2
+    assert "unknown model family 'sd-9'" in capsys.readouterr().err
 
 
 def test_families_lists_every_recipe(capsys):
     assert main(["families"]) == 0
     out = capsys.readouterr().out
-    assert "sdxl-dmd2" in out and "flux-schnell" in out and "not supported yet" in out
+    assert "sdxl-dmd2" in out and "flux-schnell     flux     sampler=flow_euler" in out
 
 
 def test_sample_writes_a_grid(tiny_models, tmp_path, capsys):

@@ -44,6 +44,10 @@ class FlowCase:
     arch: str  # `pso tiny random --arch`
     steps: tuple[int, ...]  # step counts checked against the pipeline
     pipe_kwargs: dict = field(default_factory=dict)  # what the pipeline's __call__ needs for the family's recipe
+    step_kwargs: dict = field(default_factory=dict)  # step count -> further __call__ kwargs at that count
+    # call with each prompt repeated instead of num_images_per_prompt=2: the SANA-Sprint and Qwen-Image pipelines'
+    # encode_prompt interleaves the prompt embeddings (p0 p0 p1 p1) but tiles their attention masks (p0 p1 p0 p1)
+    repeat_prompts: bool = False
 
     def __str__(self):
         return self.family
@@ -51,6 +55,25 @@ class FlowCase:
 
 FLOW_CASES = [
     FlowCase("flux-schnell", "flux", (1, 4), {"guidance_scale": 0.0, "max_sequence_length": 256}),
+    FlowCase(
+        "sana-sprint",
+        "sana",
+        (1, 2),
+        {"guidance_scale": 4.5, "use_resolution_binning": False},
+        step_kwargs={1: {"intermediate_timesteps": None}},  # the default 1.3 is allowed at 2 steps only
+        repeat_prompts=True,
+    ),
+    FlowCase("sd35-turbo", "sd3", (1, 4), {"guidance_scale": 0.0, "max_sequence_length": 256}),
+    FlowCase("z-image-turbo", "zimage", (1, 8), {"guidance_scale": 0.0, "max_sequence_length": 512}),
+    FlowCase(
+        "qwen-image-lightning",
+        "qwenimage",
+        (4, 8),
+        {"true_cfg_scale": 1.0, "max_sequence_length": 512},
+        repeat_prompts=True,
+    ),
+    FlowCase("tiny-flow", "flux", (1, 4), {"guidance_scale": 0.0, "max_sequence_length": 32}),
+    FlowCase("flux2-klein", "flux2", (1, 4), {"guidance_scale": 1.0}),
 ]
 
 
@@ -80,13 +103,18 @@ def pair_batch(policy: DistilledPolicy, seed: int = 0) -> PairBatch:
 def test_noise_level_zero_reproduces_the_pipeline(tiny_flow_models, case, steps):
     policy = make(tiny_flow_models, case, steps)
     traj = sample_groups(policy, PROMPTS, group_size=2, seed=7, batch_size=4)
-    assert traj.states.shape == (4, steps + 1, *policy.latent_shape) and not bool((traj.stds > 0).any())
+    assert traj.states.shape == (4, steps + 1, *policy.latent_shape)
+    # SCM re-noises at any eta, with the pipeline's own draws from the same generators
+    assert policy.sampler.kind == "scm" or not bool((traj.stds > 0).any())
     gens = [torch.Generator().manual_seed(s) for s in traj.seeds]
-    images = policy.pipe(
-        PROMPTS, num_images_per_prompt=2, generator=gens, num_inference_steps=steps, height=SIZE, width=SIZE,
-        output_type="pt", **case.pipe_kwargs,
+    per_prompt = 1 if case.repeat_prompts else 2
+    images = policy.pipe(  # a copy: ZImagePipeline rewrites the prompt list it is given in place
+        prompt=[p for p in PROMPTS for _ in range(2 // per_prompt)], num_images_per_prompt=per_prompt,
+        generator=gens, num_inference_steps=steps, height=SIZE, width=SIZE, output_type="pt", **case.pipe_kwargs,
+        **case.step_kwargs.get(steps, {}),
     ).images  # fmt: skip
-    torch.testing.assert_close(policy.pipe.scheduler.timesteps, traj.timesteps)
+    # [:steps]: SCMScheduler's table ends with the final angle 0, which the pipeline's loop skips
+    torch.testing.assert_close(policy.pipe.scheduler.timesteps[:steps], traj.timesteps)
     torch.testing.assert_close(traj.images, images, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(traj.images[0], traj.images[1])  # group members start from their own noise
 
@@ -130,6 +158,42 @@ def test_flow_euler_noise_levels_span_the_ode_and_full_renoising():
             torch.manual_seed(k)
             noise = torch.randn_like(x[k : k + 1]) if eta == 1.0 else 0.0
             torch.testing.assert_close(out.mean[k : k + 1] + out.std[k] * noise, want, rtol=1e-5, atol=1e-5)
+
+
+def test_scm_sampler_is_the_scheduler_step_in_units_of_sigma_data():
+    """SCMSampler's state is the pipeline's latents / sigma_d: its Gaussian, with the scheduler's own noise, is
+    SCMScheduler.step (X0 = cos(s) X - sin(s) F, X' = cos(t) X0 + sin(t) sigma_d z) divided by sigma_d; the last
+    step lands on X0 / sigma_d without noise; eta changes nothing; forward_noise's target is the velocity that
+    the step's x0 formula inverts, at angles drawn in (0, max_timesteps]."""
+    from diffusers import SCMScheduler
+
+    from pso.samplers import SCMSampler
+
+    for steps, intermediate in ((1, None), (2, 1.3), (4, None)):
+        scheduler = SCMScheduler(sigma_data=0.5)
+        schedule = {"max_timesteps": 1.5708, "intermediate_timesteps": intermediate}
+        sampler = SCMSampler(scheduler, steps, eta=0.6, schedule=schedule)
+        assert len(sampler.timesteps) == steps and sampler.init_noise_sigma == 1.0
+        assert float(sampler.stds[-1]) == 0 and sampler.stochastic == (steps > 1)
+        x, v, step = torch.randn(steps, 4, 8, 8), torch.randn(steps, 4, 8, 8), torch.arange(steps)
+        out = sampler.step(x, v, step)
+        torch.testing.assert_close(out.mean[-1], out.x0[-1], rtol=0, atol=0)
+        for k in range(steps):  # the scheduler itself, one sample at a time, on the pipeline's latents
+            scheduler._step_index = None
+            scheduler.set_begin_index(k)
+            latents = sampler.model_input(x[k : k + 1], step[k : k + 1])
+            gen = torch.Generator().manual_seed(k)
+            prev, x0 = scheduler.step(v[k : k + 1], scheduler.timesteps[k], latents, generator=gen, return_dict=False)
+            z = torch.randn(latents.shape, generator=torch.Generator().manual_seed(k))
+            torch.testing.assert_close(out.x0[k : k + 1] * 0.5, x0)
+            torch.testing.assert_close((out.mean[k : k + 1] + out.std[k] * z) * 0.5, prev)
+        t = sampler.random_timesteps(64, torch.Generator().manual_seed(0))
+        assert bool((t > 0).all() and (t <= sampler.timesteps[0]).all())
+        x0, noise = torch.randn(64, 4, 8, 8), torch.randn(64, 4, 8, 8)
+        x_t, target = sampler.forward_noise(x0, noise, t)
+        cos, sin = torch.cos(t).view(-1, 1, 1, 1), torch.sin(t).view(-1, 1, 1, 1)
+        torch.testing.assert_close(x_t, 0.5 * (cos * x0 + sin * noise))
+        torch.testing.assert_close((cos * x_t - sin * target) / 0.5, x0, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(

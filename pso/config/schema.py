@@ -55,7 +55,11 @@ class LoraFinetune(_FinetuneBase):
     mode: Literal["lora"] = "lora"
     rank: int = Field(16, ge=1)
     alpha: float | None = Field(None, gt=0, description="default: equal to rank (scale 1)")
-    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    target_modules: list[str] | None = Field(
+        None,
+        description="module names to adapt; default: the model's attention projections (UNet: to_q, to_k, to_v, "
+        "to_out.0; transformers: those of both the image and the text stream)",
+    )
     init_seed: int = 0
 
 

@@ -19,6 +19,11 @@ DENOISERS: dict[str, tuple[str, str]] = {
     "StableDiffusionPipeline": ("sd", "pso.denoisers.unet:SDUNetDenoiser"),
     "StableDiffusionXLPipeline": ("sdxl", "pso.denoisers.unet:SDXLUNetDenoiser"),
     "FluxPipeline": ("flux", "pso.denoisers.flux:FluxDenoiser"),
+    "SanaSprintPipeline": ("sana", "pso.denoisers.sana:SanaSprintDenoiser"),
+    "StableDiffusion3Pipeline": ("sd3", "pso.denoisers.sd3:SD3Denoiser"),
+    "ZImagePipeline": ("zimage", "pso.denoisers.zimage:ZImageDenoiser"),
+    "Flux2KleinPipeline": ("flux2", "pso.denoisers.flux2:Flux2Denoiser"),
+    "QwenImagePipeline": ("qwenimage", "pso.denoisers.qwenimage:QwenImageDenoiser"),
 }
 
 

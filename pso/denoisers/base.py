@@ -14,6 +14,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -28,6 +29,8 @@ class Denoiser(ABC):
     # the prefix diffusers' kohya converter is given: it turns "unet." into "lora_unet_"; transformer keys
     # get "lora_transformer_", the form ComfyUI reads for diffusers-named FLUX and SD3 LoRAs
     kohya_prefix: ClassVar[str] = "lora_transformer."
+    # LoRA's default targets: the attention projections (a transformer with a text stream adds its own)
+    lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
 
     def __init__(self, pipe: DiffusionPipeline, max_sequence_length: int | None = None):
         self.pipe = pipe
@@ -98,9 +101,42 @@ class Denoiser(ABC):
         return (image.float() / 2 + 0.5).clamp(0, 1)
 
     def save_lora(self, out: Path, layers: dict[str, Tensor], metadata: dict | None) -> None:
-        """Write diffusers-format LoRA layers (peft names converted) with the pipeline class's own writer."""
+        """Write LoRA layers (peft's names) with the pipeline class's own writer, as diffusers' transformer LoRA
+        scripts do: under peft's lora_A / lora_B names, which its loaders read for any target module."""
         type(self.pipe).save_lora_weights(
             out,
             **{f"{self.component}_lora_layers": layers, f"{self.component}_lora_adapter_metadata": metadata},
             safe_serialization=True,
         )
+
+
+def shift_mu(scheduler: SchedulerMixin, image_seq_len: int, max_shift: float = 1.15) -> float:
+    """The shift `mu` FLUX-style pipelines compute from the image's token count (diffusers' `calculate_shift`,
+    copied into each of those pipelines, with the scheduler's settings and the pipeline's defaults)."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    cfg = scheduler.config
+    return calculate_shift(
+        image_seq_len,
+        cfg.get("base_image_seq_len", 256),
+        cfg.get("max_image_seq_len", 4096),
+        cfg.get("base_shift", 0.5),
+        cfg.get("max_shift", max_shift),
+    )
+
+
+class PackedFlowDenoiser(Denoiser):
+    """Transformers fed 2x2 patches of the latents (FLUX.1, Qwen-Image): their pipelines draw (C, H, W) noise,
+    size images from `default_sample_size` and pass sigmas linspace(1, 1/N, N) with a shift for the image's
+    token count."""
+
+    def default_image_size(self) -> int:
+        return self.pipe.default_sample_size * self.vae_scale_factor
+
+    def latent_shape(self, image_size: int) -> tuple[int, ...]:
+        side = 2 * (image_size // (self.vae_scale_factor * 2))
+        return (self.backbone.config.in_channels // 4, side, side)
+
+    def schedule(self, scheduler, num_steps, image_size):
+        side = image_size // (self.vae_scale_factor * 2)
+        return {"sigmas": np.linspace(1.0, 1 / num_steps, num_steps), "mu": shift_mu(scheduler, side * side)}

@@ -6,36 +6,17 @@ around each transformer call with the pipeline's own helpers.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from torch import Tensor, nn
 
 from pso.conditioning import Conditioning
-from pso.denoisers.base import Denoiser
+from pso.denoisers.base import PackedFlowDenoiser
 
 
-class FluxDenoiser(Denoiser):
+class FluxDenoiser(PackedFlowDenoiser):
     arch = "flux"
-
-    def default_image_size(self) -> int:
-        return self.pipe.default_sample_size * self.vae_scale_factor
-
-    def latent_shape(self, image_size: int) -> tuple[int, ...]:
-        side = 2 * (image_size // (self.vae_scale_factor * 2))
-        return (self.backbone.config.in_channels // 4, side, side)
-
-    def schedule(self, scheduler, num_steps, image_size):
-        side = image_size // (self.vae_scale_factor * 2)
-        cfg = scheduler.config
-        mu = calculate_shift(
-            side * side,
-            cfg.get("base_image_seq_len", 256),
-            cfg.get("max_image_seq_len", 4096),
-            cfg.get("base_shift", 0.5),
-            cfg.get("max_shift", 1.15),
-        )
-        return {"sigmas": np.linspace(1.0, 1 / num_steps, num_steps), "mu": mu}
+    # both streams of the double blocks (the single blocks' to_q/k/v too), as diffusers' FLUX LoRA scripts
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
     @torch.no_grad()
     def encode(self, prompts: list[str], guidance_scale: float, image_size: int) -> Conditioning:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import Tensor, nn
 
@@ -33,6 +35,12 @@ class SDUNetDenoiser(Denoiser):
 
     def forward(self, backbone: nn.Module, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         return backbone(x, t, **cond.batched, **cond.shared).sample
+
+    def save_lora(self, out: Path, layers: dict[str, Tensor], metadata: dict | None) -> None:
+        """UNet layers in diffusers' naming (converted from peft's), as its UNet LoRA training scripts write them."""
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        super().save_lora(out, convert_state_dict_to_diffusers(layers), metadata)
 
 
 class SDXLUNetDenoiser(SDUNetDenoiser):

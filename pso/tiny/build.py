@@ -124,13 +124,13 @@ def _unet(cfg: BuildConfig) -> UNet2DConditionModel:
     )
 
 
-def _token_ids(tokenizer: CLIPTokenizer, prompts: list[str]) -> Tensor:
-    return tokenizer(
-        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
+def token_ids(tokenizer, prompts: list[str], max_length: int | None = None) -> Tensor:
+    """Token ids padded to `max_length` (default: the tokenizer's), as the pipelines tokenize."""
+    length = max_length or tokenizer.model_max_length
+    return tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
 
 
-def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
     """EMA with warm-up: early on the average follows the model, so the random init fades out."""
     decay = min(decay, (1 + step) / (10 + step))
     with torch.no_grad():
@@ -194,8 +194,8 @@ def train_teacher(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        _ema_update(ema_unet, unet, cfg.ema_decay, step)
-        _ema_update(ema_text, text_encoder, cfg.ema_decay, step)
+        ema_update(ema_unet, unet, cfg.ema_decay, step)
+        ema_update(ema_text, text_encoder, cfg.ema_decay, step)
         bar.set_postfix(loss=f"{loss.item():.4f}")
     return ema_unet.eval(), ema_text.eval()
 
@@ -266,7 +266,7 @@ def _decode(vae: AutoencoderKL, latents: Tensor) -> Tensor:
     return (vae.decode(latents / vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
 
 
-def _scores(images: Tensor, prompts: list[str]) -> dict[str, float]:
+def world_scores(images: Tensor, prompts: list[str]) -> dict[str, float]:
     fid = fidelity(images, prompts)
     return {
         "fidelity": float(fid.mean()),
@@ -287,19 +287,19 @@ def evaluate_build(cfg: BuildConfig, vae, teacher, text_encoder, tokenizer, stud
     rng = np.random.default_rng(cfg.seed + 1000)
     scenes = random_scenes(rng, cfg.eval_prompts)
     prompts = [s.prompt for s in scenes]
-    ids = _token_ids(tokenizer, prompts + [""])
+    ids = token_ids(tokenizer, prompts + [""])
     text = text_encoder(ids).last_hidden_state
     cond, uncond = text[:-1], text[-1:]
     noise = torch.randn((len(prompts), 4, 8, 8), generator=torch.Generator().manual_seed(cfg.seed + 1000))
-    report = {"data": _scores(draw_batch(scenes, rng), prompts)}
+    report = {"data": world_scores(draw_batch(scenes, rng), prompts)}
     for steps in (1, cfg.ode_steps):
         latents = teacher_ode(teacher, cond, uncond, noise, steps, cfg.ode_guidance)
-        report[f"teacher_{steps}_step"] = _scores(_decode(vae, latents), prompts)
+        report[f"teacher_{steps}_step"] = world_scores(_decode(vae, latents), prompts)
     for steps in (1, 2, 4):
         model = ModelConfig(family="tiny", pretrained=str(student_dir), num_steps=steps)
         policy = DistilledPolicy.from_config(model, finetune=None)
         traj = sample_groups(policy, prompts, 1, cfg.seed + 1000, batch_size=256)
-        report[f"student_{steps}_step"] = _scores(traj.images, prompts)
+        report[f"student_{steps}_step"] = world_scores(traj.images, prompts)
     return report
 
 
@@ -316,8 +316,8 @@ def build_tiny_model(out_dir: Path, cfg: BuildConfig) -> dict:
     scenes = random_scenes(rng, cfg.dataset_size)
     images = draw_batch(scenes, rng)
     tokenizer = build_clip_tokenizer(out_dir / "tokenizer")
-    ids = _token_ids(tokenizer, [s.prompt for s in scenes])
-    empty_ids = _token_ids(tokenizer, [""])
+    ids = token_ids(tokenizer, [s.prompt for s in scenes])
+    empty_ids = token_ids(tokenizer, [""])
 
     vae = train_vae(cfg, images, gen)
     latents = encode_images(vae, images)
