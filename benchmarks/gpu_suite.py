@@ -1,7 +1,7 @@
-"""GPU suite: weight broadcast, learner, actor and reward-server benchmarks on a random SDXL-size model.
+"""GPU suite: weight broadcast, learner, actor and reward-server benchmarks on a random SDXL- or FLUX.1-size model.
 
-    python benchmarks/gpu_suite.py [--device cuda:0] [--ranks 16 32] [--out runs/gpu-suite.md]
-    python benchmarks/gpu_suite.py --smoke [--out runs/gpu-suite-smoke.md]      # CPU wiring check, toy sizes
+    python benchmarks/gpu_suite.py [--arch sdxl|flux] [--device cuda:0] [--ranks 16 32] [--out runs/gpu-suite.md]
+    python benchmarks/gpu_suite.py --smoke [--arch flux] [--out runs/gpu-suite-smoke.md]  # CPU wiring check, toy sizes
 
 One process, one GPU (cuda:0: choose it with CUDA_VISIBLE_DEVICES), about 5 minutes on an H100/H200
 (every stage is time-boxed; the whole suite stays under --budget-s, 570 s by default). It builds a
@@ -32,9 +32,24 @@ float16). Then, for each LoRA rank (--ranks, default 16 and 32), on one loaded p
    --device cuda:0 --dtype float16 --image-size 512`: served images/s at 1, 8 and 64 clients
    against the raw batched forward.
 
+`--arch flux` runs the same stages on a random-initialised FLUX.1-class pipeline (pso/random_arch.py
+"flux"): FLUX.1-schnell's own FluxTransformer2DModel (19 double- and 38 single-stream blocks, width
+3072: 11.89B parameters, checked against the published count), FLUX's 16-channel VAE (no quant convs,
+scaling 0.3611, shift 0.1159), a CLIP-L-width (768, the pooled vector) and a T5-XXL-width (d_model 4096)
+text encoder of 2 layers each, with offline tokenizers; initialised on the GPU directly in bfloat16 and
+saved as safetensors (24 GB of transformer weights). It loads as family flux-schnell at 512 px, 4 steps
+of flow-matching Euler at eta 0.7 (3 stochastic transitions), bfloat16 transformer with gradient
+checkpointing and float32 LoRA adapters on both attention streams (to_q/to_k/to_v/to_out.0 and
+add_q_proj/add_k_proj/add_v_proj/to_add_out), the VAE decoding in bfloat16. The learner holds two copies
+of the transformer (the bare loop's policy and the engine's), so it needs one 80 GB GPU (H100/H200),
+and the disk room for the 24 GB folder; each load of it takes a while, so a second rank may run out
+of the time box (`--ranks 16` for one).
+
 Prints one markdown table (benchmark, setting, figure, reference, ratio, goal) and writes it to
---out, with the numbers as JSON beside it (--json). `--smoke` runs the same code on the CPU at toy
-sizes (a 64 px SDXL-layout model, a tiny random PickScore) in under a minute. Figures, not assertions.
+--out, with the numbers as JSON beside it (--json); the JSON keeps each stage's GPU memory (allocated
+and peak since the rank's policy was loaded, GiB). `--smoke` runs the same code on the CPU at toy
+sizes (a 64 px SDXL-layout model, or with --arch flux the FLUX layout with 1 double + 1 single block at
+small widths; a tiny random PickScore) in under a minute. Figures, not assertions.
 """
 
 from __future__ import annotations
@@ -73,14 +88,11 @@ GOALS = {
 DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-FAMILY = "sdxl-turbo"  # the random SDXL pipeline samples as SDXL-Turbo: 512 px, Euler ancestral, 1-4 steps
-
-
 @dataclass(frozen=True)
 class Settings:
     """Sizes and time boxes of one suite run (FULL on a GPU, SMOKE on a CPU)."""
 
-    size: str  # "full" (pso.random_arch's sdxl) or "smoke" (sdxl-smoke)
+    size: str  # "full" or "smoke"
     image_size: int
     dtype: str  # the policy's dtype
     precision: str  # learner.precision (fp32: DeepSpeed leaves dtypes alone; LoRA adapters are float32)
@@ -105,6 +117,12 @@ class Settings:
     budget_s: float
     reserve_s: float  # kept back for the reward-server stage while the per-rank stages run
     min_s: dict = field(default_factory=dict)  # least time left (beyond the reserve) to start a stage
+    arch: str = "sdxl"  # the random architecture (pso.random_arch.ARCHS)
+    # the random SDXL pipeline samples as SDXL-Turbo: 512 px, Euler ancestral, 1-4 steps
+    family: str = "sdxl-turbo"
+    model_dtype: str = "float16"  # the random pipeline's weights as saved (the policy loads them in `dtype`)
+    eta: float | None = None  # the sampler's noise level (None: the family's)
+    gradient_checkpointing: bool = False
 
 
 FULL = Settings(
@@ -160,7 +178,16 @@ SMOKE = Settings(
     budget_s=170,
     reserve_s=45,
     min_s={"learner": 5, "broadcast": 2, "actor": 5, "reward-server": 20},
+    arch="sdxl-smoke",
 )
+# --arch flux: FLUX.1-schnell's flow-matching Euler at eta 0.7 (stochastic transitions to train on), bfloat16
+# transformer with float32 LoRA adapters on both attention streams, gradient checkpointing (12B parameters)
+_FLUX = dict(family="flux-schnell", model_dtype="bfloat16", eta=0.7, gradient_checkpointing=True)
+FLUX_FULL = replace(FULL, arch="flux", dtype="bfloat16", **_FLUX)
+FLUX_SMOKE = replace(SMOKE, arch="flux-smoke", **_FLUX)
+# --arch: what the random model is called and what its denoiser is
+MODELS = {"sdxl": ("SDXL", "UNet"), "flux": ("FLUX.1-class", "transformer")}
+SETTINGS = {("sdxl", False): FULL, ("sdxl", True): SMOKE, ("flux", False): FLUX_FULL, ("flux", True): FLUX_SMOKE}
 
 
 @dataclass
@@ -225,6 +252,11 @@ def gpu_memory(device: torch.device) -> dict:
     }
 
 
+def param_count(n: int) -> str:
+    """A parameter count: 2.567B, or 0.073M for the smoke sizes."""
+    return f"{n / 1e9:.3f}B" if n >= 1e8 else f"{n / 1e6:.3f}M"
+
+
 def overhead(ratio: float) -> str:
     return f"{ratio:.3f} ({100 * (ratio - 1):+.1f}%)"
 
@@ -242,23 +274,25 @@ class Suite:
 
     # ----- setup -----
     def build_model(self) -> None:
-        from pso.random_arch import ARCHS, build_random_pipeline, count_folder_unet_parameters
+        from pso.random_arch import ARCHS, build_random_pipeline, count_folder_parameters
 
+        s, (name, backbone) = self.s, MODELS[self.args.arch]
         if self.args.model_dir:
             self.model_dir = Path(self.args.model_dir)
             log(self.clock, f"using the model in {self.model_dir}")
         else:
-            self.model_dir = self.work / "sdxl"
-            log(self.clock, f"building a random {self.s.size} SDXL pipeline on {self.device} ...")
-            arch = "sdxl" if self.s.size == "full" else "sdxl-smoke"
-            build_random_pipeline(self.model_dir, arch, image_size=self.s.image_size, device=str(self.device))
+            self.model_dir = self.work / self.args.arch
+            log(self.clock, f"building a random {s.size} {name} pipeline on {self.device} ...")
+            build_random_pipeline(self.model_dir, s.arch, image_size=s.image_size, device=str(self.device),
+                                  dtype=getattr(torch, s.model_dtype))  # fmt: skip
             free_memory(self.device)
-        n_params = count_folder_unet_parameters(self.model_dir)
-        self.info.update(family=FAMILY, unet_parameters=n_params, model_dir=str(self.model_dir))
-        log(self.clock, f"model ready: UNet {n_params / 1e9:.3f}B parameters")
-        sdxl_params = ARCHS["sdxl"].unet_params
-        if self.s.size == "full" and abs(n_params / sdxl_params - 1) > 0.01:
-            raise RuntimeError(f"the UNet has {n_params:,} parameters, SDXL's has {sdxl_params:,}")
+        n_params = count_folder_parameters(self.model_dir)
+        self.info.update(family=s.family, model_dir=str(self.model_dir))
+        self.info[f"{backbone.lower()}_parameters"] = n_params
+        log(self.clock, f"model ready: {backbone} {param_count(n_params)} parameters")
+        published = ARCHS[self.args.arch].params
+        if s.size == "full" and abs(n_params / published - 1) > 0.01:
+            raise RuntimeError(f"the {backbone} has {n_params:,} parameters, {name}'s has {published:,}")
 
     def build_reward_model(self) -> None:
         from reward_server.backends.clip_rewards import build_random
@@ -309,19 +343,27 @@ class Suite:
         free_memory(self.device)
 
     def load_policy(self, rank: int):
-        from pso.config.schema import LoraFinetune, ModelConfig
+        from pso.config.schema import ModelConfig
         from pso.policy import DistilledPolicy
 
         cfg = ModelConfig(
-            family=FAMILY,
+            family=self.s.family,
             pretrained=str(self.model_dir),
             num_steps=self.s.num_steps,
+            eta=self.s.eta,
             resolution=self.s.image_size,
             dtype=self.s.dtype,
             device=str(self.device),
             local_files_only=True,
         )
-        return DistilledPolicy.from_config(cfg, LoraFinetune(rank=rank))
+        policy = DistilledPolicy.from_config(cfg, self.finetune(rank))
+        self.info["lora_targets"] = policy.lora_targets
+        return policy
+
+    def finetune(self, rank: int):
+        from pso.config.schema import LoraFinetune
+
+        return LoraFinetune(rank=rank, gradient_checkpointing=self.s.gradient_checkpointing)
 
     def prompts(self) -> list[str]:
         from pso.prompts import GENERAL, load_prompts
@@ -392,8 +434,10 @@ class Suite:
         }
         row = Row(
             "learner update",
-            f"LoRA r{rank}, ZeRO-0 {s.precision} ({s.dtype} UNet), online-pso {s.num_steps} steps "
-            f"({transitions} transitions), {s.pairs} pairs/update in micro-batches of {pairs_per_step}, "
+            f"LoRA r{rank}, ZeRO-0 {s.precision} ({s.dtype} {MODELS[self.args.arch][1]}"
+            f"{', gradient checkpointing' if s.gradient_checkpointing else ''}), online-pso {s.num_steps} steps "
+            f"{'' if s.eta is None else f'at eta {s.eta:g} '}({transitions} transitions), {s.pairs} pairs/update "
+            f"in micro-batches of {pairs_per_step}, "
             f"median of {len(times['bare'])}",
             f"LearnerEngine {s.pairs / engine_s:.2f} pairs/s",
             f"bare PyTorch {s.pairs / bare_s:.2f} pairs/s",
@@ -478,7 +522,7 @@ class Suite:
     # ----- 3. actor -----
     def actor(self, rank: int, policy) -> Row:
         from actors.actor import Actor
-        from pso.config.schema import LoraFinetune, PSOConfig, SamplingConfig
+        from pso.config.schema import PSOConfig, SamplingConfig
         from pso.config.services import ActorConfig, RedisConfig
         from pso.loop import round_seed
         from pso.pairing import pairs_in_groups
@@ -491,7 +535,7 @@ class Suite:
         g, n = s.group_size, s.prompts_per_batch
         cfg = PSOConfig(
             model=policy.model_cfg,
-            finetune=LoraFinetune(rank=rank),
+            finetune=self.finetune(rank),
             sampling=SamplingConfig(group_size=g, batch_size=s.sample_batch),
             redis=RedisConfig(url=self.redis_url, run=f"suite-actor-{uuid.uuid4().hex[:8]}"),
             actor=ActorConfig(reward_url=self.reward_url, prompts_per_batch=n, max_backlog=100_000),
@@ -664,12 +708,12 @@ def run_suite(args: argparse.Namespace, s: Settings, clock: Clock, work: Path) -
         with LocalRedis() as redis_server:
             suite.redis_url = redis_server.url
             try:
-                if "actor" in stages:  # the reward server loads while the SDXL model is built
+                if "actor" in stages:  # the reward server loads while the model is built
                     suite.build_reward_model()
                     server = suite.start_reward_server()
                 suite.build_model()
             except Exception as e:
-                rows.append(error_row("setup", "random SDXL model, reward model and server", e))
+                rows.append(error_row("setup", f"random {MODELS[args.arch][0]} model, reward model and server", e))
             else:
                 for rank in args.ranks:
                     rows += run_rank(suite, rank, stages, server)
@@ -766,14 +810,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", help="default cuda:0 (cpu with --smoke)")
     parser.add_argument("--smoke", action="store_true", help="toy sizes on the CPU: checks the wiring in ~2 minutes")
+    parser.add_argument("--arch", choices=list(MODELS), default="sdxl", help="the random model: SDXL-Turbo's format "
+                        "(default) or FLUX.1-schnell's (12B transformer, one 80 GB GPU)")  # fmt: skip
     parser.add_argument("--ranks", type=int, nargs="+", default=[16, 32], help="LoRA ranks")
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
     parser.add_argument("--out", type=Path, default=Path("runs/gpu-suite.md"), help="the markdown table")
     parser.add_argument("--json", type=Path, help="the numbers (default: --out with .json)")
     parser.add_argument("--budget-s", type=float, help="wall-time budget of the whole suite (570 s; smoke 170 s)")
     parser.add_argument("--pairs-per-step", type=int, help="learner micro-batch in pairs (2; halved on OOM)")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], help="fp32: float16 UNet, float32 LoRA "
-                        "(default); bf16: bfloat16 UNet, DeepSpeed bf16 with float32 master weights")  # fmt: skip
+    parser.add_argument("--precision", choices=["fp32", "bf16"], help="fp32: float16 UNet (FLUX: bfloat16 "
+                        "transformer), float32 LoRA (default); bf16: bfloat16 UNet, DeepSpeed bf16 with float32 "
+                        "master weights")  # fmt: skip
     parser.add_argument("--model-dir", type=Path, help="reuse a folder a previous run built (skips the build)")
     parser.add_argument("--work-dir", type=Path, help="where models and logs go (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
@@ -781,7 +828,7 @@ def main() -> None:
     parser.add_argument("--reward-threads", type=int, default=1, help="torch threads of the reward servers")
     args = parser.parse_args()
     args.device = args.device or ("cpu" if args.smoke else "cuda:0")
-    s = SMOKE if args.smoke else FULL
+    s = SETTINGS[args.arch, args.smoke]
     if args.budget_s:
         s = replace(s, budget_s=args.budget_s)
     if args.pairs_per_step:
@@ -823,13 +870,18 @@ def main() -> None:
         torch.distributed.destroy_process_group()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     elapsed = clock.elapsed()
+    model, backbone = MODELS[args.arch]
+    sampling = f"eta {s.eta:g}, " if s.eta is not None else ""
+    checkpointing = "gradient checkpointing, " if s.gradient_checkpointing else ""
+    targets = "/".join(info.get("lora_targets", ["to_q", "to_k", "to_v", "to_out.0"]))
     header = [
         f"# GPU suite{' (smoke: toy sizes on the CPU)' if args.smoke else ''}",
         "",
         f"{name}, torch {torch.__version__}; {elapsed:.0f} s in all (budget {s.budget_s:.0f} s). "
-        f"Random {info.get('family', 'sdxl-turbo')}-format SDXL model, "
-        f"UNet {info.get('unet_parameters', 0) / 1e9:.3f}B parameters, {s.image_size} px, {s.dtype} UNet "
-        f"(VAE decodes in {'bfloat16' if s.dtype == 'bfloat16' else 'float32'}), LoRA on to_q/to_k/to_v/to_out.0.",
+        f"Random {info.get('family', s.family)}-format {model} model, "
+        f"{backbone} {param_count(info.get(f'{backbone.lower()}_parameters', 0))} parameters, {s.image_size} px, "
+        f"{s.dtype} {backbone} (VAE decodes in {'bfloat16' if s.dtype == 'bfloat16' else 'float32'}), "
+        f"{sampling}{checkpointing}LoRA on {targets}.",
     ]
     table = markdown(rows, header)
     print("\n" + table, flush=True)

@@ -326,7 +326,8 @@ def cmd_up(args) -> int:
 def cmd_bench_quality(args) -> int:
     from pso.bench.quality import QualityBenchConfig, run_quality_bench
 
-    bench = QualityBenchConfig(seeds=list(range(args.seeds)), rounds=args.rounds)
+    settings = dict(seeds=list(range(args.seeds)), rounds=args.rounds)
+    bench = QualityBenchConfig.flow(**settings) if args.flow else QualityBenchConfig(**settings)
     result = run_quality_bench(args.out, bench)
     print(result["markdown"], end="")
     print(f"written: {args.out / 'results.md'}, {args.out / 'results.json'}, {result['grid']}")
@@ -473,6 +474,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3, help="independent runs per method (default 3)")
     p.add_argument("--rounds", type=int, default=40, help="online rounds per run (default 40)")
     p.add_argument("--out", type=Path, default=Path("runs/bench-quality"))
+    p.add_argument(
+        "--flow",
+        action="store_true",
+        help="the built-in flow-matching model (trained at noise level 0.7, evaluated at 0) instead of the UNet one",
+    )
     p.set_defaults(func=cmd_bench_quality)
 
     tiny = sub.add_parser("tiny", help="the built-in tiny models").add_subparsers(

@@ -36,6 +36,8 @@ class FamilyRecipe:
     example_hub_id: str = ""
     # the text encoder's token budget where the family's pipeline default is wrong for it (FLUX.1-schnell: 256)
     max_sequence_length: int | None = None
+    # the image side where the pipeline's default is not the model's (a FluxPipeline always defaults to 1024 px)
+    resolution: int | None = None
 
 
 _TRAILING = {"timestep_spacing": "trailing"}
@@ -275,6 +277,7 @@ FAMILIES: dict[str, FamilyRecipe] = {
             {"shift": 1.0, "use_dynamic_shifting": False},
             example_hub_id="builtin:tiny-flow",
             max_sequence_length=32,
+            resolution=32,
         ),
     ]
 }

@@ -64,6 +64,11 @@ def check_device(device: str) -> None:
         raise ValueError(f"model.device is {device!r} but this machine has no CUDA device; use --set model.device=cpu")
 
 
+def image_size(denoiser: Denoiser, recipe: FamilyRecipe, cfg: ModelConfig) -> int:
+    """The side of the square images sampled: configured, else the family's, else the pipeline's default."""
+    return cfg.resolution or recipe.resolution or denoiser.default_image_size()
+
+
 def build_sampler(denoiser: Denoiser, recipe: FamilyRecipe, cfg: ModelConfig) -> Sampler:
     """The family's scheduler with its pinned settings, at the configured step count."""
     num_steps = cfg.num_steps or recipe.default_steps
@@ -77,10 +82,10 @@ def build_sampler(denoiser: Denoiser, recipe: FamilyRecipe, cfg: ModelConfig) ->
             f"which only the lcm sampler follows; sampler {kind!r} cannot be used"
         )
     eta = recipe.eta if cfg.eta is None else cfg.eta
-    image_size = cfg.resolution or denoiser.default_image_size()
-    sampler = _make_sampler(denoiser, recipe, kind, num_steps, timesteps, eta, image_size)
+    size = image_size(denoiser, recipe, cfg)
+    sampler = _make_sampler(denoiser, recipe, kind, num_steps, timesteps, eta, size)
     if kind != recipe.sampler:  # an override must keep the timesteps the model was distilled for
-        own = _make_sampler(denoiser, recipe, recipe.sampler, num_steps, timesteps, eta, image_size).timesteps
+        own = _make_sampler(denoiser, recipe, recipe.sampler, num_steps, timesteps, eta, size).timesteps
         if not torch.equal(sampler.timesteps.round().long(), own.round().long()):
             raise ValueError(
                 f"sampler {kind!r} would sample {recipe.name} at timesteps "

@@ -23,7 +23,7 @@ from pso.conditioning import Conditioning
 from pso.config.schema import Finetune, LoraFinetune, ModelConfig, Reduction
 from pso.denoisers import Denoiser
 from pso.families import get_family
-from pso.loading import build_sampler, load_pipeline
+from pso.loading import build_sampler, image_size, load_pipeline
 from pso.samplers import Sampler
 
 
@@ -81,9 +81,11 @@ class DistilledPolicy:
         """The modules LoRA adapts: the configured ones, else the denoiser's default."""
         return list(self.finetune.target_modules or self.denoiser.lora_targets)
 
-    def set_num_steps(self, num_steps: int) -> None:
-        """Switch the sampler to another of the family's step counts (e.g. train at 4, evaluate at 1)."""
-        self.model_cfg = self.model_cfg.model_copy(update={"num_steps": num_steps})
+    def set_num_steps(self, num_steps: int, eta: float | None = None) -> None:
+        """Switch the sampler to another of the family's step counts (e.g. train at 4, evaluate at 1), and to
+        noise level `eta` when given (e.g. train a flow model at 0.7, evaluate it at 0)."""
+        update = {"num_steps": num_steps} | ({} if eta is None else {"eta": eta})
+        self.model_cfg = self.model_cfg.model_copy(update=update)
         self.sampler = build_sampler(self.denoiser, get_family(self.model_cfg.family), self.model_cfg)
         self.pipe.scheduler = self.sampler.scheduler
 
@@ -104,7 +106,7 @@ class DistilledPolicy:
 
     @property
     def image_size(self) -> int:
-        return self.model_cfg.resolution or self.denoiser.default_image_size()
+        return image_size(self.denoiser, get_family(self.model_cfg.family), self.model_cfg)
 
     @property
     def latent_shape(self) -> tuple[int, ...]:

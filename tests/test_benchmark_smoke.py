@@ -15,12 +15,13 @@ ROOT = Path(__file__).resolve().parents[1]
 BUDGET_S = 900
 
 
-@pytest.mark.slow
-def test_the_gpu_suite_smoke_run_reports_every_stage(tmp_path):
+def run_smoke_suite(tmp_path: Path, *args: str) -> str:
+    """Run the suite's smoke mode on the learner, broadcast and actor stages (the reward-server stage has its
+    own test below); check every row reports a figure and return the table."""
     out = tmp_path / "suite.md"
     run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--smoke", "--stages", "learner", "broadcast",
-         "actor", "--threads", "1", "--out", str(out), "--budget-s", str(BUDGET_S)],
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--smoke", *args, "--stages", "learner",
+         "broadcast", "actor", "--threads", "1", "--out", str(out), "--budget-s", str(BUDGET_S)],
         capture_output=True, text=True, timeout=BUDGET_S + 300, cwd=tmp_path,
         env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
     )  # fmt: skip
@@ -31,6 +32,20 @@ def test_the_gpu_suite_smoke_run_reports_every_stage(tmp_path):
     print(table)
     assert {r["benchmark"] for r in rows["rows"]} == {"learner update", "weight broadcast", "actor"}, rows
     assert all(r["error"] is None and r["figure"] for r in rows["rows"]), rows["rows"]
+    return table
+
+
+@pytest.mark.slow
+def test_the_gpu_suite_smoke_run_reports_every_stage(tmp_path):
+    run_smoke_suite(tmp_path)
+
+
+def test_the_gpu_suite_flux_smoke_run_reports_every_stage(tmp_path):
+    """--arch flux: the FLUX.1 layout at toy widths (1 double + 1 single block), flux-schnell at eta 0.7 with
+    gradient checkpointing and LoRA on both attention streams; ~15 s on two cores."""
+    table = run_smoke_suite(tmp_path, "--arch", "flux", "--ranks", "16")
+    assert "flux-schnell-format FLUX.1-class model" in table and "at eta 0.7" in table, table
+    assert "to_add_out" in table and "gradient checkpointing" in table, table
 
 
 @pytest.mark.slow

@@ -15,28 +15,35 @@ from pso.cli import main
 from pso.codecs import decode_weights, encode_weights
 from pso.config import load_config
 from pso.config.schema import PSOConfig
+from pso.families import get_family
 from pso.objectives import PairBatch, compute_loss
 from pso.policy import DistilledPolicy
 from pso.sampling import sample_groups
+from pso.tiny.flow import FLOW_ARCHS
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
-MODEL_CONFIGS = [p for p in CONFIGS if "model" in yaml.safe_load(p.read_text())]  # not the service-only ones
+# the presets that name a model (not the service-only files, nor the bases presets extend)
+MODEL_CONFIGS = [p for p in CONFIGS if "family" in (yaml.safe_load(p.read_text()).get("model") or {})]
 
 
 @pytest.mark.parametrize("path", MODEL_CONFIGS, ids=lambda p: p.name)
-def test_shipped_configs_train_in_their_dtype(path, tiny_models):
+def test_shipped_configs_train_in_their_dtype(path, tiny_models, tiny_flow_models):
     """Each shipped recipe, on a tiny model of its architecture, on CPU, in its own dtype: sample, one
     update, and everything stays finite."""
     cfg = load_config(PSOConfig, path)
-    arch = "sdxl" if "sdxl" in cfg.model.pretrained or "xl" in path.name else "sd"
+    arch = get_family(cfg.model.family).arch[0]
+    if arch in FLOW_ARCHS:
+        model, resolution = tiny_flow_models(arch), 32
+    else:
+        model, resolution = tiny_models["sdxl" if "sdxl" in cfg.model.pretrained or "xl" in path.name else "sd"], None
     cfg.model = cfg.model.model_copy(
         update={
-            "pretrained": str(tiny_models[arch]),
+            "pretrained": str(model),
             "device": "cpu",
             "unet": None,
             "distill_lora": None,
             "variant": None,
-            "resolution": None,
+            "resolution": resolution,
         }
     )
     policy = DistilledPolicy.from_config(cfg.model, cfg.finetune.model_copy(update={"rank": 4}))

@@ -1,6 +1,7 @@
-"""The GPU online presets (configs/sd-turbo.yaml, sdxl-turbo.yaml, sdxl-dmd2.yaml): the reference
-settings, and each preset building its model on a random-initialised, full-size architecture of its
-family through the same loading code as a real run (only the hub ids swapped for local folders)."""
+"""The GPU online presets (configs/sd-turbo.yaml, sdxl-turbo.yaml, sdxl-dmd2.yaml, and the flow-matching
+ones on configs/online-flow.yaml): the reference settings, and each UNet preset building its model on a
+random-initialised, full-size architecture of its family through the same loading code as a real run (only
+the hub ids swapped for local folders)."""
 
 import gc
 from pathlib import Path
@@ -18,6 +19,14 @@ from pso.sampling import sample_groups
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 PRESETS = {"sd-turbo.yaml": "sd2", "sdxl-turbo.yaml": "sdxl", "sdxl-dmd2.yaml": "sdxl"}
+FLOW_PRESETS = {  # preset -> its family (online-flow.yaml's settings)
+    "flux-schnell.yaml": "flux-schnell",
+    "flux2-klein.yaml": "flux2-klein",
+    "z-image-turbo.yaml": "z-image-turbo",
+    "sd35-turbo.yaml": "sd35-turbo",
+    "qwen-image-lightning.yaml": "qwen-image-lightning",
+    "sana-sprint.yaml": "sana-sprint",
+}
 ATTENTION = {"to_q", "to_k", "to_v", "to_out.0"}
 
 
@@ -39,6 +48,25 @@ def test_presets_carry_the_reference_settings(name):
     assert len(load_prompts(cfg.actor.prompts, [])) >= 100
     repos = {d.repo for d in planned_downloads(cfg)}
     assert cfg.model.pretrained in repos and "yuvalkirstain/PickScore_v1" in repos
+
+
+@pytest.mark.parametrize("name", FLOW_PRESETS)
+def test_flow_presets_carry_the_reference_settings_for_large_transformers(name):
+    cfg = preset(name)
+    recipe = get_family(cfg.model.family)
+    assert cfg.model.family == FLOW_PRESETS[name] and cfg.model.num_steps in recipe.steps
+    # the denoiser's own targets (both attention streams), float32 adapters on bfloat16 weights, checkpointing
+    assert cfg.finetune.mode == "lora" and cfg.finetune.target_modules is None and cfg.finetune.gradient_checkpointing
+    assert (cfg.model.device, cfg.model.dtype, cfg.learner.precision) == ("cuda", "bfloat16", "fp32")
+    assert (cfg.loss.name, cfg.loss.beta, cfg.loss.clip_eps) == ("online-pso", 50.0, 0.1)
+    # online PSO needs stochastic transitions: flow_euler at eta > 0; the scm sampler is stochastic at any eta
+    assert cfg.model.eta > 0 if recipe.sampler == "flow_euler" else recipe.sampler == "scm"
+    assert cfg.optim.pairs_per_step * cfg.learner.gradient_accumulation_steps == 16
+    trained_on = {m.kind for m in cfg.reward_server.models if m.weight > 0}
+    assert trained_on == {"pickscore"}
+    repos = {d.repo for d in planned_downloads(cfg)}
+    assert {cfg.model.pretrained, "yuvalkirstain/PickScore_v1"} <= repos
+    assert cfg.model.distill_lora is None or cfg.model.distill_lora in repos
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,10 @@
 """`pso bench quality`: does PSO move a few-step model toward a reward without losing few-step quality?
 
-On the built-in tiny student, every method gets the same online rounds (same prompts, same
-sampling seeds, same reward `large`: bigger shapes) from the same starting weights, for several
-seeds. Each is then scored at 1 step and at the model's native step count on fixed evaluation
-prompts and noise: the target reward, prompt fidelity and crispness (a blur measure), next to
-the base model and the real data. Writes results.md, results.json and grid.png into the run folder.
+On the built-in tiny student (`--flow`: the built-in flow-matching student), every method gets the same
+online rounds (same prompts, same sampling seeds, same reward `large`: bigger shapes) from the same
+starting weights, for several seeds. Each is then scored at 1 step and at the model's native step
+count on fixed evaluation prompts and noise: the target reward, prompt fidelity and crispness (a blur
+measure), next to the base model and the real data. Writes results.md, results.json and grid.png into the run folder.
 """
 
 from __future__ import annotations
@@ -33,6 +33,11 @@ MEASURES = {"large": large, "fidelity": fidelity, "crispness": crispness}
 
 class QualityBenchConfig(StrictModel):
     model: str = "builtin:tiny"
+    family: str = "tiny"
+    train_eta: float | None = Field(
+        None, description="the sampler's noise level while training (default: the family's)"
+    )
+    eval_eta: float | None = Field(None, description="the noise level of the evaluation (default: the family's)")
     target: str = Field("large", description="the built-in reward every method optimises")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     rounds: int = Field(40, ge=1)
@@ -43,6 +48,13 @@ class QualityBenchConfig(StrictModel):
     eval_prompts: int = 128
     lora_rank: int = 8
     lr: float = 1e-3
+
+    @classmethod
+    def flow(cls, **kw) -> QualityBenchConfig:
+        """The built-in flow-matching model: trained on samples at noise level 0.7, evaluated with the
+        pipeline's own deterministic sampler (noise level 0), as it would be deployed."""
+        return cls(model="builtin:tiny-flow", family="tiny-flow", train_eta=0.7, eval_eta=0.0, **kw)
+
     methods: dict[str, dict] = Field(
         default_factory=lambda: {
             "online-pso": {"name": "online-pso", "beta": 50.0, "clip_eps": 0.1},
@@ -56,7 +68,12 @@ class QualityBenchConfig(StrictModel):
 def method_config(bench: QualityBenchConfig, loss: dict, seed: int) -> PSOConfig:
     return PSOConfig.model_validate(
         {
-            "model": {"family": "tiny", "pretrained": bench.model, "num_steps": bench.train_steps},
+            "model": {
+                "family": bench.family,
+                "pretrained": bench.model,
+                "num_steps": bench.train_steps,
+                "eta": bench.train_eta,
+            },
             "finetune": {"mode": "lora", "rank": bench.lora_rank, "init_seed": seed},
             "sampling": {"group_size": bench.group_size, "batch_size": 64, "seed": seed},
             "loss": loss,
@@ -70,11 +87,11 @@ def method_config(bench: QualityBenchConfig, loss: dict, seed: int) -> PSOConfig
     )
 
 
-def _measure(policy: DistilledPolicy, prompts: list[str], steps: list[int]):
+def _measure(policy: DistilledPolicy, prompts: list[str], steps: list[int], eta: float | None):
     """{steps: {measure: (P,) scores}} and the 1-step images, on the evaluation prompts and seed."""
     scores, images = {}, None
     for n in steps:
-        policy.set_num_steps(n)
+        policy.set_num_steps(n, eta)
         s, imgs = score_model(policy, prompts, MEASURES, seed=2024)
         scores[n] = s
         images = imgs if images is None else images
@@ -97,7 +114,7 @@ def run_quality_bench(out_dir: Path, bench: QualityBenchConfig) -> dict:
         for n in bench.eval_steps:
             rows["data"][f"{name}@{n}"] = [float(fn(data_images, prompts).mean())]
     base = DistilledPolicy.from_config(method_config(bench, {"name": "sft"}, 0).model, finetune=None)
-    base_scores, base_images = _measure(base, prompts, bench.eval_steps)
+    base_scores, base_images = _measure(base, prompts, bench.eval_steps, bench.eval_eta)
     for n, s in base_scores.items():
         for name, v in s.items():
             rows["base"][f"{name}@{n}"] = [float(v.mean())]
@@ -112,7 +129,7 @@ def run_quality_bench(out_dir: Path, bench: QualityBenchConfig) -> dict:
             policy.set_num_steps(bench.train_steps)
             run_local_loop(policy, cfg, REWARDS[bench.target], progress=False)
             log.info("%s seed %d: %d rounds in %.0f s", method, seed, bench.rounds, time.perf_counter() - start)
-            scores, images = _measure(policy, prompts, bench.eval_steps)
+            scores, images = _measure(policy, prompts, bench.eval_steps, bench.eval_eta)
             for n, s in scores.items():
                 for name, v in s.items():
                     rows[method].setdefault(f"{name}@{n}", []).append(float(v.mean()))

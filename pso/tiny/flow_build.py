@@ -228,11 +228,9 @@ def flux_pipeline(vae, clip, clip_tokenizer, t5, t5_tokenizer, transformer) -> F
 
 
 @torch.no_grad()
-def evaluate_flow_build(
-    cfg: FlowBuildConfig, vae, teacher: FlowNet, encode, empty: tuple[Tensor, Tensor], student_dir: Path
-) -> dict:
-    """Scores of data, teacher (1 and many ODE steps) and the saved student (1, 2, 4 steps at noise level 0, and 4
-    steps at the online policy's noise levels) on the same prompts and starting noise."""
+def evaluate_flow_build(cfg: FlowBuildConfig, out_dir: Path) -> dict:
+    """Scores of data, the saved teacher (1 and many ODE steps) and the saved student (1, 2, 4 steps at noise level
+    0, and 4 steps at the online policy's noise levels) on the same prompts and starting noise."""
     from pso.config.schema import ModelConfig
     from pso.policy import DistilledPolicy
     from pso.sampling import sample_groups
@@ -240,15 +238,20 @@ def evaluate_flow_build(
     rng = np.random.default_rng(cfg.seed + 1000)
     scenes = random_scenes(rng, cfg.eval_prompts)
     prompts = [s.prompt for s in scenes]
-    text, pooled = encode(prompts)
+    teacher = FluxPipeline.from_pretrained(out_dir / "teacher", local_files_only=True)
+    text, pooled, _ = teacher.encode_prompt(prompts, max_sequence_length=TEXT_TOKENS)
+    empty_text, empty_pooled, _ = teacher.encode_prompt([""], max_sequence_length=TEXT_TOKENS)
     noise = torch.randn((len(prompts), 4, 8, 8), generator=torch.Generator().manual_seed(cfg.seed + 1000))
     report = {"data": world_scores(draw_batch(scenes, rng), prompts)}
+    vae = teacher.vae
     for steps in (1, cfg.ode_steps):
-        latents = teacher_ode(teacher, text, pooled, empty, noise, steps, cfg.ode_guidance)
+        latents = teacher_ode(
+            FlowNet(teacher.transformer), text, pooled, (empty_text, empty_pooled), noise, steps, cfg.ode_guidance
+        )
         images = (vae.decode(latents / vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
         report[f"teacher_{steps}_step"] = world_scores(images, prompts)
     for steps, eta in ((1, 0.0), (2, 0.0), (4, 0.0), (4, 0.5), (4, 1.0)):
-        model = ModelConfig(family="tiny-flow", pretrained=str(student_dir), num_steps=steps, eta=eta)
+        model = ModelConfig(family="tiny-flow", pretrained=str(out_dir / "student"), num_steps=steps, eta=eta)
         policy = DistilledPolicy.from_config(model, finetune=None)
         traj = sample_groups(policy, prompts, 1, cfg.seed + 1000, batch_size=256)
         report[f"student_{steps}_step" + (f"_eta{eta:g}" if eta else "")] = world_scores(traj.images, prompts)
@@ -308,10 +311,7 @@ def build_tiny_flow_model(out_dir: Path, cfg: FlowBuildConfig) -> dict:
 
     flux_pipeline(vae, clip, clip_tokenizer, t5, t5_tokenizer, student).save_pretrained(out_dir / "student")
     flux_pipeline(vae, clip, clip_tokenizer, t5, t5_tokenizer, transformer).save_pretrained(out_dir / "teacher")
-    report = {
-        "config": cfg.model_dump(mode="json"),
-        "scores": evaluate_flow_build(cfg, vae, teacher, encode, empty, out_dir / "student"),
-    }
+    report = {"config": cfg.model_dump(mode="json"), "scores": evaluate_flow_build(cfg, out_dir)}
     timings["evaluate"] = time.perf_counter() - start - sum(timings.values())
     report["seconds"] = {k: round(v, 1) for k, v in timings.items()} | {"total": round(time.perf_counter() - start, 1)}
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))

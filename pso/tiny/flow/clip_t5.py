@@ -19,6 +19,7 @@ from diffusers import (
 )
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5TokenizerFast
 
+from pso.random_arch import FLUX_SCHNELL_SCHEDULER, FLUX_VAE_SCALE
 from pso.tiny.pipelines import TEXT_DIM, _seeded, save_pipeline, sharpen_attention, text_config
 from pso.tiny.tokenizer import TOKENIZER_WORDS, build_clip_tokenizer
 
@@ -26,6 +27,8 @@ T5_DIM = 2 * TEXT_DIM  # SD3 pads the two CLIPs' concatenated hidden states to t
 LATENT_CHANNELS = 16
 LATENT_SIDE = 8
 T5_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?'-"
+TINY_T5 = dict(d_model=T5_DIM, d_kv=16, d_ff=96, num_heads=4, relative_attention_num_buckets=8,
+               relative_attention_max_distance=32)  # fmt: skip
 
 
 def build_t5_tokenizer(out_dir: str | Path) -> T5TokenizerFast:
@@ -38,17 +41,13 @@ def build_t5_tokenizer(out_dir: str | Path) -> T5TokenizerFast:
     return T5TokenizerFast.from_pretrained(out_dir)
 
 
-def t5_encoder(tokenizer: T5TokenizerFast) -> T5EncoderModel:
-    """A 2-layer T5 v1.1-style (gated-GELU) encoder over `tokenizer`'s vocabulary."""
+def t5_encoder(tokenizer: T5TokenizerFast, widths: dict | None = None, num_layers: int = 2) -> T5EncoderModel:
+    """A T5 v1.1-style (gated-GELU) encoder over `tokenizer`'s vocabulary: `widths` (d_model, d_kv, d_ff,
+    num_heads, relative-attention buckets; default TINY_T5) and `num_layers` layers."""
     config = T5Config(
         vocab_size=len(tokenizer),
-        d_model=T5_DIM,
-        d_kv=16,
-        d_ff=96,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=32,
+        **(TINY_T5 if widths is None else widths),
+        num_layers=num_layers,
         feed_forward_proj="gated-gelu",
         tie_word_embeddings=False,
         pad_token_id=tokenizer.pad_token_id,
@@ -97,9 +96,8 @@ def build_flux(out_dir: str | Path, seed: int = 0) -> Path:
         ),
     )
     pipe = FluxPipeline(
-        # FLUX.1-schnell's scheduler_config.json
-        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False),
-        vae=_seeded(seed, lambda: vae16(scaling_factor=0.3611, shift_factor=0.1159)),
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHNELL_SCHEDULER),
+        vae=_seeded(seed, lambda: vae16(**FLUX_VAE_SCALE)),
         text_encoder=_seeded(seed, lambda: CLIPTextModel(text_config(tokenizer))),
         tokenizer=tokenizer,
         text_encoder_2=_seeded(seed, lambda: t5_encoder(tokenizer_2)),
