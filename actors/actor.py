@@ -7,6 +7,10 @@
         score the images on the reward server (waiting out an unreachable server)
         pair within each group; push one record per group that has pairs
 
+With target images (`targets`: style transfer, customization) the prompts are the targets' captions, every
+sample is a reference to its prompt's target (the learner pairs them), and scoring is optional
+(`targets.score`), for monitoring.
+
 Nothing is shared with the other processes but the transport and the reward server, so any
 number of actors can run on any hosts.
 """
@@ -67,7 +71,10 @@ class Actor:
         reward: RewardClient,
         actor_id: str | None = None,
     ):
+        """`prompts`: the targets' captions, in target order, when `cfg.targets` is set."""
         self.cfg, self.policy, self.prompts = cfg, policy, prompts
+        self.targets = cfg.targets is not None
+        self.scoring = not self.targets or cfg.targets.score
         self.queue, self.weights, self.reward = queue, weights, reward
         self.id = actor_id or cfg.actor.id or default_actor_id()
         self.version = 0  # the base model until the learner publishes
@@ -97,19 +104,30 @@ class Actor:
         self.refresh_weights()
         started = time.monotonic()
         cfg, g = self.cfg, self.cfg.sampling.group_size
-        prompts = [self.prompts[i] for i in self.rng.integers(len(self.prompts), size=cfg.actor.prompts_per_batch)]
+        chosen = self.rng.integers(len(self.prompts), size=cfg.actor.prompts_per_batch)
+        prompts = [self.prompts[i] for i in chosen]
         traj = sample_groups(
             self.policy, prompts, g, round_seed(self.seed, self.stats.batches), batch_size=cfg.sampling.batch_size
         )
-        scored = self._score(traj.images, [p for p in prompts for _ in range(g)], stop)
-        if scored is None:  # stopped while the reward server was away: nothing unscored is pushed
-            return 0
-        scores = torch.tensor(scored.total, dtype=torch.float32)
-        pairs = pairs_in_groups(scores, g, cfg.pairing)
-        records = group_records(traj, scores, pairs, policy_version=self.version, actor_id=self.id)
+        per_model: dict[str, list[float]] = {}
+        if self.scoring:
+            scored = self._score(traj.images, [p for p in prompts for _ in range(g)], stop)
+            if scored is None:  # stopped while the reward server was away: nothing unscored is pushed
+                return 0
+            scores, per_model = torch.tensor(scored.total, dtype=torch.float32), scored.per_model
+        else:
+            scores = torch.zeros(len(traj.seeds))
+        if self.targets:  # every sample is a reference to its prompt's target
+            records = group_records(
+                traj, scores, [], policy_version=self.version, actor_id=self.id, targets=chosen.tolist()
+            )
+            pairs = [pair for r in records for pair in r.pairs]
+        else:
+            pairs = pairs_in_groups(scores, g, cfg.pairing)
+            records = group_records(traj, scores, pairs, policy_version=self.version, actor_id=self.id)
         pushed = 0
         for p, record in enumerate(records):
-            record.reward_details = {name: values[p * g : (p + 1) * g] for name, values in scored.per_model.items()}
+            record.reward_details = {name: values[p * g : (p + 1) * g] for name, values in per_model.items()}
             if not record.pairs:
                 continue  # a tie: nothing to learn from
             self.queue.push(
@@ -196,6 +214,7 @@ def run_actor(cfg: PSOConfig, stop: threading.Event | None = None) -> ActorStats
     import signal
 
     from pso.prompts import load_prompts
+    from pso.targets import load_target_set
     from pso.transport.node_cache import NodeWeightCache
     from pso.transport.redis import RedisExperienceQueue, RedisWeightStore, connect
 
@@ -208,12 +227,15 @@ def run_actor(cfg: PSOConfig, stop: threading.Event | None = None) -> ActorStats
     port = cfg.actor.metrics_port
     ops = OpsServer("actor", port, registry, cfg.actor.stall_s) if port is not None else None
     try:
-        prompts = load_prompts(cfg.actor.prompts, cfg.loop.prompts)
+        if cfg.targets is None:  # else the targets' captions, once the model (and so the image size) is known
+            prompts = load_prompts(cfg.actor.prompts, cfg.loop.prompts)
         client = connect(cfg.redis)  # fails fast, naming the URL, when Redis is unreachable
         weights = RedisWeightStore(client, cfg.redis)
         if cfg.actor.weights_cache_dir is not None:  # an unwritable folder fails here, before the model loads
             weights = NodeWeightCache(weights, cfg.actor.weights_cache_dir, cfg.redis.keep_versions)
         policy = DistilledPolicy.from_config(cfg.model, cfg.finetune)
+        if cfg.targets is not None:  # the references' prompts, in target order
+            prompts = load_target_set(cfg.targets, policy.image_size).captions
         reward = RewardClient(cfg.actor.reward_url)
         queue = RedisExperienceQueue(client, cfg.redis)
         actor = Actor(cfg, policy, prompts, queue, weights, reward)
@@ -221,7 +243,7 @@ def run_actor(cfg: PSOConfig, stop: threading.Event | None = None) -> ActorStats
         if ops:
             actor.on_progress = ops.beat
         log.info("waiting for the reward server at %s", cfg.actor.reward_url)
-        while not stop.is_set():
+        while actor.scoring and not stop.is_set():
             try:
                 reward.wait_ready(timeout=15)
                 break

@@ -44,6 +44,7 @@ from pso.experience import check_record_fits, pair_batch_from_records
 from pso.export import export_policy
 from pso.loop import round_seed
 from pso.ops_http import OpsServer
+from pso.targets import load_target_latents
 from pso.transport.base import Delivery, ExperienceQueue, QueueStats, TransportError, WeightStore
 
 log = logging.getLogger("pso.learner")
@@ -84,6 +85,12 @@ class Learner:
         self.sink = MetricsSink(lc.metrics_file) if rank == 0 else None
         self.monitors = Monitors(cfg) if rank == 0 else None
         self.pictures = RunPictures(cfg, engine.policy, rank, lc.zero_stage, self.monitors)
+        # target images (style transfer, customization): encoded once, cached on disk for restarts
+        self.target_latents = (
+            None
+            if cfg.targets is None
+            else load_target_latents(cfg.targets, engine.policy, lc.run_dir / "target-latents")
+        )
         # the weights of (updates, version), made once for publishing, checkpointing and exporting (rank 0 keeps
         # them; the others only take part in gathering them), and their encoding, made once for Redis and disk
         self._bundle: tuple[tuple[int, int], WeightBundle | None] | None = None
@@ -271,7 +278,7 @@ class Learner:
         start = time.monotonic()
         self._bundle = self._encoded = None  # the last update's weights: not held through this one (a UNet, if full)
         take = self.buffer.take(self.pairs_per_update)
-        batch = pair_batch_from_records(self.engine.policy, take.records)
+        batch = pair_batch_from_records(self.engine.policy, take.records, self.target_latents)
         weights = torch.tensor(take.pair_weights)
         gen = torch.Generator().manual_seed(round_seed(self.cfg.sampling.seed + 1 + self.rank, self.state.updates))
         metrics = self.engine.update(batch, None if bool((weights == 1).all()) else weights, gen=gen)

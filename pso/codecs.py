@@ -279,9 +279,16 @@ def _field(meta: Mapping[str, Any], name: str, kind: type | tuple[type, ...]) ->
     return value
 
 
+TARGET = -1  # the winner index of a pair whose winner is the record's target image, not one of its samples
+
+
 @dataclass(eq=False)
 class ExperienceRecord:
-    """One prompt's group of G sampled trajectories with rewards and preference pairs."""
+    """One prompt's group of G sampled trajectories with rewards and preference pairs.
+
+    With target images (style transfer, customization) the group holds references sampled for target
+    `target`'s caption, and each pair is (TARGET, reference index).
+    """
 
     prompt: str
     states: torch.Tensor  # (G, N+1, C, H, W) float; states[:, k] is the latent at timesteps[k], [:, N] final
@@ -295,6 +302,7 @@ class ExperienceRecord:
     seeds: list[int]  # length G, per-sample seed
     reward_details: dict[str, list[float]] = field(default_factory=dict)  # per named reward, length G each
     extra: dict[str, Any] = field(default_factory=dict)  # JSON-serialisable extras
+    target: int | None = None  # index of the target image the group was sampled for (target mode)
 
     @property
     def group_size(self) -> int:
@@ -326,14 +334,22 @@ class ExperienceRecord:
         for name, values in self.reward_details.items():
             if not isinstance(values, list) or len(values) != g:
                 raise SchemaError(f"reward_details[{name!r}]: expected a list of {g} values, got {values!r}")
+        if self.target is not None and (not isinstance(self.target, int) or self.target < 0):
+            raise SchemaError(f"target must be an int >= 0 (a target image's index), got {self.target!r}")
+        lowest = TARGET if self.target is not None else 0
         for pair in self.pairs:
             if (
                 not isinstance(pair, (tuple, list))
                 or len(pair) != 2
-                or not all(isinstance(i, int) and 0 <= i < g for i in pair)
+                or not all(isinstance(i, int) and lowest <= i < g for i in pair)
                 or pair[0] == pair[1]
+                or pair[1] == TARGET
             ):
-                raise SchemaError(f"pair {pair}: expected (winner, loser) with distinct indices in [0, {g})")
+                winner = f"{TARGET} (the target) or a sample" if self.target is not None else "a sample"
+                raise SchemaError(
+                    f"pair {pair}: expected (winner, loser) with distinct indices, the winner {winner}, "
+                    f"samples in [0, {g})"
+                )
         if not isinstance(self.policy_version, int) or self.policy_version < 0:
             raise SchemaError(f"policy_version must be an int >= 0, got {self.policy_version!r}")
 
@@ -350,6 +366,7 @@ def encode_experience(rec: ExperienceRecord) -> bytes:
         "seeds": rec.seeds,
         "reward_details": rec.reward_details,
         "extra": rec.extra,
+        "target": rec.target,
     }
     return _pack(KIND_EXPERIENCE, meta, {"states": rec.states, "stds": rec.stds, "scores": rec.scores})
 
@@ -371,6 +388,7 @@ def decode_experience(data: bytes | bytearray) -> ExperienceRecord:
         seeds=_field(meta, "seeds", list),
         reward_details=_field(meta, "reward_details", dict),
         extra=_field(meta, "extra", dict),
+        target=meta.get("target"),  # absent in records written before target mode: none
     )
     rec.validate()
     return rec

@@ -7,7 +7,7 @@ import time
 import torch
 from torch import Tensor
 
-from pso.codecs import ExperienceRecord
+from pso.codecs import TARGET, ExperienceRecord
 from pso.objectives import PairBatch
 from pso.policy import DistilledPolicy
 from pso.sampling import Trajectories
@@ -21,8 +21,11 @@ def group_records(
     policy_version: int,
     actor_id: str,
     extra: dict | None = None,
+    targets: list[int] | None = None,
 ) -> list[ExperienceRecord]:
-    """One record per prompt group; `pairs` hold global sample indices of `traj` (as pairs_in_groups gives)."""
+    """One record per prompt group; `pairs` hold global sample indices of `traj` (as pairs_in_groups gives).
+    With `targets` (the target image of each prompt) every sample of a group is a reference to its target
+    instead, and `pairs` are not used."""
     g = traj.group_size
     now = time.time()
     records = []
@@ -35,28 +38,43 @@ def group_records(
                 timesteps=[float(t) for t in traj.timesteps],
                 stds=traj.stds.float(),
                 scores=scores[group].float().contiguous(),
-                pairs=[(w - p * g, lo - p * g) for w, lo in pairs if w // g == p],
+                pairs=[(w - p * g, lo - p * g) for w, lo in pairs if w // g == p]
+                if targets is None
+                else [(TARGET, j) for j in range(g)],
                 policy_version=policy_version,
                 actor_id=actor_id,
                 created_at=now,
                 seeds=traj.seeds[group],
                 extra=dict(extra or {}),
+                target=None if targets is None else targets[p],
             )
         )
     return records
 
 
-def pair_batch_from_records(policy: DistilledPolicy, records: list[ExperienceRecord]) -> PairBatch:
-    """Every pair of every record, with its prompt encoded by the policy's (frozen) text encoders."""
+def pair_batch_from_records(
+    policy: DistilledPolicy, records: list[ExperienceRecord], target_latents: Tensor | None = None
+) -> PairBatch:
+    """Every pair of every record, with its prompt encoded by the policy's (frozen) text encoders. Pairs of
+    target records take their winner from `target_latents` (N, C, H, W), one per target image."""
     for r in records:
         check_record_fits(policy, r)
+    with_target = {r.target is not None for r in records}
+    if len(with_target) > 1:
+        raise ValueError("the records mix target pairs and sample pairs; a run trains one kind")
+    if True in with_target:
+        if target_latents is None:
+            raise ValueError("records reference target images, but this learner has none (set targets.source)")
+        bad = sorted({r.target for r in records if r.target >= len(target_latents)})
+        if bad:
+            raise ValueError(f"records reference targets {bad}, this learner has {len(target_latents)}")
     prompts = sorted({r.prompt for r in records})
     cond = policy.encode(prompts)
     rows, winners, losers = [], [], []
     for r in records:
         for w, lo in r.pairs:
             rows.append(prompts.index(r.prompt))
-            winners.append(r.states[w])
+            winners.append(target_latents[r.target][None] if w == TARGET else r.states[w])
             losers.append(r.states[lo])
     if not rows:
         raise ValueError("the records hold no pairs (every group was a tie)")

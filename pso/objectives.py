@@ -33,6 +33,18 @@ from pso.sampling import Trajectories
 
 
 @dataclass
+class EncodedTargets:
+    """Target images (style transfer, customization) as final latents, with their captions."""
+
+    captions: list[str]
+    latents: Tensor  # (N, C, H, W), the sampler's final-state units (pso/targets.py: encode_targets)
+
+    def __post_init__(self):
+        if len(self.captions) != len(self.latents) or not self.captions:
+            raise ValueError(f"{len(self.captions)} captions for {len(self.latents)} target latents")
+
+
+@dataclass
 class PairBatch:
     """P pairs. States are (P, N+1, C, H, W) trajectories, or (P, 1, C, H, W) for fixed images
     (targets); the last entry along dim 1 is always the final latent."""
@@ -55,6 +67,15 @@ class PairBatch:
         w = torch.tensor([p[0] for p in pairs], dtype=torch.long)
         lo = torch.tensor([p[1] for p in pairs], dtype=torch.long)
         return cls(cond.index(w // traj.group_size), traj.states[w], traj.states[lo])
+
+    @classmethod
+    def from_targets(cls, target_latents: Tensor, traj: Trajectories, cond: Conditioning) -> PairBatch:
+        """Every sample of each prompt group of `traj` (a reference) against that prompt's target image:
+        `target_latents` (P, C, H, W) and `cond` hold one row per prompt of `traj`."""
+        if len(target_latents) != len(traj.prompts):
+            raise ValueError(f"{len(target_latents)} targets for {len(traj.prompts)} prompts")
+        rows = torch.arange(len(traj.prompts)).repeat_interleave(traj.group_size)
+        return cls(cond.index(rows), target_latents[rows][:, None].to(traj.states), traj.states)
 
     def __len__(self) -> int:
         return len(self.winner_states)

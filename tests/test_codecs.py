@@ -314,7 +314,10 @@ def test_shape_errors_at_encode(overrides, match):
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
-        ({"pairs": [(0, 3)]}, r"pair \(0, 3\): expected \(winner, loser\) with distinct indices in \[0, 3\)"),
+        (
+            {"pairs": [(0, 3)]},
+            r"pair \(0, 3\): expected \(winner, loser\) with distinct indices, .* samples in \[0, 3\)",
+        ),
         ({"pairs": [(-1, 0)]}, r"pair \(-1, 0\)"),
         ({"pairs": [(1, 1)]}, r"pair \(1, 1\)"),
         ({"seeds": [1, 2]}, r"seeds: expected 3 ints \(one per sample\), got \[1, 2\]"),
@@ -323,11 +326,22 @@ def test_shape_errors_at_encode(overrides, match):
         ({"timesteps": [999.0, float("nan"), 1.0, 0.5]}, "timesteps must be finite numbers"),
         ({"extra": {"obj": object()}}, "metadata is not JSON-serialisable"),
         ({"stds": [0.1, 0.1, 0.1, 0.0]}, "stds must be a torch.Tensor, got list"),
+        ({"target": 0, "pairs": [(0, -1)]}, r"pair \(0, -1\): .* the winner -1 \(the target\) or a sample"),
+        ({"target": -2, "pairs": [(-1, 0)]}, "target must be an int >= 0"),
+        ({"target": "0", "pairs": [(-1, 0)]}, "target must be an int >= 0"),
     ],
 )
 def test_schema_errors_at_encode(overrides, match):
     with pytest.raises(SchemaError, match=match):
         encode_experience(make_record(**overrides))
+
+
+def test_target_records_round_trip():
+    """A group of references to target image 4: every pair's winner is the target."""
+    rec = make_record(target=4, pairs=[(-1, 0), (-1, 1), (-1, 2)])
+    back = decode_experience(encode_experience(rec))
+    assert back.target == 4 and back.pairs == [(-1, 0), (-1, 1), (-1, 2)]
+    assert decode_experience(encode_experience(make_record())).target is None
 
 
 def test_weight_bundle_schema_errors():

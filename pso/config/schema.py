@@ -156,6 +156,22 @@ class LoopConfig(StrictModel):
     )
 
 
+class TargetsConfig(StrictModel):
+    """Fixed target images with captions (style transfer, concept customization; pso.md, "Target vs online
+    reference"): fresh samples of the policy for each target's caption are its references, and the loss
+    (`target-vs-reference`, or `sft` as the naive baseline) trains each target against them."""
+
+    source: str = Field(
+        description="a folder of images with a metadata.jsonl of captions (the Hugging Face imagefolder "
+        "convention), a parquet file or folder, or a hub dataset id"
+    )
+    caption_column: str = "text"
+    image_column: str = "image"
+    split: str = "train"
+    max_images: int | None = Field(None, ge=1, description="use at most this many targets (default: all)")
+    score: bool = Field(False, description="score the references on the reward server (for monitoring only)")
+
+
 class PSOConfig(StrictModel):
     """Everything one run needs: the core library's sections, then one section per service."""
 
@@ -166,6 +182,7 @@ class PSOConfig(StrictModel):
     loss: Loss = Field(default_factory=OnlinePSOLoss)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     loop: LoopConfig = Field(default_factory=LoopConfig)
+    targets: TargetsConfig | None = None
     reward_server: RewardServerConfig = Field(default_factory=RewardServerConfig)
     redis: RedisConfig = Field(default_factory=RedisConfig)
     actor: ActorConfig = Field(default_factory=ActorConfig)
@@ -180,6 +197,14 @@ class PSOConfig(StrictModel):
             raise ValueError(
                 f"learner.precision {self.learner.precision} needs model.dtype {want} (it is {self.model.dtype}); "
                 "or keep learner.precision fp32 (LoRA adapters train in float32 on any model dtype)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _targets_need_a_target_loss(self) -> PSOConfig:
+        if self.targets is not None and not isinstance(self.loss, (TargetVsReferenceLoss, SFTLoss)):
+            raise ValueError(
+                f"targets train with loss target-vs-reference (or sft, the naive baseline), not {self.loss.name}"
             )
         return self
 

@@ -96,6 +96,29 @@ class Denoiser(ABC):
             latents = latents / cfg.scaling_factor + (cfg.get("shift_factor") or 0.0)
         return self._vae_decode(latents)
 
+    @torch.no_grad()
+    def vae_encode(self, images: Tensor) -> Tensor:
+        """Images (B, 3, H, W) in [0, 1] to final sampler states, the inverse of `decode` up to the VAE's own
+        error (target images: pso/targets.py)."""
+        latents = self._vae_mode(images)
+        cfg = self.pipe.vae.config
+        mean, std = cfg.get("latents_mean"), cfg.get("latents_std")
+        if mean is not None and std is not None:
+            shape = (1, -1) + (1,) * (latents.ndim - 2)
+            latents = latents - torch.tensor(mean).view(shape).to(latents)
+            return latents * cfg.scaling_factor / torch.tensor(std).view(shape).to(latents)
+        return (latents - (cfg.get("shift_factor") or 0.0)) * cfg.scaling_factor
+
+    def _vae_mode(self, images: Tensor, frames: bool = False) -> Tensor:
+        """The VAE's deterministic latents of images in [0, 1] (the distribution's mode; DC-AE's latent),
+        float32; `frames`: through a video VAE, with a frame dimension of size 1."""
+        vae = self.pipe.vae
+        x = (images.to(vae.device, torch.float32) * 2 - 1).to(vae.dtype)
+        out = vae.encode(x[:, :, None] if frames else x)
+        dist = getattr(out, "latent_dist", None)
+        latents = (dist.mode() if dist is not None else out.latent).float()
+        return latents[:, :, 0] if frames else latents
+
     def _vae_decode(self, latents: Tensor) -> Tensor:
         image = self.pipe.vae.decode(latents).sample
         return (image.float() / 2 + 0.5).clamp(0, 1)

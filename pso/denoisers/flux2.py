@@ -79,3 +79,12 @@ class Flux2Denoiser(Denoiser):
         mean = vae.bn.running_mean.view(1, -1, 1, 1).to(latents)
         std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(latents)
         return self._vae_decode(self.pipe._unpatchify_latents(latents * std + mean))
+
+    @torch.no_grad()
+    def vae_encode(self, images: Tensor) -> Tensor:
+        # the pipeline's prepare_image_latents: patchify, then the VAE's batch-norm statistics
+        vae = self.pipe.vae
+        latents = self.pipe._patchify_latents(self._vae_mode(images))
+        mean = vae.bn.running_mean.view(1, -1, 1, 1).to(latents)
+        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(latents)
+        return (latents - mean) / std

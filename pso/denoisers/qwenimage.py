@@ -83,3 +83,11 @@ class QwenImageDenoiser(PackedFlowDenoiser):
         latents = latents / inv_std + mean  # the pipeline's arithmetic, for bit-equal images
         image = vae.decode(latents, return_dict=False)[0][:, :, 0]
         return (image.float() / 2 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def vae_encode(self, images: Tensor) -> Tensor:
+        # the img2img pipeline's rule: (z - latents_mean) / latents_std, through the frame dimension
+        cfg = self.pipe.vae.config
+        latents = self._vae_mode(images, frames=True)
+        mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1).to(latents)
+        return (latents - mean) / torch.tensor(cfg.latents_std).view(1, -1, 1, 1).to(latents)
