@@ -214,7 +214,7 @@ def run_actor(cfg: PSOConfig, stop: threading.Event | None = None) -> ActorStats
     import signal
 
     from pso.prompts import load_prompts
-    from pso.targets import load_target_set
+    from pso.targets import load_target_set, target_captions
     from pso.transport.node_cache import NodeWeightCache
     from pso.transport.redis import RedisExperienceQueue, RedisWeightStore, connect
 
@@ -235,7 +235,7 @@ def run_actor(cfg: PSOConfig, stop: threading.Event | None = None) -> ActorStats
             weights = NodeWeightCache(weights, cfg.actor.weights_cache_dir, cfg.redis.keep_versions)
         policy = DistilledPolicy.from_config(cfg.model, cfg.finetune)
         if cfg.targets is not None:  # the references' prompts, in target order
-            prompts = load_target_set(cfg.targets, policy.image_size).captions
+            prompts = target_captions(cfg.targets, load_target_set(cfg.targets, policy.image_size))
         reward = RewardClient(cfg.actor.reward_url)
         queue = RedisExperienceQueue(client, cfg.redis)
         actor = Actor(cfg, policy, prompts, queue, weights, reward)

@@ -44,7 +44,7 @@ from pso.experience import check_record_fits, pair_batch_from_records
 from pso.export import export_policy
 from pso.loop import round_seed
 from pso.ops_http import OpsServer
-from pso.targets import load_target_latents
+from pso.targets import is_prior, load_target_latents
 from pso.transport.base import Delivery, ExperienceQueue, QueueStats, TransportError, WeightStore
 
 log = logging.getLogger("pso.learner")
@@ -86,8 +86,8 @@ class Learner:
         self.monitors = Monitors(cfg) if rank == 0 else None
         self.pictures = RunPictures(cfg, engine.policy, rank, lc.zero_stage, self.monitors)
         # target images (style transfer, customization): encoded once, cached on disk for restarts
-        self.target_latents = (
-            None
+        self.target_latents, self.target_images = (
+            (None, 0)
             if cfg.targets is None
             else load_target_latents(cfg.targets, engine.policy, lc.run_dir / "target-latents")
         )
@@ -280,6 +280,9 @@ class Learner:
         take = self.buffer.take(self.pairs_per_update)
         batch = pair_batch_from_records(self.engine.policy, take.records, self.target_latents)
         weights = torch.tensor(take.pair_weights)
+        if self.cfg.targets is not None and self.cfg.targets.class_prompts:  # prior preservation's own weight
+            prior = [is_prior(self.cfg.targets, self.target_images, r.target) for r in take.records for _ in r.pairs]
+            weights = torch.where(torch.tensor(prior), weights * self.cfg.targets.prior_weight, weights)
         gen = torch.Generator().manual_seed(round_seed(self.cfg.sampling.seed + 1 + self.rank, self.state.updates))
         metrics = self.engine.update(batch, None if bool((weights == 1).all()) else weights, gen=gen)
         st = self.state

@@ -514,9 +514,33 @@ def load_target_set(cfg: TargetsConfig, image_size: int) -> TargetSet:
     )
 
 
-def load_target_latents(cfg: TargetsConfig, policy: DistilledPolicy, cache_dir: str | Path) -> Tensor:
-    """The learner's targets: loaded, encoded by the policy's VAE (once: cached under `cache_dir`), on its device."""
+PRIOR_SEED = 2**31 - 1  # the class samples' seed: the same images in every process of a run
+
+
+def target_captions(cfg: TargetsConfig, targets: TargetSet) -> list[str]:
+    """Every target's caption in target order: the images', then each class prompt `class_samples` times (prior
+    preservation: target len(targets) + i is class sample i)."""
+    return targets.captions + [p for p in cfg.class_prompts for _ in range(cfg.class_samples)]
+
+
+def is_prior(cfg: TargetsConfig, n_images: int, target: int) -> bool:
+    """Whether target index `target` is a class sample (prior preservation) rather than a target image."""
+    return target >= n_images
+
+
+def load_target_latents(cfg: TargetsConfig, policy: DistilledPolicy, cache_dir: str | Path) -> tuple[Tensor, int]:
+    """The learner's targets, on the policy's device, and how many of them are images: the images encoded by the
+    policy's VAE (once: cached under `cache_dir`), then for prior preservation the base model's own samples of
+    the class prompts (the reference model, seeded: the same in every process and after every restart)."""
     targets = load_target_set(cfg, policy.image_size)
-    latents = TargetLatentCache(cache_dir).get(policy, targets)
+    latents = TargetLatentCache(cache_dir).get(policy, targets).to(policy.device)
     log.info("%d target images from %s, latents %s", len(targets), cfg.source, tuple(latents.shape[1:]))
-    return latents.to(policy.device)
+    if cfg.class_prompts:
+        from pso.sampling import sample_groups
+
+        prior = sample_groups(
+            policy, cfg.class_prompts, cfg.class_samples, PRIOR_SEED, decode=False, reference=True
+        ).latents
+        latents = torch.cat([latents, prior.to(latents)])
+        log.info("%d class samples for prior preservation (weight %g)", len(prior), cfg.prior_weight)
+    return latents, len(targets)

@@ -115,8 +115,9 @@ def test_an_actor_samples_references_for_the_targets_and_the_learner_pairs_them_
             assert r.prompt == CAPTIONS[r.target] and r.pairs == [(TARGET, 0), (TARGET, 1)] and r.scores.eq(0).all()
 
         learner_policy = DistilledPolicy.from_config(cfg.model, cfg.finetune)
-        latents = load_target_latents(cfg.targets, learner_policy, tmp_path / "cache")
-        assert latents.shape == (2, *learner_policy.latent_shape) and any((tmp_path / "cache").iterdir())
+        latents, images = load_target_latents(cfg.targets, learner_policy, tmp_path / "cache")
+        assert images == 2 and latents.shape == (2, *learner_policy.latent_shape)
+        assert any((tmp_path / "cache").iterdir())
         red = learner_policy.decode(latents[:1])[0]
         assert red[0].mean() > 0.8 and red[1:].mean() < 0.2  # the red target decodes red
         batch = pair_batch_from_records(learner_policy, records, latents)
@@ -130,3 +131,24 @@ def test_an_actor_samples_references_for_the_targets_and_the_learner_pairs_them_
         assert any(not torch.equal(after[k], before[k]) for k in before)
         with pytest.raises(ValueError, match="records reference target images, but this learner has none"):
             pair_batch_from_records(learner_policy, records)
+
+
+def test_prior_preservation_adds_the_base_models_own_class_samples_as_weighted_targets(tmp_path):
+    from pso.targets import is_prior, load_target_latents, load_target_set, target_captions
+
+    folder = tmp_path / "subject"
+    folder.mkdir()
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(folder / "0.png")
+    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "0.png", "text": CAPTIONS[0]}) + "\n")
+    targets = TargetsConfig(source=str(folder), class_prompts=CAPTIONS, class_samples=2, prior_weight=0.5)
+    cfg = config({"name": "target-vs-reference"})
+    policy = DistilledPolicy.from_config(cfg.model, cfg.finetune)
+    captions = target_captions(targets, load_target_set(targets, policy.image_size))
+    assert captions == [CAPTIONS[0], CAPTIONS[0], CAPTIONS[0], CAPTIONS[1], CAPTIONS[1]]
+    latents, images = load_target_latents(targets, policy, tmp_path / "cache")
+    assert images == 1 and latents.shape == (5, *policy.latent_shape)
+    assert [is_prior(targets, images, t) for t in range(5)] == [False, True, True, True, True]
+    base = sample_groups(policy, CAPTIONS, 2, seed=2**31 - 1, decode=False, reference=True).latents
+    torch.testing.assert_close(latents[1:], base)  # the base model's own samples, the same in every process
+    again, _ = load_target_latents(targets, policy, tmp_path / "cache")
+    assert torch.equal(again, latents)

@@ -170,6 +170,13 @@ class TargetsConfig(StrictModel):
     split: str = "train"
     max_images: int | None = Field(None, ge=1, description="use at most this many targets (default: all)")
     score: bool = Field(False, description="score the references on the reward server (for monitoring only)")
+    class_prompts: list[str] = Field(
+        default_factory=list,
+        description="prior preservation (customization): prompts of the subject's class; the base model's own "
+        "samples of them become extra targets, so the model keeps drawing the class as it did",
+    )
+    class_samples: int = Field(4, ge=1, description="base-model samples per class prompt")
+    prior_weight: float = Field(1.0, ge=0, description="loss weight of the class targets' pairs")
 
 
 class PSOConfig(StrictModel):

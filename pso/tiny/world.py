@@ -27,6 +27,17 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle")
 MIN_HALF, MAX_HALF = 5, 11  # half-extent of a shape in pixels
+# Beyond the base world (pso/tiny/tasks.py): a shape the base students never saw, the rare word that names it in
+# the subject task, and the styles a shape can be drawn in (the base students only ever saw "filled").
+NEW_SHAPE = "cross"  # a plus sign
+IDENTIFIER = "sks"
+STYLES = ("filled", "twin")
+# "twin": the scene's shape drawn twice, the same size, in opposite corners of a diagonal. Chosen for the shipped
+# VAE (4x8x8 latents), which keeps filled shapes of the palette's colours and little else (hollow outlines,
+# pale or shaded colours do not survive its round trip): two filled copies survive it.
+TWIN_MAX_HALF = 6  # both copies fit side by side along the diagonal: half-extent MIN_HALF..TWIN_MAX_HALF
+TWIN_GAP = 2  # background pixels at least between the copies' extents, along each axis
+CROSS_MIN_HALF = 8  # a cross is drawn at half-extent CROSS_MIN_HALF..MAX_HALF, so its arms survive the VAE
 _PROMPT = re.compile(r"^a (\w+) (\w+) on a (\w+) background$")
 
 
@@ -61,9 +72,35 @@ def random_scenes(rng: np.random.Generator, n: int) -> list[Scene]:
     return [scenes[i] for i in rng.integers(len(scenes), size=n)]
 
 
+def parse_any_prompt(prompt: str) -> Scene:
+    """Like parse_prompt, but the shape word may also be NEW_SHAPE or IDENTIFIER (which names NEW_SHAPE)."""
+    m = _PROMPT.match(prompt.strip().lower())
+    if m and m[2] in (NEW_SHAPE, IDENTIFIER) and m[1] in COLOURS and m[3] in COLOURS and m[1] != m[3]:
+        return Scene(m[1], NEW_SHAPE, m[3])
+    return parse_prompt(prompt)
+
+
+def cross_arm(half: int) -> int:
+    """Half-thickness of a cross's arms: at the drawn sizes (CROSS_MIN_HALF..MAX_HALF) arms 5 px wide up to
+    half-extent 8, 7 px above (the VAE blurs thinner arms away)."""
+    return max(1, half // 3)
+
+
+def erode(mask: np.ndarray, steps: int = 1) -> np.ndarray:
+    """`mask` eroded `steps` times by the 4-neighbourhood; outside the image counts as outside the mask."""
+    for _ in range(steps):
+        m = np.pad(mask, 1)
+        mask = m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
+    return mask
+
+
 def shape_mask(shape: str, cx: int, cy: int, half: int, size: int = IMAGE_SIZE) -> np.ndarray:
     """Boolean (size, size) mask of a shape centred at (cx, cy) with half-extent `half`."""
     y, x = np.mgrid[0:size, 0:size]
+    if shape == NEW_SHAPE:
+        arm = cross_arm(half)
+        box = (abs(x - cx) <= half) & (abs(y - cy) <= half)
+        return box & ((abs(x - cx) <= arm) | (abs(y - cy) <= arm))
     if shape == "circle":
         return (x - cx) ** 2 + (y - cy) ** 2 <= half**2
     if shape == "square":
@@ -73,15 +110,42 @@ def shape_mask(shape: str, cx: int, cy: int, half: int, size: int = IMAGE_SIZE) 
     return (y >= cy - half) & (y <= cy + half) & (abs(x - cx) <= rows * half)
 
 
-def draw(scene: Scene, rng: np.random.Generator, half: int | None = None) -> np.ndarray:
-    """A (size, size, 3) uint8 image of the scene at a random size and position inside the border."""
-    half = int(rng.integers(MIN_HALF, MAX_HALF + 1)) if half is None else half
-    lo, hi = BORDER + half, IMAGE_SIZE - 1 - BORDER - half
-    cx, cy = int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
+def draw(scene: Scene, rng: np.random.Generator, half: int | None = None, style: str = "filled") -> np.ndarray:
+    """A (size, size, 3) uint8 image of the scene at a random size and position inside the border (a cross:
+    half-extent at least CROSS_MIN_HALF); `style` "twin" draws the shape twice (`twin_centres`)."""
+    if style not in STYLES:
+        raise ValueError(f"unknown style {style!r}; styles: {list(STYLES)}")
     img = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
     img[:] = COLOURS[scene.bg]
-    img[shape_mask(scene.shape, cx, cy, half)] = COLOURS[scene.fg]
+    if style == "twin":
+        half = int(rng.integers(MIN_HALF, TWIN_MAX_HALF + 1)) if half is None else half
+        mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), bool)
+        for cx, cy in twin_centres(rng, half):
+            mask |= shape_mask(scene.shape, cx, cy, half)
+    else:
+        low = CROSS_MIN_HALF if scene.shape == NEW_SHAPE else MIN_HALF
+        half = int(rng.integers(low, MAX_HALF + 1)) if half is None else half
+        lo, hi = BORDER + half, IMAGE_SIZE - 1 - BORDER - half
+        cx, cy = int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
+        mask = shape_mask(scene.shape, cx, cy, half)
+    img[mask] = COLOURS[scene.fg]
     return img
+
+
+def twin_centres(rng: np.random.Generator, half: int) -> list[tuple[int, int]]:
+    """Two centres for copies of half-extent `half` inside the border, at least 2 * half + 1 + TWIN_GAP apart
+    along each axis (so the copies never touch), on the main or the anti-diagonal."""
+    lo, hi = BORDER + half, IMAGE_SIZE - 1 - BORDER - half
+    d = 2 * half + 1 + TWIN_GAP
+    if hi - lo < d:
+        raise ValueError(f"two shapes of half-extent {half} do not fit; at most {TWIN_MAX_HALF}")
+    xs, ys = [], []
+    for axis in (xs, ys):
+        a = int(rng.integers(lo, hi - d + 1))
+        axis += [a, int(rng.integers(a + d, hi + 1))]
+    if rng.random() < 0.5:
+        ys.reverse()
+    return list(zip(xs, ys))
 
 
 def draw_batch(scenes: list[Scene], rng: np.random.Generator) -> torch.Tensor:

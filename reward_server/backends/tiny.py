@@ -9,13 +9,16 @@ import torch
 import pso
 from pso.config.reward_server import TinySpec
 from pso.tiny.rewards import REWARDS
-from pso.tiny.world import IMAGE_SIZE, parse_prompt
+from pso.tiny.world import IMAGE_SIZE, parse_any_prompt, parse_prompt
 from reward_server.backends.base import ModelInfo, RewardBackend, RewardInputError
 
 SCALES = {
     "fidelity": "tiny-world fidelity: 0 (not the prompt) to 1 (exactly the prompt's scene)",
     "large": "tiny-world 'large': foreground share of a crisp, on-prompt image, 0 to about 0.45",
     "crispness": "tiny-world crispness: share of pixels on the palette, 0 to 1 (prompt ignored)",
+    "twin": "tiny-world twin style: 0 (one shape) to 1 (the prompt's shape drawn twice, two separate copies)",
+    "style_fidelity": "tiny-world fidelity reading the shape from the largest foreground blob (one or twins), 0 to 1",
+    "subject": "tiny-world subject: the new shape ('sks', a cross) in the prompt's colours, 0 to 1",
 }
 
 
@@ -40,7 +43,7 @@ class TinyBackend(RewardBackend):
         if self.spec.reward == "crispness":
             return
         try:
-            parse_prompt(prompt)
+            (parse_any_prompt if self.spec.reward == "subject" else parse_prompt)(prompt)
         except ValueError as e:
             raise RewardInputError(str(e)) from None
 
