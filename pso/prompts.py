@@ -2,6 +2,7 @@
 
 None                       the config's own list (`loop.prompts`)
 builtin:tiny-world         every scene of the tiny world
+builtin:tiny-subject       the tiny subject's identifier ("sks") in colour pairs its targets never show
 builtin:general            everyday prompts for real models (pso/data/prompts/general-prompts.txt)
 parti, drawbench, hpsv2    the standard sets, NAME or NAME:SUBSET (pso/prompt_sets.py); a name wins
                            over a file of that name, which `./NAME` reads
@@ -19,6 +20,7 @@ import numpy as np
 from pso.prompt_sets import DATA, PROMPT_SETS, evenly_spaced, is_prompt_set, load_prompt_set
 
 TINY_WORLD = "builtin:tiny-world"
+TINY_SUBJECT = "builtin:tiny-subject"
 GENERAL = "builtin:general"
 GENERAL_FILE = DATA / "general-prompts.txt"
 
@@ -42,15 +44,19 @@ def _load(source: str | Path | None, default: list[str] | None) -> list[str]:
         from pso.tiny.world import all_scenes
 
         return [s.prompt for s in all_scenes()]
+    if spec == TINY_SUBJECT:
+        from pso.tiny.tasks import subject_eval_prompts, unseen_colour_pairs
+
+        return subject_eval_prompts(len(unseen_colour_pairs()))["subject"]
     if is_prompt_set(spec):
         return load_prompt_set(spec)
     if spec.startswith("builtin:") and spec != GENERAL:
-        raise ValueError(f"unknown built-in prompt set {spec}; built-in sets: {TINY_WORLD}, {GENERAL}")
+        raise ValueError(f"unknown built-in prompt set {spec}; built-in sets: {TINY_WORLD}, {TINY_SUBJECT}, {GENERAL}")
     path = GENERAL_FILE if spec == GENERAL else Path(spec)
     if not path.is_file():
         raise ValueError(
             f"{spec}: neither a prompt file nor a known prompt set; the sets: "
-            + "; ".join([*(s.summary() for s in PROMPT_SETS.values()), TINY_WORLD, GENERAL])
+            + "; ".join([*(s.summary() for s in PROMPT_SETS.values()), TINY_WORLD, TINY_SUBJECT, GENERAL])
         )
     try:
         text = path.read_text(encoding="utf-8")

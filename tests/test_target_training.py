@@ -152,3 +152,13 @@ def test_prior_preservation_adds_the_base_models_own_class_samples_as_weighted_t
     torch.testing.assert_close(latents[1:], base)  # the base model's own samples, the same in every process
     again, _ = load_target_latents(targets, policy, tmp_path / "cache")
     assert torch.equal(again, latents)
+
+
+def test_the_subject_evaluation_prompts_name_the_identifier_in_colours_the_targets_never_show():
+    from pso.prompts import load_prompts
+    from pso.tiny.tasks import subject_targets
+
+    prompts = load_prompts("builtin:tiny-subject")
+    trained = {caption for caption, _ in subject_targets()}
+    assert len(prompts) == len(set(prompts)) >= 50 and all(" sks " in p for p in prompts)
+    assert not trained & set(prompts)
