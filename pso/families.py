@@ -42,6 +42,7 @@ class FamilyRecipe:
 
 _TRAILING = {"timestep_spacing": "trailing"}
 _LCM = {"timestep_spacing": "leading", "original_inference_steps": 50, "timestep_scaling": 10.0}
+_FLUX_SCHNELL = {"shift": 1.0, "use_dynamic_shifting": False}  # no shift at all: sigmas linspace(1, 1/N, N)
 
 FAMILIES: dict[str, FamilyRecipe] = {
     r.name: r
@@ -161,7 +162,7 @@ FAMILIES: dict[str, FamilyRecipe] = {
             0.0,
             "FLUX.1-schnell (1024 px, T5 up to 256 tokens): flow-matching Euler on sigmas linspace(1, 1/N, N), no "
             "shift, no guidance. Deterministic at eta 0 (the pipeline's sampler); set eta > 0 for online PSO.",
-            {"shift": 1.0, "use_dynamic_shifting": False},
+            _FLUX_SCHNELL,
             example_hub_id="black-forest-labs/FLUX.1-schnell",
             max_sequence_length=256,
         ),
@@ -274,7 +275,7 @@ FAMILIES: dict[str, FamilyRecipe] = {
             0.0,
             "The built-in tiny flow-matching model (pso tiny build --flow): 32 px FLUX-format, flow-Euler on "
             "FLUX.1-schnell's sigmas; set eta > 0 for online PSO.",
-            {"shift": 1.0, "use_dynamic_shifting": False},
+            _FLUX_SCHNELL,
             example_hub_id="builtin:tiny-flow",
             max_sequence_length=32,
             resolution=32,

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel
 
 from pso.config import StrictModel
+from pso.random_arch import FLUX_SCHNELL_SCHEDULER
 from pso.tiny.build import ema_update, encode_images, token_ids, world_scores
 from pso.tiny.flow.clip_t5 import build_t5_tokenizer, t5_encoder
 from pso.tiny.world import draw_batch, random_scenes
@@ -217,7 +218,7 @@ def train_student(
 
 def flux_pipeline(vae, clip, clip_tokenizer, t5, t5_tokenizer, transformer) -> FluxPipeline:
     return FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False),
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHNELL_SCHEDULER),
         vae=vae,
         text_encoder=clip,
         tokenizer=clip_tokenizer,
