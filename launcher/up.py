@@ -1,4 +1,6 @@
 """`pso up`: Redis, the reward server, N actors and the learner on one machine, as separate processes.
+With a `preferences` section (offline training on a preference data set) there are no actors: the learner
+reads the pairs itself, and the reward server is there for the final evaluation.
 
     start Redis (or use $REDIS_URL / redis.url), then the reward server (wait until ready),
     the learner and the actors, each with its log under the run folder
@@ -36,7 +38,7 @@ from pso.images import save_grid
 from pso.net import free_port
 from pso.policy import DistilledPolicy
 from pso.prompts import load_prompts, pick_prompts
-from pso.report import read_metrics, reward_curve, versions_sheet
+from pso.report import read_metrics, run_curve, versions_sheet
 from pso.sampling import sample_groups
 from pso.transport.base import ExperienceQueue, WeightStore
 from reward_server.client import RewardClient
@@ -94,8 +96,11 @@ def run_up(cfg: PSOConfig) -> dict:
         if not wait_until(reward.ready, 600, children=children):
             raise RuntimeError("the reward server did not get ready within 10 minutes")
         learner = start("learner", *_learner_command(cfg, config_path))
-        for i in range(cfg.up.actors):
-            start(f"actor-{i}", "pso.cli", "actor", "-c", str(config_path), "--set", f"actor.id=actor-{i}")
+        if cfg.preferences is not None:  # offline: the learner reads its pairs from the data set itself
+            log.info("offline training on %s: no actors", cfg.preferences.source)
+        else:
+            for i in range(cfg.up.actors):
+                start(f"actor-{i}", "pso.cli", "actor", "-c", str(config_path), "--set", f"actor.id=actor-{i}")
         client = connect(cfg.redis)
         weights = RedisWeightStore(client, cfg.redis)
         _follow(cfg, learner, children)
@@ -104,14 +109,17 @@ def run_up(cfg: PSOConfig) -> dict:
             if child.name.startswith("actor"):
                 child.stop()
         summary = evaluate(cfg, viewer, weights, RewardClient(cfg.actor.reward_url), run_dir)
-        summary["experience"] = experience_summary(RedisExperienceQueue(client, cfg.redis))
+        if cfg.preferences is None:
+            summary["experience"] = experience_summary(RedisExperienceQueue(client, cfg.redis))
+        else:
+            summary["preferences"] = preferences_summary(cfg)
         if summary["version"]:  # the final weights (the viewer holds them now) as diffusers loads them, with a card
             summary["export"] = str(
                 export_policy(viewer, summary["version"], cfg, run_dir / "lora", evaluation=summary)
             )
     rows = read_metrics(cfg.learner.metrics_file)
     if rows:
-        reward_curve(rows, run_dir / "reward_curve.png", f"online PSO, run {cfg.redis.run}")
+        run_curve(cfg, rows, run_dir / "reward_curve.png")
     versions_sheet(cfg.learner.run_dir / "grids", run_dir / "versions.png")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -135,7 +143,9 @@ def _learner_command(cfg: PSOConfig, config_path: Path) -> tuple[str, ...]:
 def _follow(cfg: PSOConfig, learner: Child, children: list[Child]) -> None:
     """Until the learner exits: one progress line."""
     metrics_file = cfg.learner.metrics_file
-    bar = tqdm(total=cfg.learner.max_updates, desc="online PSO", unit="update")
+    offline = cfg.preferences is not None
+    desc = f"offline {cfg.loss.name}" if offline else "online PSO"
+    bar = tqdm(total=cfg.learner.max_updates, desc=desc, unit="update")
     while learner.exit_code is None:
         for c in children:
             if c is not learner and c.exit_code is not None:
@@ -144,12 +154,21 @@ def _follow(cfg: PSOConfig, learner: Child, children: list[Child]) -> None:
         if rows:
             last = rows[-1]
             bar.update(last["updates"] - bar.n)
-            bar.set_postfix(
-                version=int(last["version"]),
-                reward=f"{np.mean([r['reward_mean'] for r in rows[-10:]]):.4f}",
-                pairs_s=f"{last['pairs_per_s']:.1f}",
-                backlog=int(last.get("backlog", 0)),
-            )
+            if offline:
+                bar.set_postfix(
+                    version=int(last["version"]),
+                    loss=f"{np.mean([r['loss'] for r in rows[-10:]]):.4f}",
+                    accuracy=f"{np.mean([r['accuracy'] for r in rows[-10:]]):.2f}",
+                    epoch=int(last["epoch"]) + 1,
+                    pairs_s=f"{last['pairs_per_s']:.1f}",
+                )
+            else:
+                bar.set_postfix(
+                    version=int(last["version"]),
+                    reward=f"{np.mean([r['reward_mean'] for r in rows[-10:]]):.4f}",
+                    pairs_s=f"{last['pairs_per_s']:.1f}",
+                    backlog=int(last.get("backlog", 0)),
+                )
         time.sleep(0.5)
     bar.close()
     if learner.exit_code != 0:
@@ -195,6 +214,21 @@ def experience_summary(queue: ExperienceQueue) -> dict:
     out["left"] = stats.backlog  # pushed after the learner's last update: sampled, never trained on
     out["stale_share"] = out["stale"] / max(out["trained"] + out["stale"] + out["corrupt"], 1)
     return out
+
+
+def preferences_summary(cfg: PSOConfig) -> dict:
+    """Offline: how much of the data the learner trained on (its last update's row: rank 0's shard)."""
+    rows = read_metrics(cfg.learner.metrics_file)
+    last = rows[-1] if rows else {}
+    return {
+        "source": cfg.preferences.source,
+        "updates": int(last.get("updates", 0)),
+        "pairs": int(sum(r["pairs"] for r in rows)) * cfg.up.learner_ranks,
+        "epoch": int(last.get("epoch", 0)),
+        "position": int(last.get("position", 0)),
+        "ties": int(last.get("ties", 0)),
+        "bad_rows": int(last.get("bad_rows", 0)),
+    }
 
 
 def _stop_all(children: list[Child]) -> None:

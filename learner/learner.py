@@ -32,8 +32,9 @@ from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
-from learner.buffer import BufferedRecord, PairBuffer
+from learner.buffer import BufferedRecord, PairBuffer, Take
 from learner.metrics import MetricsSink
 from learner.monitors import Monitors, best_effort
 from learner.pictures import RunPictures
@@ -43,6 +44,7 @@ from pso.config.schema import PSOConfig
 from pso.experience import check_record_fits, pair_batch_from_records
 from pso.export import export_policy
 from pso.loop import round_seed
+from pso.objectives import PairBatch
 from pso.ops_http import OpsServer
 from pso.targets import is_prior, load_target_latents
 from pso.transport.base import Delivery, ExperienceQueue, QueueStats, TransportError, WeightStore
@@ -64,11 +66,16 @@ class LearnerState:
     corrupt: int = 0
     lost: int = 0  # records lost with a Redis that restarted empty (waiting unread when last seen)
     run_marker: str | None = None  # the run's marker in Redis (pso/transport/base.py: ExperienceQueue.run_marker)
+    data_exhausted: bool = False  # offline (learner/offline.py): every rank stopped because its data was used up
     history: list[dict[str, float]] = field(default_factory=list)
 
 
 class Learner:
-    def __init__(self, cfg: PSOConfig, engine, queue: ExperienceQueue, weights: WeightStore, rank: int = 0):
+    """The online learner: pairs from the actors' records in the experience queue. Where its pairs come from is
+    in `_fill`, `_ready`, `_take`, `_trained`, `_row`, `_resumed`, `_rank_state` and `_checkpointed`; the
+    offline learner (learner/offline.py) overrides just those."""
+
+    def __init__(self, cfg: PSOConfig, engine, queue: ExperienceQueue | None, weights: WeightStore, rank: int = 0):
         self.cfg, self.engine, self.queue, self.weights, self.rank = cfg, engine, queue, weights, rank
         self.consumer = f"learner-{rank}"  # stable across restarts: this rank's pending records come back to it
         self.pairs_per_update = cfg.optim.pairs_per_step * cfg.learner.gradient_accumulation_steps
@@ -114,6 +121,11 @@ class Learner:
         self.checkpointed_at = self.published_at = self.state.updates
         # a version published after the checkpoint must not be reused
         self.state.version = max(self.state.version, self.weights.latest() or 0)
+        self._resumed(ranks)
+        return True
+
+    def _resumed(self, ranks: list[dict]) -> None:
+        """What the checkpoint's rank states say about the pairs it holds: here, the records it covers."""
         covered = [i for r in ranks for i in r.get("covered", [])]  # every rank's, however many ranks resume
         self.skip = {i: n for r in ranks for i, n in r.get("partial", {}).items()}
         acked = self.queue.ack(covered, counter="trained")  # before any read: they must not come back
@@ -122,7 +134,6 @@ class Learner:
             "acknowledged now) and part of %d more", self.state.updates, self.state.version, len(covered), acked,
             len(self.skip),
         )  # fmt: skip
-        return True
 
     def run(self, stop: threading.Event | None = None) -> LearnerState:
         stop = stop or threading.Event()
@@ -131,13 +142,18 @@ class Learner:
         self._start_versions()
         try:
             while limit is None or self.state.updates < limit:
-                stopping, lost = _any_rank(stop.is_set() or self.failure is not None, self.redis_lost)
+                stopping, lost, exhausted = _any_rank(
+                    stop.is_set() or self.failure is not None, self.redis_lost, self._exhausted()
+                )
                 if lost:
                     self._report_lost_redis()
-                if stopping:
+                if exhausted:  # offline: some rank's data is used up, and every rank stops after the same update
+                    self.state.data_exhausted = True
+                    log.info("the data is used up: stopping after update %d", self.state.updates)
+                if stopping or exhausted:
                     break
                 waited = self._fill(stop)
-                if _any_rank(self.buffer.pairs < self.pairs_per_update)[0]:
+                if _any_rank(not self._ready())[0]:
                     continue  # some rank was stopped or alarmed while waiting: nobody updates, all go to the top
                 self._update(waited)
             if self.state.updates > self.published_at:
@@ -240,6 +256,14 @@ class Learner:
             self._guard(self._check_marker)
         return time.monotonic() - start
 
+    def _ready(self) -> bool:
+        """An update's pairs are at hand."""
+        return self.buffer.pairs >= self.pairs_per_update
+
+    def _exhausted(self) -> bool:
+        """No more pairs will come (offline data used up); the online learner waits for the actors instead."""
+        return False
+
     def _read(self, lc) -> None:
         deliveries = self.queue.reclaim(self.consumer, lc.reclaim_idle_s, 16, live=self.live)
         deliveries += self.queue.read(self.consumer, 4, lc.read_block_s)
@@ -277,25 +301,51 @@ class Learner:
     def _update(self, waited: float) -> None:
         start = time.monotonic()
         self._bundle = self._encoded = None  # the last update's weights: not held through this one (a UNet, if full)
-        take = self.buffer.take(self.pairs_per_update)
-        batch = pair_batch_from_records(self.engine.policy, take.records, self.target_latents)
-        weights = torch.tensor(take.pair_weights)
-        if self.cfg.targets is not None and self.cfg.targets.class_prompts:  # prior preservation's own weight
-            prior = [is_prior(self.cfg.targets, self.target_images, r.target) for r in take.records for _ in r.pairs]
-            weights = torch.where(torch.tensor(prior), weights * self.cfg.targets.prior_weight, weights)
+        batch, weights, taken = self._take()
         gen = torch.Generator().manual_seed(round_seed(self.cfg.sampling.seed + 1 + self.rank, self.state.updates))
         metrics = self.engine.update(batch, None if bool((weights == 1).all()) else weights, gen=gen)
         st = self.state
         trained_at = st.version
         st.updates += 1
         st.trained_pairs += len(weights)
-        self.unacked += [r.id for r in take.finished]
-        st.trained_records += len(take.finished)
+        self._trained(taken)
         if st.updates % self.cfg.learner.publish_every == 0:
             self._publish()
         if st.updates % self.cfg.learner.checkpoint_every == 0:
             self.save_checkpoint()
         busy = time.monotonic() - start
+        row = {"updates": st.updates, "version": st.version, **{k: float(v) for k, v in metrics.items()}}
+        row.update(self._row(taken, trained_at, busy))
+        row.update(pairs_per_s=len(weights) / max(busy + waited, 1e-9), wait_s=waited, pairs=len(weights))
+        row["time"] = time.time()
+        st.history.append(row)
+        self._beat()
+        if self.sink:
+            self.sink.write(row)
+        if self.monitors:
+            with best_effort("the monitors' figures"):
+                self.monitors.scalars(row, st.updates)
+        if self.checkpointed_at == st.updates:  # the curve with this update's row, as often as checkpoints
+            self.pictures.reward_curve(st.history, st.updates)
+
+    def _take(self) -> tuple[PairBatch, Tensor, Take]:
+        """An update's pairs, their loss weights (one each), and what `_trained` and `_row` need to know of them."""
+        take = self.buffer.take(self.pairs_per_update)
+        batch = pair_batch_from_records(self.engine.policy, take.records, self.target_latents)
+        weights = torch.tensor(take.pair_weights)
+        if self.cfg.targets is not None and self.cfg.targets.class_prompts:  # prior preservation's own weight
+            prior = [is_prior(self.cfg.targets, self.target_images, r.target) for r in take.records for _ in r.pairs]
+            weights = torch.where(torch.tensor(prior), weights * self.cfg.targets.prior_weight, weights)
+        return batch, weights, take
+
+    def _trained(self, take: Take) -> None:
+        """Right after the update trained them (before any publish or checkpoint)."""
+        self.unacked += [r.id for r in take.finished]
+        self.state.trained_records += len(take.finished)
+
+    def _row(self, take: Take, trained_at: int, busy: float) -> dict[str, float]:
+        """The update's figures of where its pairs came from: the queue, the records' rewards and ages."""
+        st = self.state
         queue = self._guard(self.queue.stats)
         counters = self._guard(self.queue.counters)
         self._guard(self._check_marker)  # after the reads: the figures kept for a loss report predate it
@@ -306,20 +356,13 @@ class Learner:
             self.demand.observe(queue.produced, actor_busy_s, queue.waiting, len(take.finished), busy)
         versions = [r.policy_version for r in take.records]
         row = {
-            "updates": st.updates,
-            "version": st.version,
-            **{k: float(v) for k, v in metrics.items()},
             "reward_mean": float(torch.cat([r.scores for r in take.records]).mean()),
             "staleness": trained_at - sum(versions) / len(versions),
-            "pairs_per_s": len(weights) / max(busy + waited, 1e-9),
-            "wait_s": waited,
-            "pairs": len(weights),
             "stale": st.stale - self.reported["stale"],  # since the previous row: Prometheus counts these
             "lost": st.lost - self.reported["lost"],
             "stale_total": st.stale,
             "stale_share": st.stale / max(st.stale + st.trained_records + len(self.buffer), 1),
             "records_lost": st.lost,
-            "time": time.time(),
         }
         if queue is not None:
             row["backlog"] = queue.backlog
@@ -327,15 +370,7 @@ class Learner:
         if wanted is not None:
             row["actors_wanted"] = wanted
         self.reported = {"stale": st.stale, "lost": st.lost}
-        st.history.append(row)
-        self._beat()
-        if self.sink:
-            self.sink.write(row)
-        if self.monitors:
-            with best_effort("the monitors' figures"):
-                self.monitors.scalars(row, st.updates)
-        if self.checkpointed_at == st.updates:  # the curve with this update's row, as often as checkpoints
-            self.pictures.reward_curve(st.history, st.updates)
+        return row
 
     def _beat(self) -> None:
         if self.ops:
@@ -405,13 +440,21 @@ class Learner:
         """Collective. Then acknowledge the records trained since the last one: the checkpoint holds them
         (and lists them, for a learner resumed before the acknowledgement reached Redis)."""
         client = {k: v for k, v in vars(self.state).items() if k != "history"}
-        # pairs of a straddling record the resumed checkpoint held stay held until the record is read again
-        rank_state = {"covered": self.unacked, "partial": {**self.skip, **self.buffer.started()}}
+        rank_state = self._rank_state()
         bundle = self._weights()  # on every rank: a collective under ZeRO-3
         weights = self._weight_bytes() if bundle is not None else b""
         self.engine.save_checkpoint(self.cfg.learner.checkpoint_dir, client, rank_state, weights)
         self.checkpointed_at = self.state.updates
         log.info("checkpoint at update %d (version %d)", self.state.updates, self.state.version)
+        self._checkpointed()
+
+    def _rank_state(self) -> dict:
+        """This rank's part of a checkpoint: the records it covers (acknowledged once it is saved); pairs of a
+        straddling record the resumed checkpoint held stay held until the record is read again."""
+        return {"covered": self.unacked, "partial": {**self.skip, **self.buffer.started()}}
+
+    def _checkpointed(self) -> None:
+        """Once a checkpoint holds them: acknowledge the records trained since the last one."""
         covered, self.unacked = self.unacked, []
         self._guard(lambda: self.queue.ack(covered, counter="trained"))
 
@@ -440,15 +483,26 @@ def run_learner(cfg: PSOConfig, resume: bool = False, stop: threading.Event | No
     from pso.policy import DistilledPolicy
     from pso.transport.redis import RedisExperienceQueue, RedisWeightStore, connect
 
-    client = connect(cfg.redis)  # fails fast, naming the URL, when Redis is unreachable
+    client = None
+    if cfg.preferences is None or cfg.redis.url is not None:
+        client = connect(cfg.redis)  # fails fast, naming the URL, when Redis is unreachable
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     model = cfg.model
     if model.device.startswith("cuda"):
         model = model.model_copy(update={"device": f"cuda:{local_rank}"})
     policy = DistilledPolicy.from_config(model, cfg.finetune)
     engine = LearnerEngine(policy, cfg.loss, cfg.optim, cfg.learner)
-    learner = Learner(cfg, engine, RedisExperienceQueue(client, cfg.redis), RedisWeightStore(client, cfg.redis),
-                      rank=engine.rank)  # fmt: skip
+    if cfg.preferences is not None:  # offline: pairs from a data set, no actors, no queue
+        from learner.offline import OfflineLearner
+        from pso.transport.memory import MemoryWeightStore
+
+        if client is None:
+            log.info("no redis.url: the weights are not published (checkpoints and exports in %s)", cfg.learner.run_dir)
+        weights = MemoryWeightStore() if client is None else RedisWeightStore(client, cfg.redis)
+        learner = OfflineLearner(cfg, engine, weights, rank=engine.rank)
+    else:
+        learner = Learner(cfg, engine, RedisExperienceQueue(client, cfg.redis), RedisWeightStore(client, cfg.redis),
+                          rank=engine.rank)  # fmt: skip
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):

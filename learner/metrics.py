@@ -52,18 +52,22 @@ class MetricsSink:
         if self.file is not None:
             with self.file.open("a") as f:
                 f.write(json.dumps(row) + "\n")
+        online = "reward_mean" in row  # offline rows say where in the data the update ended instead
         log.info(
-            "update %d (version %d): loss %.4f, margin %.4g, accuracy %.2f, reward %.4f, staleness %.1f, "
-            "%.1f pairs/s, waited %.1f s",
+            "update %d (version %d): loss %.4f, margin %.4g, accuracy %.2f, " + (
+                "reward %.4f, staleness %.1f, " if online else "epoch %d, example %d, "
+            ) + "%.1f pairs/s, waited %.1f s",
             row["updates"], row["version"], row.get("loss", float("nan")), row.get("margin", float("nan")),
-            row.get("accuracy", float("nan")), row["reward_mean"], row["staleness"], row["pairs_per_s"], row["wait_s"],
+            row.get("accuracy", float("nan")),
+            *((row["reward_mean"], row["staleness"]) if online else (row["epoch"] + 1, row["position"])),
+            row["pairs_per_s"], row["wait_s"],
         )  # fmt: skip
 
     def _export(self, row: dict[str, float]) -> None:
         """One update's row to Prometheus: gauges set, counters increased (see COUNTERS)."""
         self.updates.inc()
         for key, counter in self.counters.items():
-            counter.inc(row[key])
+            counter.inc(row.get(key, 0))  # the offline learner has no stale or lost records
         for key in GAUGES.keys() & row.keys():
             if key not in self.gauges:
                 self.gauges[key] = Gauge(f"pso_learner_{key}", GAUGES[key], registry=self.registry)

@@ -22,7 +22,7 @@ from pso.config.schema import PSOConfig
 from pso.images import save_grid
 from pso.policy import DistilledPolicy
 from pso.prompts import load_prompts, pick_prompts
-from pso.report import read_metrics, reward_curve
+from pso.report import read_metrics, run_curve
 from pso.sampling import sample_groups
 
 log = logging.getLogger("pso.learner")
@@ -72,7 +72,7 @@ class RunPictures:
         rows = read_metrics(file) if file is not None else history
         if rows:
             with best_effort("the reward curve"):
-                path = reward_curve(rows, self.curve, f"online PSO, run {self.cfg.redis.run}")
+                path = run_curve(self.cfg, rows, self.curve)
                 self._show("reward_curve", path, updates)
 
     def _show(self, tag: str, path: Path, updates: int, caption: str | None = None) -> None:

@@ -230,7 +230,7 @@ def cmd_learner(args) -> int:
 
     state = run_learner(cfg, resume=args.resume)
     limit = cfg.learner.max_updates
-    if limit is None or state.updates < limit:
+    if (limit is None or state.updates < limit) and not state.data_exhausted:  # offline: the data was used up
         # stopped by a signal before its work was done: not a success, or a Kubernetes Job would
         # count this index as complete and never run the learner again (it resumes on restart)
         print(f"pso learner: stopped at update {state.updates}; checkpointed", file=sys.stderr)
@@ -313,11 +313,20 @@ def cmd_up(args) -> int:
             f"  {name}: {m['base']:.4f} -> {m['tuned']:.4f} (gain {m['gain']:+.4f} +- {m['gain_stderr']:.4f}, "
             f"wins {m['win_rate']:.0%})"
         )
-    e = summary["experience"]
-    print(
-        f"experience: {e['produced']} records produced, {e['trained']} trained, {e['stale']} stale "
-        f"({e['stale_share']:.1%} of those decided), {e['corrupt']} corrupt, {e['left']} left when the run stopped"
-    )
+    if "experience" in summary:
+        e = summary["experience"]
+        print(
+            f"experience: {e['produced']} records produced, {e['trained']} trained, {e['stale']} stale "
+            f"({e['stale_share']:.1%} of those decided), {e['corrupt']} corrupt, {e['left']} left when the run "
+            "stopped"
+        )
+    if "preferences" in summary:
+        d = summary["preferences"]
+        print(
+            f"preferences: {d['pairs']} pairs of {d['source']} trained in {d['updates']} updates (rank 0 ended at "
+            f"example {d['position']} of epoch {d['epoch'] + 1}; {d['ties']} ties and {d['bad_rows']} bad rows "
+            "skipped)"
+        )
     if "export" in summary:
         print(f"final weights for diffusers (pipe.load_lora_weights): {summary['export']}")
     return 0
@@ -434,7 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.set_defaults(func=cmd_actor)
 
-    p = sub.add_parser("learner", help="online PSO updates with DeepSpeed; publishes weights (needs Redis)")
+    p = sub.add_parser(
+        "learner", help="PSO updates with DeepSpeed; publishes weights (needs Redis, except offline on preferences)"
+    )
     _config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint (fresh if none)")
     p.add_argument("--nproc-per-node", type=int, default=1, help="ranks on this node (re-runs under torchrun)")

@@ -45,6 +45,15 @@ def target_vs_reference_loss(
     return -F.logsigmoid(beta * margin)
 
 
+def customization_loss(err_target: Tensor, err_sample: Tensor, beta: float, sample_weight: float) -> Tensor:
+    """max(0, 1 - beta * (e_sample - e_target)) + sample_weight * e_sample: the paper's customization form.
+
+    Both errors are on forward-noised final latents with one noise; the hinge stops pushing once the
+    target is fitted 1/beta better than the policy's own sample, the second term keeps the sample fitted.
+    """
+    return F.relu(1 - beta * (err_sample - err_target)) + sample_weight * err_sample
+
+
 def sft_loss(err: Tensor) -> Tensor:
     """Plain diffusion loss: the prediction error itself (no reference, no pair)."""
     return err

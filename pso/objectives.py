@@ -14,6 +14,7 @@ from torch import Tensor
 
 from pso.conditioning import Conditioning
 from pso.config.schema import (
+    CustomizationLoss,
     DiffusionDPOLoss,
     Loss,
     OfflinePSOLoss,
@@ -23,6 +24,7 @@ from pso.config.schema import (
 )
 from pso.losses import (
     clip_log_ratio,
+    customization_loss,
     online_pso_loss,
     pairwise_error_loss,
     sft_loss,
@@ -153,6 +155,20 @@ def compute_loss(policy: DistilledPolicy, cfg: Loss, batch: PairBatch, gen: torc
         loss = pairwise_error_loss(err[:p], err_ref[:p], err[p:], err_ref[p:], cfg.beta).mean()
         # a lower error is a higher likelihood, so the implicit log-ratio is -(e - e_ref)
         return LossOutput(loss, _margin_metrics(loss, -(err[:p] - err_ref[:p]), -(err[p:] - err_ref[p:])))
+    if isinstance(cfg, CustomizationLoss):
+        t = _distilled_t(policy, p, gen)
+        noise = torch.randn(x0_w.shape, generator=gen).to(x0_w)
+        err, _ = policy.forward_noised_errors(
+            torch.cat([x0_w, x0_l]),
+            torch.cat([t, t]),
+            torch.cat([noise, noise]),
+            Conditioning.cat([batch.cond, batch.cond]),
+            cfg.reduction,
+            with_reference=False,
+        )
+        err_w, err_l = err[:p], err[p:]
+        loss = customization_loss(err_w, err_l, cfg.beta, cfg.sample_weight).mean()
+        return LossOutput(loss, {**_margin_metrics(loss, -err_w, -err_l), "error_target": float(err_w.mean())})
     if isinstance(cfg, SFTLoss):
         t = _distilled_t(policy, p, gen)
         noise = torch.randn(x0_w.shape, generator=gen).to(x0_w)

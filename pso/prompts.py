@@ -2,7 +2,7 @@
 
 None                       the config's own list (`loop.prompts`)
 builtin:tiny-world         every scene of the tiny world
-builtin:tiny-subject       the tiny subject's identifier ("sks") in colour pairs its targets never show
+builtin:tiny-subject       the tiny subject's identifier ("pixel") in colour pairs its targets never show
 builtin:general            everyday prompts for real models (pso/data/prompts/general-prompts.txt)
 parti, drawbench, hpsv2    the standard sets, NAME or NAME:SUBSET (pso/prompt_sets.py); a name wins
                            over a file of that name, which `./NAME` reads

@@ -299,11 +299,11 @@ def builtin_data(source: str) -> str:
         return source
     if source not in BUILTIN_DATA:
         raise ValueError(f"unknown built-in data set {source!r}; built-in: {', '.join(BUILTIN_DATA)}")
-    from pso.tiny.tasks import build_task_data
+    from pso.tiny.tasks import DATA_VERSION, build_task_data
 
     task = BUILTIN_DATA[source]
     root = Path(os.environ.get("PSO_CACHE_DIR") or Path.home() / ".cache" / "pso") / "tiny-data"
-    final = root / task
+    final = root / f"{task}-v{DATA_VERSION}"
     if not final.is_dir():
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{task}-"))
@@ -388,6 +388,19 @@ def load_targets(
 
 
 @torch.no_grad()
+def encode_images(policy: DistilledPolicy, batches: Iterable[Tensor]) -> Tensor:
+    """Images, given as batches of (b, 3, S, S) floats in [0, 1] at the model's image size, as final sampler
+    states (n, *policy.latent_shape), float32 on the CPU: each denoiser's own `vae_encode`, the inverse of its
+    `decode` (target images here, preference pairs in pso/offline.py)."""
+    latents = torch.cat([policy.denoiser.vae_encode(images).cpu() for images in batches]).contiguous()
+    if tuple(latents.shape[1:]) != tuple(policy.latent_shape):
+        raise NotImplementedError(
+            f"the VAE gave latents of shape {tuple(latents.shape[1:])}, the sampler's states are "
+            f"{tuple(policy.latent_shape)}: {policy.denoiser.arch!r} needs its own encode rule"
+        )
+    return latents
+
+
 def encode_targets(policy: DistilledPolicy, targets: TargetSet, batch_size: int = 16) -> Tensor:
     """The targets' latents (N, *policy.latent_shape), float32 on the CPU, in the sampler's state units:
     `policy.decode(latents)` gives the images back (up to the VAE's reconstruction error)."""
@@ -396,17 +409,7 @@ def encode_targets(policy: DistilledPolicy, targets: TargetSet, batch_size: int 
             f"{targets.source}: the targets are {targets.image_size} px, the model samples {policy.image_size} px: "
             f"load them with image_size={policy.image_size}"
         )
-    out = [
-        policy.denoiser.vae_encode(targets.pixels(slice(i, i + batch_size))).cpu()
-        for i in range(0, len(targets), batch_size)
-    ]
-    latents = torch.cat(out).contiguous()
-    if tuple(latents.shape[1:]) != tuple(policy.latent_shape):
-        raise NotImplementedError(
-            f"the VAE gave latents of shape {tuple(latents.shape[1:])}, the sampler's states are "
-            f"{tuple(policy.latent_shape)}: {policy.denoiser.arch!r} needs its own encode rule"
-        )
-    return latents
+    return encode_images(policy, (targets.pixels(slice(i, i + batch_size)) for i in range(0, len(targets), batch_size)))
 
 
 def vae_identity(policy: DistilledPolicy) -> str:

@@ -51,7 +51,7 @@ def test_every_reference_is_paired_with_its_prompts_target():
 
 
 def test_targets_need_a_target_loss():
-    with pytest.raises(ValueError, match="targets train with loss target-vs-reference .* not online-pso"):
+    with pytest.raises(ValueError, match="target-vs-reference or customization .* not online-pso"):
         PSOConfig.model_validate({"targets": {"source": "data/style"}})
     assert PSOConfig.model_validate({"targets": {"source": "d"}, "loss": {"name": "sft"}}).targets.source == "d"
 
@@ -160,5 +160,24 @@ def test_the_subject_evaluation_prompts_name_the_identifier_in_colours_the_targe
 
     prompts = load_prompts("builtin:tiny-subject")
     trained = {caption for caption, _ in subject_targets()}
-    assert len(prompts) == len(set(prompts)) >= 50 and all(" sks " in p for p in prompts)
+    assert len(prompts) == len(set(prompts)) >= 50 and all(" pixel " in p for p in prompts)
     assert not trained & set(prompts)
+
+
+def test_the_customization_loss_is_a_hinge_on_the_error_gap_plus_the_samples_own_loss():
+    """The paper's customization form: no reference model; the hinge stops once the target is fitted 1/beta
+    better than the sample, and the sample's own error is added at sample_weight."""
+    from pso.losses import customization_loss
+    from pso.objectives import compute_loss
+
+    err_t, err_s = torch.tensor([0.5, 0.5]), torch.tensor([0.6, 1.0])
+    torch.testing.assert_close(customization_loss(err_t, err_s, 5.0, 0.5), torch.tensor([0.5 + 0.3, 0.0 + 0.5]))
+    cfg = config({"name": "customization"})
+    assert PSOConfig.model_validate({"targets": {"source": "d"}, "loss": {"name": "customization"}}).loss.beta == 5.0
+    policy = DistilledPolicy.from_config(cfg.model, cfg.finetune)
+    traj = sample_groups(policy, CAPTIONS, 2, seed=0, decode=False)
+    batch = PairBatch.from_targets(torch.randn(2, *policy.latent_shape), traj, policy.encode(CAPTIONS))
+    out = compute_loss(policy, cfg.loss, batch, torch.Generator().manual_seed(0))
+    out.loss.backward()
+    assert out.loss.item() > 0 and {"error_target", "accuracy", "margin"} <= out.metrics.keys()
+    assert sum(float(p.grad.abs().sum()) for p in policy.trainable_parameters()) > 0

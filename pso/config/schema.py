@@ -103,6 +103,18 @@ class TargetVsReferenceLoss(_LossBase):
     clip_eps: float = Field(0.1, gt=0, lt=1)
 
 
+class CustomizationLoss(_LossBase):
+    """The paper's concept-customization variant (its DreamBooth script's `pso_db`): the target and the
+    policy's own sample are both forward-noised at one distilled timestep with one noise, and a hinge asks
+    the target's prediction error to be `1/beta` below the sample's; no reference model. `sample_weight`
+    adds the sample's own diffusion loss, which keeps the model fitting what it already draws (the
+    paper's regulariser against forgetting, its `prior_loss_weight`)."""
+
+    name: Literal["customization"] = "customization"
+    beta: float = Field(5.0, gt=0, description="the hinge asks for an error gap of 1/beta")
+    sample_weight: float = Field(0.5, ge=0, description="weight of the sample's own diffusion loss")
+
+
 class SFTLoss(_LossBase):
     """Baseline: plain diffusion loss on the winners at the distilled timesteps."""
 
@@ -117,7 +129,7 @@ class DiffusionDPOLoss(_LossBase):
 
 
 Loss = Annotated[
-    OnlinePSOLoss | OfflinePSOLoss | TargetVsReferenceLoss | SFTLoss | DiffusionDPOLoss,
+    OnlinePSOLoss | OfflinePSOLoss | TargetVsReferenceLoss | CustomizationLoss | SFTLoss | DiffusionDPOLoss,
     Field(discriminator="name"),
 ]
 
@@ -159,7 +171,7 @@ class LoopConfig(StrictModel):
 class TargetsConfig(StrictModel):
     """Fixed target images with captions (style transfer, concept customization; pso.md, "Target vs online
     reference"): fresh samples of the policy for each target's caption are its references, and the loss
-    (`target-vs-reference`, or `sft` as the naive baseline) trains each target against them."""
+    (`target-vs-reference` or `customization`, or `sft` as the naive baseline) trains each target against them."""
 
     source: str = Field(
         description="a folder of images with a metadata.jsonl of captions (the Hugging Face imagefolder "
@@ -179,6 +191,27 @@ class TargetsConfig(StrictModel):
     prior_weight: float = Field(1.0, ge=0, description="loss weight of the class targets' pairs")
 
 
+class PreferencesConfig(StrictModel):
+    """Offline preference pairs (the Pick-a-Pic v2 layout, pso/preference_data.py): the learner trains on them
+    alone, with no actors (pso.md, "Offline PSO"). Each learner rank reads its own shard of the source; the
+    images are encoded once by the model's own VAE. Needs `loss.name` offline-pso or diffusion-dpo."""
+
+    source: str = Field(
+        description="parquet files in the Pick-a-Pic v2 layout (a file, or a folder of them), a hub dataset "
+        "(hf:OWNER/NAME, e.g. hf:yuvalkirstain/pickapic_v2), or builtin:tiny-offline"
+    )
+    split: str = Field("train", description="the hub dataset's split")
+    epochs: int = Field(1, ge=1, description="passes over the data; the learner stops after the last one")
+    max_pairs: int | None = Field(
+        None, ge=1, description="use at most this many pairs of each rank's shard per epoch (default: all)"
+    )
+    cache_latents: bool = Field(
+        True,
+        description="keep the pairs' VAE latents on disk (learner.run_dir/preference-latents), so a later epoch "
+        "or a resumed learner does not encode them again",
+    )
+
+
 class PSOConfig(StrictModel):
     """Everything one run needs: the core library's sections, then one section per service."""
 
@@ -190,6 +223,7 @@ class PSOConfig(StrictModel):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     loop: LoopConfig = Field(default_factory=LoopConfig)
     targets: TargetsConfig | None = None
+    preferences: PreferencesConfig | None = None
     reward_server: RewardServerConfig = Field(default_factory=RewardServerConfig)
     redis: RedisConfig = Field(default_factory=RedisConfig)
     actor: ActorConfig = Field(default_factory=ActorConfig)
@@ -208,10 +242,24 @@ class PSOConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
-    def _targets_need_a_target_loss(self) -> PSOConfig:
-        if self.targets is not None and not isinstance(self.loss, (TargetVsReferenceLoss, SFTLoss)):
+    def _preferences_need_an_offline_loss(self) -> PSOConfig:
+        if self.preferences is None:
+            return self
+        if self.targets is not None:
+            raise ValueError("preferences (offline pairs) and targets (target images) are two kinds of run: give one")
+        if not isinstance(self.loss, (OfflinePSOLoss, DiffusionDPOLoss)):
             raise ValueError(
-                f"targets train with loss target-vs-reference (or sft, the naive baseline), not {self.loss.name}"
+                f"preferences (offline pairs, fixed images) train with loss offline-pso or diffusion-dpo, not "
+                f"{self.loss.name}: the other losses need trajectories sampled by actors"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _targets_need_a_target_loss(self) -> PSOConfig:
+        if self.targets is not None and not isinstance(self.loss, (TargetVsReferenceLoss, CustomizationLoss, SFTLoss)):
+            raise ValueError(
+                "targets train with loss target-vs-reference or customization (or sft, the naive baseline), "
+                f"not {self.loss.name}"
             )
         return self
 

@@ -10,7 +10,7 @@ triangles, so each task asks for something they do not do, measured by a reward 
   pale or shaded colours do not survive it).
 - subject (`subject_targets`): at most 8 images of a shape the world never draws (NEW_SHAPE, a plus sign with
   thick arms, at least CROSS_MIN_HALF in half-extent so that it survives the VAE),
-  named by the rare identifier IDENTIFIER in the shape slot ("a red sks on a blue background"), in the few
+  named by the rare identifier IDENTIFIER in the shape slot ("a red pixel on a blue background"), in the few
   colour pairs SUBJECT_COLOURS. `subject_eval_prompts` asks for it in every other colour pair, and for the
   ordinary scenes that must stay unchanged. Measured by `subject`.
 - offline (`preference_pairs`): a Pick-a-Pic v2-style preference data set labelled by the `large` reward.
@@ -36,6 +36,7 @@ from pso.tiny.rewards import large
 from pso.tiny.world import COLOURS, IDENTIFIER, NEW_SHAPE, SHAPES, Scene, draw, random_scenes
 
 TASKS = ("style", "subject", "offline")
+DATA_VERSION = 2  # raised whenever the data changes: built-in data cached under an older one is built again
 STYLE = "twin"
 STYLE_TARGETS = 48
 SUBJECT_COLOURS: tuple[tuple[str, str], ...] = (("red", "blue"), ("yellow", "purple"), ("white", "black"))

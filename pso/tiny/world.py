@@ -30,7 +30,10 @@ MIN_HALF, MAX_HALF = 5, 11  # half-extent of a shape in pixels
 # Beyond the base world (pso/tiny/tasks.py): a shape the base students never saw, the rare word that names it in
 # the subject task, and the styles a shape can be drawn in (the base students only ever saw "filled").
 NEW_SHAPE = "cross"  # a plus sign
-IDENTIFIER = "sks"
+# One token in every shipped tokenizer: "sks" (one token in real CLIP) is two in the tiny one ("sk s"), which
+# shifts the background colour word one place and the tiny text encoder then loses it (the base drew "a red sks
+# on a blue background" with an orange background); "pixel" is a vocabulary word no tiny-world prompt uses.
+IDENTIFIER = "pixel"
 STYLES = ("filled", "twin")
 # "twin": the scene's shape drawn twice, the same size, in opposite corners of a diagonal. Chosen for the shipped
 # VAE (4x8x8 latents), which keeps filled shapes of the palette's colours and little else (hollow outlines,

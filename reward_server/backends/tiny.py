@@ -18,7 +18,7 @@ SCALES = {
     "crispness": "tiny-world crispness: share of pixels on the palette, 0 to 1 (prompt ignored)",
     "twin": "tiny-world twin style: 0 (one shape) to 1 (the prompt's shape drawn twice, two separate copies)",
     "style_fidelity": "tiny-world fidelity reading the shape from the largest foreground blob (one or twins), 0 to 1",
-    "subject": "tiny-world subject: the new shape ('sks', a cross) in the prompt's colours, 0 to 1",
+    "subject": "tiny-world subject: the new shape ('pixel', a cross) in the prompt's colours, 0 to 1",
 }
 
 
