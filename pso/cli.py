@@ -334,12 +334,19 @@ def cmd_up(args) -> int:
 
 def cmd_bench_quality(args) -> int:
     from pso.bench.quality import QualityBenchConfig, run_quality_bench
+    from pso.bench.tasks import TaskBenchConfig, run_task_bench
 
-    settings = dict(seeds=list(range(args.seeds)), rounds=args.rounds)
-    bench = QualityBenchConfig.flow(**settings) if args.flow else QualityBenchConfig(**settings)
-    result = run_quality_bench(args.out, bench)
+    out = args.out or Path("runs") / f"bench-{args.task or 'quality'}"
+    settings = {k: v for k, v in (("seeds", args.seeds and list(range(args.seeds))), ("rounds", args.rounds)) if v}
+    if args.task:
+        if args.flow:
+            raise SystemExit("--task runs on the built-in UNet model; --flow is for the reward benchmark")
+        result = run_task_bench(out, TaskBenchConfig(task=args.task, **settings))
+    else:
+        bench = QualityBenchConfig.flow(**settings) if args.flow else QualityBenchConfig(**settings)
+        result = run_quality_bench(out, bench)
     print(result["markdown"], end="")
-    print(f"written: {args.out / 'results.md'}, {args.out / 'results.json'}, {result['grid']}")
+    print(f"written: {out / 'results.md'}, {out / 'results.json'}, {result['grid']}")
     return 0
 
 
@@ -482,9 +489,14 @@ def build_parser() -> argparse.ArgumentParser:
         dest="bench", required=True, metavar="BENCH"
     )
     p = bench.add_parser("quality", help="online PSO vs baselines on the tiny model: target reward, fidelity, blur")
-    p.add_argument("--seeds", type=int, default=3, help="independent runs per method (default 3)")
-    p.add_argument("--rounds", type=int, default=40, help="online rounds per run (default 40)")
-    p.add_argument("--out", type=Path, default=Path("runs/bench-quality"))
+    p.add_argument("--seeds", type=int, help="independent runs per method (default 3; with --task 2)")
+    p.add_argument("--rounds", type=int, help="online rounds per run (default 40; with --task 60, offline: steps)")
+    p.add_argument(
+        "--task",
+        choices=["style", "subject", "offline"],
+        help="PSO's other uses instead of the reward: target images (style, subject) or offline preference pairs",
+    )
+    p.add_argument("--out", type=Path, help="the run folder (default runs/bench-quality, or runs/bench-TASK)")
     p.add_argument(
         "--flow",
         action="store_true",

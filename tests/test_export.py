@@ -38,9 +38,13 @@ def unet_output(unet) -> torch.Tensor:
         return unet(x, torch.tensor([999, 499]), encoder_hidden_states=text).sample
 
 
-@pytest.mark.parametrize("alpha", [None, 16])  # alpha == rank, and alpha != rank (adapter metadata)
-def test_a_diffusers_export_loads_with_load_lora_weights_and_matches_the_policy(tmp_path, alpha):
-    cfg = load_config(PSOConfig, TINY, overrides=[f"finetune.alpha={alpha}"] if alpha else [])
+CONVS = "finetune.target_modules=[to_q, to_k, to_v, to_out.0, conv1, conv2]"  # the tiny tasks' adapters
+
+
+# alpha == rank, and alpha != rank (adapter metadata); adapters on the ResNet convolutions too
+@pytest.mark.parametrize("overrides", [[], ["finetune.alpha=16"], [CONVS]])
+def test_a_diffusers_export_loads_with_load_lora_weights_and_matches_the_policy(tmp_path, overrides):
+    cfg = load_config(PSOConfig, TINY, overrides=overrides)
     policy = trained_policy(cfg)
     bundle = policy.export_weights(7)
     path = export_bundle(bundle, cfg, tmp_path / "export")

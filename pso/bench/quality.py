@@ -98,7 +98,8 @@ def _measure(policy: DistilledPolicy, prompts: list[str], steps: list[int], eta:
     return scores, images
 
 
-def _cell(values: list[float]) -> str:
+def cell(values: list[float]) -> str:
+    """A table cell: the mean ± the standard deviation over seeds (the value alone for one seed)."""
     return f"{np.mean(values):.4f} ± {np.std(values):.4f}" if len(values) > 1 else f"{values[0]:.4f}"
 
 
@@ -146,9 +147,9 @@ def run_quality_bench(out_dir: Path, bench: QualityBenchConfig) -> dict:
     ]
     for name, row in rows.items():
         wins = " / ".join(
-            f"{n} step: {_cell(win_rates[f'{name}@{n}'])}" for n in bench.eval_steps if f"{name}@{n}" in win_rates
+            f"{n} step: {cell(win_rates[f'{name}@{n}'])}" for n in bench.eval_steps if f"{name}@{n}" in win_rates
         )
-        table.append(f"| {name} | " + " | ".join(_cell(row[c]) for c in columns) + f" | {wins} |")
+        table.append(f"| {name} | " + " | ".join(cell(row[c]) for c in columns) + f" | {wins} |")
     markdown = "\n".join(table) + "\n"
     grid = save_grid(grid_rows, out_dir / "grid.png", grid_labels, cell=64)
     result = {"config": bench.model_dump(mode="json"), "rows": rows, "win_rates": win_rates, "grid": str(grid)}
