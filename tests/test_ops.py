@@ -216,6 +216,16 @@ def test_config_files_extend_others_key_by_key(tmp_path):
     assert env_wins.loss.beta == 40.0
 
 
+def test_a_section_of_another_kind_replaces_the_bases_whole(tmp_path):
+    """`loss.name: customization` over an online-pso base: the base's clip_eps means nothing to it."""
+    (tmp_path / "base.yaml").write_text("loss: {name: online-pso, clip_eps: 0.2}\nfinetune: {mode: lora, rank: 4}\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: base.yaml\nloss: {name: customization, beta: 3.0}\nfinetune: {rank: 8}\n")
+    cfg = load_config(PSOConfig, child, env={})
+    assert (cfg.loss.name, cfg.loss.beta, cfg.loss.sample_weight) == ("customization", 3.0, 0.5)
+    assert (cfg.finetune.mode, cfg.finetune.rank) == ("lora", 8)  # the same kind still merges key by key
+
+
 def test_config_extends_cycles_and_missing_bases_are_config_errors(tmp_path):
     (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
     (tmp_path / "b.yaml").write_text("extends: a.yaml\n")

@@ -61,7 +61,7 @@ def load_config(
     env_prefix: str = "PSO__",
 ) -> M:
     """Build `schema` from a YAML file (None: all defaults), then `env_prefix` variables, then "a.b=value"."""
-    data = read_config_file(Path(path)) if path is not None else {}
+    data = read_config_file(Path(path), schema=schema) if path is not None else {}
     sources: dict[_KeyPath, str] = {(key,): f"file {path}" for key in data}
     env = os.environ if env is None else env
     for name in sorted(env):
@@ -104,9 +104,11 @@ def dump_config(model: BaseModel) -> str:
     return yaml.dump(model.model_dump(mode="json"), Dumper=_Dumper, sort_keys=False, allow_unicode=True)
 
 
-def read_config_file(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+def read_config_file(path: Path, _seen: tuple[Path, ...] = (), schema: type[BaseModel] | None = None) -> dict[str, Any]:
     """A config file's mapping; `extends: other.yaml` (relative to the file) is read first and this
-    file's keys are merged over it, mappings key by key, everything else replaced."""
+    file's keys are merged over it, mappings key by key, everything else replaced. With the `schema`, a
+    section of another kind than the base's (`loss.name`, `finetune.mode`) replaces it whole: the base's
+    settings of its kind mean nothing to the new one."""
     data = _read_yaml(path)
     base = data.pop("extends", None)
     if base is None:
@@ -117,13 +119,23 @@ def read_config_file(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]
     chain = (*_seen, path.resolve())
     if base_path in chain:
         raise ConfigError(f"{path}: extends {base}, a cycle: {' -> '.join(str(p) for p in (*chain, base_path))}")
-    return _merge(read_config_file(base_path, chain), data)
+    return _merge(read_config_file(base_path, chain, schema), data, schema)
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def _merge(base: dict[str, Any], over: dict[str, Any], schema: type[BaseModel] | None = None) -> dict[str, Any]:
     out = dict(base)
     for key, value in over.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        old = out.get(key)
+        if not (isinstance(value, dict) and isinstance(old, dict)):
+            out[key] = value
+            continue
+        field = schema.model_fields.get(key) if schema is not None else None
+        tag = field.discriminator if field is not None else None
+        if isinstance(tag, str) and tag in value and value[tag] != old.get(tag, value[tag]):
+            out[key] = value  # another kind of section (`loss.name`): nothing of the base's carries over
+            continue
+        sub = field.annotation if field is not None else None
+        out[key] = _merge(old, value, sub if isinstance(sub, type) and issubclass(sub, BaseModel) else None)
     return out
 
 
