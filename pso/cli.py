@@ -217,7 +217,15 @@ def cmd_reward_server(args) -> int:
 def cmd_actor(args) -> int:
     from actors.actor import run_actor
 
-    stats = run_actor(_load(args))
+    cfg = _load(args)
+    if cfg.preferences is not None:  # its records would pile up in Redis, read by nobody
+        print(
+            f"pso actor: this configuration trains offline on {cfg.preferences.source}: the learner reads its pairs "
+            "itself and needs no actors (run none: docker compose --scale actor=0, or 0 replicas)",
+            file=sys.stderr,
+        )
+        return 2
+    stats = run_actor(cfg)
     print(f"actor: {stats.batches} batches, {stats.records} records, versions {stats.versions}")
     return 0
 

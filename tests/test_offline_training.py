@@ -221,3 +221,12 @@ def test_pso_up_trains_offline_without_actors_and_leaves_the_same_pictures(tmp_p
     assert {int(p.stem[1:]) for p in (learner / "grids").glob("v*.png")} == {0, updates}
     assert (learner / "lora" / "pytorch_lora_weights.safetensors").is_file()
     assert (run_dir / "lora" / "README.md").is_file() and list((learner / "preference-latents").rglob("*.safetensors"))
+
+
+def test_an_actor_refuses_an_offline_configuration(capsys):
+    """Its records would pile up in Redis, read by nobody: it says to run no actors, before any connection."""
+    from pso.cli import main
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny-offline.yaml"
+    assert main(["actor", "-c", str(config)]) == 2
+    assert "trains offline on builtin:tiny-offline" in capsys.readouterr().err
