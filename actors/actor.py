@@ -214,7 +214,7 @@ def run_actor(cfg: PSOConfig, stop: threading.Event | None = None) -> ActorStats
     import signal
 
     from pso.prompts import load_prompts
-    from pso.targets import load_target_set, target_captions
+    from pso.targets import target_captions
     from pso.transport.node_cache import NodeWeightCache
     from pso.transport.redis import RedisExperienceQueue, RedisWeightStore, connect
 
@@ -227,15 +227,15 @@ def run_actor(cfg: PSOConfig, stop: threading.Event | None = None) -> ActorStats
     port = cfg.actor.metrics_port
     ops = OpsServer("actor", port, registry, cfg.actor.stall_s) if port is not None else None
     try:
-        if cfg.targets is None:  # else the targets' captions, once the model (and so the image size) is known
-            prompts = load_prompts(cfg.actor.prompts, cfg.loop.prompts)
+        # with targets, the references' prompts: the targets' captions in target order (no image is decoded)
+        prompts = (
+            load_prompts(cfg.actor.prompts, cfg.loop.prompts) if cfg.targets is None else target_captions(cfg.targets)
+        )
         client = connect(cfg.redis)  # fails fast, naming the URL, when Redis is unreachable
         weights = RedisWeightStore(client, cfg.redis)
         if cfg.actor.weights_cache_dir is not None:  # an unwritable folder fails here, before the model loads
             weights = NodeWeightCache(weights, cfg.actor.weights_cache_dir, cfg.redis.keep_versions)
         policy = DistilledPolicy.from_config(cfg.model, cfg.finetune)
-        if cfg.targets is not None:  # the references' prompts, in target order
-            prompts = target_captions(cfg.targets, load_target_set(cfg.targets, policy.image_size))
         reward = RewardClient(cfg.actor.reward_url)
         queue = RedisExperienceQueue(client, cfg.redis)
         actor = Actor(cfg, policy, prompts, queue, weights, reward)

@@ -318,22 +318,14 @@ def builtin_data(source: str) -> str:
     return str(final)
 
 
-def load_targets(
-    source: str | Path,
-    *,
-    image_size: int,
-    caption_column: str = "text",
-    image_column: str = "image",
-    split: str = "train",
-    max_images: int | None = None,
-) -> TargetSet:
-    """The targets `source` names (see the module's docstring), each image `image_size` square. At most
-    `max_images` targets (default MAX_TARGETS): a larger set is refused, not cut."""
+def _target_rows(
+    source: str | Path, caption_column: str, image_column: str, split: str, max_images: int | None
+) -> Iterator[Raw]:
+    """Every target of `source` in order, as (where, caption, read its image's bytes), captions checked. At most
+    `max_images` (default MAX_TARGETS): a larger set is refused, not cut; an empty one too."""
     limit = MAX_TARGETS if max_images is None else max_images
     if limit < 1:
         raise ValueError(f"max_images must be positive, got {limit}")
-    if image_size < 1:
-        raise ValueError(f"image_size must be positive, got {image_size}")
     spec = builtin_data(str(source))
     name = hub_id(spec)
     path = Path(spec)
@@ -364,14 +356,34 @@ def load_targets(
         raise ValueError(
             f"{spec}: {len(raws)} targets, more than {limit} (the limit, max_images): pick a subset or raise max_images"
         )
-    captions, images, files = [], [], []
-    digest = hashlib.sha256()
+    n = 0
     for where, caption, read in raws:
-        if len(captions) >= limit:
+        if n >= limit:
             raise ValueError(
                 f"{spec}: more than {limit} targets (the limit, max_images): pick a subset or raise max_images"
             )
-        text = check_caption(caption, caption_column, where)
+        yield where, check_caption(caption, caption_column, where), read
+        n += 1
+    if not n:
+        raise ValueError(f"{spec}: no targets (zero rows or images)")
+
+
+def load_targets(
+    source: str | Path,
+    *,
+    image_size: int,
+    caption_column: str = "text",
+    image_column: str = "image",
+    split: str = "train",
+    max_images: int | None = None,
+) -> TargetSet:
+    """The targets `source` names (see the module's docstring), each image `image_size` square. At most
+    `max_images` targets (default MAX_TARGETS): a larger set is refused, not cut."""
+    if image_size < 1:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+    captions, images, files = [], [], []
+    digest = hashlib.sha256()
+    for where, text, read in _target_rows(source, caption_column, image_column, split, max_images):
         raw = read()
         images.append(image_tensor(raw, image_size, where))
         captions.append(text)
@@ -379,9 +391,7 @@ def load_targets(
         for part in (text.encode(), raw):
             digest.update(len(part).to_bytes(8, "little"))
             digest.update(part)
-    if not captions:
-        raise ValueError(f"{spec}: no targets (zero rows or images)")
-    return TargetSet(captions, torch.stack(images), files, spec, image_size, digest.hexdigest())
+    return TargetSet(captions, torch.stack(images), files, builtin_data(str(source)), image_size, digest.hexdigest())
 
 
 # ----- latents -----
@@ -520,10 +530,12 @@ def load_target_set(cfg: TargetsConfig, image_size: int) -> TargetSet:
 PRIOR_SEED = 2**31 - 1  # the class samples' seed: the same images in every process of a run
 
 
-def target_captions(cfg: TargetsConfig, targets: TargetSet) -> list[str]:
-    """Every target's caption in target order: the images', then each class prompt `class_samples` times (prior
-    preservation: target len(targets) + i is class sample i)."""
-    return targets.captions + [p for p in cfg.class_prompts for _ in range(cfg.class_samples)]
+def target_captions(cfg: TargetsConfig) -> list[str]:
+    """Every target's caption in target order, without decoding an image (what actors need): the images', then
+    each class prompt `class_samples` times (prior preservation: target n_images + i is class sample i). The
+    learner's `load_target_set` reads the same rows in the same order, and refuses a bad image by name."""
+    rows = _target_rows(cfg.source, cfg.caption_column, cfg.image_column, cfg.split, cfg.max_images)
+    return [caption for _, caption, _ in rows] + [p for p in cfg.class_prompts for _ in range(cfg.class_samples)]
 
 
 def is_prior(cfg: TargetsConfig, n_images: int, target: int) -> bool:

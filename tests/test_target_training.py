@@ -143,7 +143,8 @@ def test_prior_preservation_adds_the_base_models_own_class_samples_as_weighted_t
     targets = TargetsConfig(source=str(folder), class_prompts=CAPTIONS, class_samples=2, prior_weight=0.5)
     cfg = config({"name": "target-vs-reference"})
     policy = DistilledPolicy.from_config(cfg.model, cfg.finetune)
-    captions = target_captions(targets, load_target_set(targets, policy.image_size))
+    captions = target_captions(targets)
+    assert captions[:1] == load_target_set(targets, policy.image_size).captions
     assert captions == [CAPTIONS[0], CAPTIONS[0], CAPTIONS[0], CAPTIONS[1], CAPTIONS[1]]
     latents, images = load_target_latents(targets, policy, tmp_path / "cache")
     assert images == 1 and latents.shape == (5, *policy.latent_shape)
