@@ -3,9 +3,10 @@
 - style: the 48 twin drawings of `builtin:tiny-style` are the targets; every method trains on the same rounds
   of fresh references for their captions. Scored on ordinary tiny-world prompts: `twin` (the style shows),
   `style_fidelity` (the prompt still holds) and `crispness`.
-- subject: the 8 crosses of `builtin:tiny-subject`, named by the identifier. Scored on identifier prompts in
-  colour pairs the targets never show (`subject`), and on ordinary prompts, which should not change (`fidelity`,
-  and `subject` there measures the cross leaking in).
+- subject: the 8 crosses of `builtin:tiny-subject`, named by the identifier, with prior preservation (the base
+  model's own sample of each ordinary shape in the targets' colours is a target too). Scored on identifier
+  prompts in colour pairs the targets never show (`subject`), and on ordinary prompts, which should not change
+  (`fidelity`, and `subject` there measures the cross leaking in).
 - offline: the preference pairs of `builtin:tiny-offline` (labelled by `large`), offline PSO against Diffusion-DPO
   on the same pairs in the same order. Scored like `pso bench quality`: `large`, `fidelity`, `crispness`.
 
@@ -34,9 +35,9 @@ from pso.loop import RewardFn, run_local_loop
 from pso.objectives import EncodedTargets
 from pso.offline import open_stream, run_offline_loop
 from pso.policy import DistilledPolicy
-from pso.targets import encode_targets, load_target_set
+from pso.targets import load_target_latents, target_captions
 from pso.tiny.rewards import crispness, fidelity, large, style_fidelity, subject, twin
-from pso.tiny.tasks import subject_eval_prompts
+from pso.tiny.tasks import subject_class_prompts, subject_eval_prompts
 from pso.tiny.world import random_scenes
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,15 @@ class TaskBenchConfig(StrictModel):
     )
     lr: float = 1e-3
     methods: dict[str, dict] | None = Field(None, description="default: the task's (TARGET_METHODS, OFFLINE_METHODS)")
+    prior_samples: int = Field(
+        1, ge=0, description="subject: the base model's samples of each class prompt added as targets (0: none)"
+    )
+
+    def prior(self) -> dict:
+        """The subject's prior preservation (configs/tiny-subject.yaml's): the old shapes in the targets' colours."""
+        if self.task != "subject" or not self.prior_samples:
+            return {}
+        return {"class_prompts": subject_class_prompts(), "class_samples": self.prior_samples}
 
     def method_config(self, loss: dict, seed: int) -> PSOConfig:
         data = {"preferences": {"source": SOURCES["offline"]}} if self.task == "offline" else {}
@@ -134,9 +144,10 @@ def run_task_bench(out_dir: Path, bench: TaskBenchConfig) -> dict:
     methods = bench.methods or (OFFLINE_METHODS if bench.task == "offline" else TARGET_METHODS)
     base = DistilledPolicy.from_config(bench.method_config(next(iter(methods.values())), 0).model, finetune=None)
     targets = None
-    if bench.task != "offline":
-        target_set = load_target_set(TargetsConfig(source=SOURCES[bench.task]), base.image_size)
-        targets = EncodedTargets(target_set.captions, encode_targets(base, target_set))
+    if bench.task != "offline":  # as the learner loads them, prior preservation's class samples included
+        spec = TargetsConfig(source=SOURCES[bench.task], **bench.prior())
+        latents, _ = load_target_latents(spec, base, out_dir / "target-latents")
+        targets = EncodedTargets(target_captions(spec), latents.cpu())
     base_scores, base_images = measure(base, bench)
     rows: dict[str, dict[str, list[float]]] = {"base": {k: [v] for k, v in base_scores.items()}}
     grid_rows, grid_labels = [base_images[:12]], ["base"]
