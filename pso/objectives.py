@@ -168,7 +168,8 @@ def compute_loss(policy: DistilledPolicy, cfg: Loss, batch: PairBatch, gen: torc
         )
         err_w, err_l = err[:p], err[p:]
         loss = customization_loss(err_w, err_l, cfg.beta, cfg.sample_weight).mean()
-        return LossOutput(loss, {**_margin_metrics(loss, -err_w, -err_l), "error_target": float(err_w.mean())})
+        metrics = _margin_metrics(loss, -err_w, -err_l) | {"error_target": float(err_w.detach().mean())}
+        return LossOutput(loss, metrics)
     if isinstance(cfg, SFTLoss):
         t = _distilled_t(policy, p, gen)
         noise = torch.randn(x0_w.shape, generator=gen).to(x0_w)
