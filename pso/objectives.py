@@ -119,6 +119,19 @@ def _distilled_t(policy: DistilledPolicy, n: int, gen: torch.Generator) -> Tenso
     return ts[torch.randint(len(ts), (n,), generator=gen)]
 
 
+def _pair_errors(
+    policy: DistilledPolicy, batch: PairBatch, t: Tensor, reduction, gen: torch.Generator, with_reference: bool = True
+) -> tuple[Tensor, Tensor | None]:
+    """Prediction errors (2P,) of the winners' then the losers' final latents, each pair forward-noised to its
+    timestep in `t` (P,) with one noise drawn from `gen` (the reference's too, unless `with_reference` is off)."""
+    x0 = torch.cat([batch.winner_states[:, -1], batch.loser_states[:, -1]])
+    noise = torch.randn(batch.winner_states[:, -1].shape, generator=gen).to(x0)
+    cond = Conditioning.cat([batch.cond, batch.cond])
+    return policy.forward_noised_errors(
+        x0, torch.cat([t, t]), torch.cat([noise, noise]), cond, reduction, with_reference=with_reference
+    )
+
+
 def check_loss_fits_sampler(policy: DistilledPolicy, cfg: Loss) -> None:
     """Fail before any sampling when a transition-form loss meets a sampler with nothing to train on."""
     if isinstance(cfg, (OnlinePSOLoss, TargetVsReferenceLoss)) and not policy.sampler.stochastic:
@@ -132,7 +145,7 @@ def check_loss_fits_sampler(policy: DistilledPolicy, cfg: Loss) -> None:
 def compute_loss(policy: DistilledPolicy, cfg: Loss, batch: PairBatch, gen: torch.Generator) -> LossOutput:
     """The configured loss on `batch`. `gen` (CPU) draws timesteps and noise for forward-noised forms."""
     p = len(batch)
-    x0_w, x0_l = batch.winner_states[:, -1], batch.loser_states[:, -1]
+    x0_w = batch.winner_states[:, -1]
     if isinstance(cfg, OnlinePSOLoss):
         both = torch.cat([batch.winner_states, batch.loser_states])
         lr = _log_ratios(policy, both, Conditioning.cat([batch.cond, batch.cond]), cfg.reduction)
@@ -144,28 +157,12 @@ def compute_loss(policy: DistilledPolicy, cfg: Loss, batch: PairBatch, gen: torc
             t = _distilled_t(policy, p, gen)
         else:
             t = policy.sampler.random_timesteps(p, gen)
-        noise = torch.randn(x0_w.shape, generator=gen).to(x0_w)
-        err, err_ref = policy.forward_noised_errors(
-            torch.cat([x0_w, x0_l]),
-            torch.cat([t, t]),
-            torch.cat([noise, noise]),
-            Conditioning.cat([batch.cond, batch.cond]),
-            cfg.reduction,
-        )
+        err, err_ref = _pair_errors(policy, batch, t, cfg.reduction, gen)
         loss = pairwise_error_loss(err[:p], err_ref[:p], err[p:], err_ref[p:], cfg.beta).mean()
         # a lower error is a higher likelihood, so the implicit log-ratio is -(e - e_ref)
         return LossOutput(loss, _margin_metrics(loss, -(err[:p] - err_ref[:p]), -(err[p:] - err_ref[p:])))
     if isinstance(cfg, CustomizationLoss):
-        t = _distilled_t(policy, p, gen)
-        noise = torch.randn(x0_w.shape, generator=gen).to(x0_w)
-        err, _ = policy.forward_noised_errors(
-            torch.cat([x0_w, x0_l]),
-            torch.cat([t, t]),
-            torch.cat([noise, noise]),
-            Conditioning.cat([batch.cond, batch.cond]),
-            cfg.reduction,
-            with_reference=False,
-        )
+        err, _ = _pair_errors(policy, batch, _distilled_t(policy, p, gen), cfg.reduction, gen, with_reference=False)
         err_w, err_l = err[:p], err[p:]
         loss = customization_loss(err_w, err_l, cfg.beta, cfg.sample_weight).mean()
         metrics = _margin_metrics(loss, -err_w, -err_l) | {"error_target": float(err_w.detach().mean())}
