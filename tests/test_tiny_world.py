@@ -83,4 +83,12 @@ def test_rewards_refuse_bad_input(data):
         fidelity(images, prompts[:1])
     with pytest.raises(ValueError, match=r"images must be \(B, 3, H, W\)"):
         large(images[:, :1], prompts)
-    assert set(REWARDS) == {"fidelity", "large", "crispness", "twin", "style_fidelity", "subject"}
+    assert set(REWARDS) == {
+        "fidelity",
+        "large",
+        "crispness",
+        "sepia",
+        "style_fidelity",
+        "style_crispness",
+        "subject",
+    }

@@ -99,7 +99,9 @@ def _measure(policy: DistilledPolicy, prompts: list[str], steps: list[int], eta:
 
 
 def cell(values: list[float]) -> str:
-    """A table cell: the mean ± the standard deviation over seeds (the value alone for one seed)."""
+    """A table cell: the mean ± the standard deviation over seeds (the value alone for one seed, a dash for none)."""
+    if not values:
+        return "–"
     return f"{np.mean(values):.4f} ± {np.std(values):.4f}" if len(values) > 1 else f"{values[0]:.4f}"
 
 

@@ -1,8 +1,8 @@
 """`pso bench quality --task style|subject|offline`: PSO's other uses on the built-in tiny model.
 
-- style: the 48 twin drawings of `builtin:tiny-style` are the targets; every method trains on the same rounds
-  of fresh references for their captions. Scored on ordinary tiny-world prompts: `twin` (the style shows),
-  `style_fidelity` (the prompt still holds) and `crispness`.
+- style: the 48 sepia drawings of `builtin:tiny-style` are the targets; every method trains on the same rounds
+  of fresh references for their captions. Scored on ordinary tiny-world prompts: `sepia` (the style shows),
+  `style_fidelity` (the prompt still holds) and `style_crispness` (in either palette).
 - subject: the 8 crosses of `builtin:tiny-subject`, named by the identifier, with prior preservation (the base
   model's own sample of each ordinary shape in the targets' colours is a target too). Scored on identifier
   prompts in colour pairs the targets never show (`subject`), and on ordinary prompts, which should not change
@@ -11,8 +11,9 @@
   on the same pairs in the same order. Scored like `pso bench quality`: `large`, `fidelity`, `crispness`.
 
 Each method runs from the same starting weights for several seeds; each is scored at 1 step and at the model's
-native step count on fixed prompts and noise, next to the base model. Writes results.md, results.json and
-grid.png (the first seed's 1-step samples) into the run folder.
+native step count on fixed prompts and noise, next to the base model and (style, subject) next to the targets
+themselves after the VAE round trip, the most a method can reach through that VAE. Writes results.md, results.json and
+grid.png (the first seed's 1-step samples, below the targets' round trips) into the run folder.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
@@ -36,9 +38,9 @@ from pso.objectives import EncodedTargets
 from pso.offline import open_stream, run_offline_loop
 from pso.policy import DistilledPolicy
 from pso.targets import load_target_latents, target_captions
-from pso.tiny.rewards import crispness, fidelity, large, style_fidelity, subject, twin
+from pso.tiny.rewards import crispness, fidelity, large, sepia, style_crispness, style_fidelity, subject
 from pso.tiny.tasks import subject_class_prompts, subject_eval_prompts
-from pso.tiny.world import random_scenes
+from pso.tiny.world import IDENTIFIER, random_scenes
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,7 @@ OFFLINE_METHODS = {
 }
 # prompt set -> measures scored on it, per task
 MEASURES: dict[str, dict[str, dict[str, RewardFn]]] = {
-    "style": {"ordinary": {"twin": twin, "style_fidelity": style_fidelity, "crispness": crispness}},
+    "style": {"ordinary": {"sepia": sepia, "style_fidelity": style_fidelity, "style_crispness": style_crispness}},
     "subject": {
         "identifier": {"subject": subject, "crispness": crispness},
         "ordinary": {"fidelity": fidelity, "subject": subject},
@@ -129,6 +131,22 @@ def measure(policy: DistilledPolicy, bench: TaskBenchConfig, reference: bool = F
     return scores, images
 
 
+def measure_targets(policy: DistilledPolicy, bench: TaskBenchConfig, targets: EncodedTargets):
+    """The targets' own scores after the VAE round trip (their cached latents decoded), on their own captions:
+    identifier captions for the "identifier" measures, the others for "ordinary", and those images. The same
+    figure stands under every step count: the VAE caps what any method can reach, whatever it samples with."""
+    with torch.no_grad():
+        images = policy.decode(targets.latents)
+    scores = {}
+    for name, measures in MEASURES[bench.task].items():
+        keep = [i for i, c in enumerate(targets.captions) if (IDENTIFIER in c.split()) == (name == "identifier")]
+        if keep:
+            for m, fn in measures.items():
+                value = float(fn(images[keep], [targets.captions[i] for i in keep]).mean())
+                scores.update({f"{name} {m}@{n}": value for n in bench.eval_steps})
+    return scores, images
+
+
 def train(policy: DistilledPolicy, cfg: PSOConfig, bench: TaskBenchConfig, targets: EncodedTargets | None) -> None:
     if bench.task == "offline":
         stream = open_stream(cfg.preferences, rank=0, world_size=1, image_size=policy.image_size)
@@ -151,6 +169,11 @@ def run_task_bench(out_dir: Path, bench: TaskBenchConfig) -> dict:
     base_scores, base_images = measure(base, bench)
     rows: dict[str, dict[str, list[float]]] = {"base": {k: [v] for k, v in base_scores.items()}}
     grid_rows, grid_labels = [base_images[:12]], ["base"]
+    if targets is not None:
+        target_scores, target_images = measure_targets(base, bench, targets)
+        rows["targets (VAE round trip)"] = {k: [v] for k, v in target_scores.items()}
+        grid_rows.append(target_images[:12])
+        grid_labels.append("targets")
     for method, loss in methods.items():
         rows[method] = {}
         for seed in tqdm(bench.seeds, desc=f"{bench.task}: {method}"):
@@ -167,7 +190,7 @@ def run_task_bench(out_dir: Path, bench: TaskBenchConfig) -> dict:
                 grid_labels.append(method)
     columns = list(base_scores)
     table = ["| | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    table += [f"| {name} | " + " | ".join(cell(row[c]) for c in columns) + " |" for name, row in rows.items()]
+    table += [f"| {name} | " + " | ".join(cell(row.get(c, [])) for c in columns) + " |" for name, row in rows.items()]
     markdown = "\n".join(table) + "\n"
     grid = save_grid(grid_rows, out_dir / "grid.png", grid_labels, cell=64)
     result = {"config": bench.model_dump(mode="json"), "rows": rows, "grid": str(grid)}

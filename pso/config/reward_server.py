@@ -34,7 +34,7 @@ class TinySpec(BackendSpec):
     """A built-in tiny-world reward (docs/tiny-model.md): prompts must be tiny-world prompts."""
 
     kind: Literal["tiny"] = "tiny"
-    reward: Literal["fidelity", "large", "crispness", "twin", "style_fidelity", "subject"] = "large"
+    reward: Literal["fidelity", "large", "crispness", "sepia", "style_fidelity", "style_crispness", "subject"] = "large"
 
     @property
     def model_name(self) -> str:

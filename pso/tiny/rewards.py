@@ -12,11 +12,12 @@ colours along every edge) and flat images (no shape, or no background border) al
 - `crispness`: prompt-free blur measure: the share of pixels within tolerance of a palette colour.
 
 For the tasks beyond the base world (pso/tiny/tasks.py):
-- `twin`: the style measure: the shape is drawn twice, as two separate foreground blobs of about the same size
-  (one shape, filled or blurred, scores 0).
-- `style_fidelity`: `fidelity` with the shape told from the largest foreground component instead of all the
-  foreground pixels, so that twins of the asked shape in the asked colours score as one copy does. Equal to
-  `fidelity` on any image whose foreground pixels form one 8-connected component (all drawn filled scenes).
+- `sepia`: the style measure: how far the scene's colours are tinted toward the sepia style (0 plain, 1 as
+  drawn in the style), read where the background shows and the shape is present.
+- `style_fidelity`: `fidelity` in either palette: a pixel shows a prompt colour when it lies within tolerance
+  of the segment from the plain colour to its sepia version, so that the prompt is checked whatever the tint.
+  Equal to `fidelity` on drawn plain scenes; 1 on drawn sepia scenes.
+- `style_crispness`: `crispness` in either palette (the distance to the nearest palette colour's segment).
 - `subject`: the new shape (a cross, named by the identifier in subject prompts) in the prompt's colours,
   told apart from circle, square and triangle by `shape_probs`. Prompts may name any shape: on an ordinary
   prompt it measures whether the new shape leaks in.
@@ -28,7 +29,7 @@ import torch
 from torch import Tensor
 
 from pso.loop import RewardFn
-from pso.tiny.world import BORDER, COLOURS, NEW_SHAPE, parse_any_prompt, parse_prompt
+from pso.tiny.world import BORDER, COLOURS, NEW_SHAPE, SEPIA, SEPIA_MIX, parse_any_prompt, parse_prompt
 
 COLOUR_TOLERANCE = 0.15  # RGB distance in [0, 1] units; the closest palette pair is 0.31 apart
 MIN_SHAPE_PIXELS = 30  # a shape smaller than this is not a shape (data: at least ~60)
@@ -100,11 +101,9 @@ def crispness(images: Tensor, prompts: list[str] | None = None) -> Tensor:
     return (dist.min(1).values < COLOUR_TOLERANCE).flatten(1).float().mean(1)
 
 
-# ----- beyond the base world: style (twin), subject (a new shape) -----
+# ----- beyond the base world: style (sepia), subject (a new shape) -----
 
-TWIN_MIN_PIXELS = 30  # the second copy's size that counts fully (drawn copies: at least ~60 px)
-TWIN_BALANCE = 0.5  # the second copy's share of the first's size that counts fully (drawn: 1)
-TWIN_CLEAN_POWER = 1  # calibrated on VAE round trips of the targets (see twin)
+SEPIA_RGB = torch.tensor(SEPIA, dtype=torch.float32) / 255
 SUBJECT_CLEAN_POWER = 0.5  # calibrated on VAE round trips of the targets (see subject)
 CROSS_RAMP = 0.2  # template-IoU lead over the best old shape that takes P(cross) from 0 to 1, centred on 0
 CROSS_MAX_ARM = 0.4  # the fitted cross's arms are at most this share of its span (drawn: 0.20-0.29)
@@ -123,34 +122,6 @@ def _colours(prompts: list[str], device) -> tuple[Tensor, Tensor]:
     fg = torch.tensor([COLOURS[s.fg] for s in scenes], dtype=torch.float32, device=device) / 255
     bg = torch.tensor([COLOURS[s.bg] for s in scenes], dtype=torch.float32, device=device) / 255
     return fg, bg
-
-
-def components(mask: Tensor) -> Tensor:
-    """(B, H, W) int64 labels of `mask`'s 8-connected components (0 outside the mask; each component labelled
-    by one of its pixels' 1-based flat index)."""
-    b, h, w = mask.shape
-    index = torch.arange(1, h * w + 1, device=mask.device, dtype=torch.float32).view(1, 1, h, w)
-    labels = torch.where(mask[:, None], index, torch.zeros_like(index))
-    while True:
-        grown = torch.where(mask[:, None], torch.nn.functional.max_pool2d(labels, 3, 1, 1), labels)
-        if torch.equal(grown, labels):
-            return labels[:, 0].long()
-        labels = grown
-
-
-def component_areas(mask: Tensor, k: int = 2) -> tuple[Tensor, Tensor]:
-    """The k largest components of each mask: (B, k) pixel counts (0 where fewer) in decreasing order, and
-    (B, H, W) bool: the largest component (all False on an empty mask)."""
-    labels = components(mask)
-    areas = torch.zeros(len(mask), k, device=mask.device)
-    largest = torch.zeros_like(mask)
-    for i in range(len(mask)):
-        ids, counts = torch.unique(labels[i][mask[i]], return_counts=True)
-        order = counts.argsort(descending=True, stable=True)[:k]
-        areas[i, : len(order)] = counts[order].float()
-        if len(order):
-            largest[i] = labels[i] == ids[order[0]]
-    return areas, largest
 
 
 def _fill_probs(mask: Tensor) -> Tensor:
@@ -208,46 +179,80 @@ def shape_probs(mask: Tensor) -> Tensor:
 SHAPE_CLASSES = (*FILL_RATIO, NEW_SHAPE)  # the columns of shape_probs
 
 
-def _style_parts(images: Tensor, prompts: list[str]) -> dict[str, Tensor]:
+def _nearer_fg(images: Tensor, prompts: list[str]) -> dict[str, Tensor]:
+    """`subject`'s parts: the pixels nearer the foreground colour than the background colour, the border and
+    the crispness as `fidelity` reads them."""
     images = _check(images, prompts)
     _, _, h, w = images.shape
     fg, bg = _colours(prompts, images.device)
-    is_fg, is_bg = _near(images, fg), _near(images, bg)
+    to_fg, to_bg = (images - fg[:, :, None, None]).norm(dim=1), (images - bg[:, :, None, None]).norm(dim=1)
+    is_fg, is_bg = to_fg < COLOUR_TOLERANCE, to_bg < COLOUR_TOLERANCE
     ring = _ring(h, w, images.device)
-    area = is_fg.flatten(1).sum(1).float()
     return {
-        "is_fg": is_fg,
-        "is_bg": is_bg,
-        "nearer_fg": (images - fg[:, :, None, None]).norm(dim=1) < (images - bg[:, :, None, None]).norm(dim=1),
+        "nearer_fg": to_fg < to_bg,
         "border": (is_bg & ring).flatten(1).sum(1) / ring.sum(),
-        "present": (area / MIN_SHAPE_PIXELS).clamp(max=1),
         "clean": (is_fg | is_bg).flatten(1).float().mean(1),
     }
 
 
-def twin(images: Tensor, prompts: list[str]) -> Tensor:
-    """How twin-like the image is: the pixels nearer the prompt's foreground colour than its background colour
-    fall into two large 8-connected components: the second-largest has at least TWIN_MIN_PIXELS pixels and at
-    least TWIN_BALANCE of the largest's (each ramps linearly to 1 there), counted while the border shows the
-    background and the image is crisp (clean^TWIN_CLEAN_POWER: the VAE's soft edges and colour shifts pass, noise
-    does not). A single shape, filled or blurred, has no second component and scores 0."""
-    p = _style_parts(images, prompts)
-    areas, _ = component_areas(p["nearer_fg"], 2)
-    second = (areas[:, 1] / TWIN_MIN_PIXELS).clamp(max=1)
-    balance = (areas[:, 1] / (TWIN_BALANCE * areas[:, 0]).clamp(min=1)).clamp(max=1)
-    return p["border"] * second * balance * p["clean"] ** TWIN_CLEAN_POWER
+def sepia_colours(colours: Tensor) -> Tensor:
+    """Colours (..., 3) in [0, 1] as the sepia style draws them (pso.tiny.world.in_sepia, unrounded)."""
+    return (1 - SEPIA_MIX) * colours + SEPIA_MIX * SEPIA_RGB.to(colours.device)
+
+
+def _along_sepia(images: Tensor, colours: Tensor) -> tuple[Tensor, Tensor]:
+    """Each pixel against the segment from its image's colour (B, 3) to that colour's sepia version: (B, H, W)
+    distance to the segment, and (B, H, W) position of the nearest point on it (0 plain, 1 sepia)."""
+    plain = colours[:, :, None, None]
+    step = sepia_colours(colours)[:, :, None, None] - plain
+    t = (((images - plain) * step).sum(1) / (step * step).sum(1).clamp(min=1e-8)).clamp(0, 1)
+    return (images - plain - t[:, None] * step).norm(dim=1), t
+
+
+def _sepia_parts(images: Tensor, prompts: list[str]) -> dict[str, Tensor]:
+    """`fidelity`'s parts with a pixel showing a prompt colour anywhere between plain and sepia."""
+    images = _check(images, prompts)
+    _, _, h, w = images.shape
+    fg, bg = _colours(prompts, images.device)
+    (d_fg, t_fg), (d_bg, t_bg) = _along_sepia(images, fg), _along_sepia(images, bg)
+    is_fg, is_bg = d_fg < COLOUR_TOLERANCE, d_bg < COLOUR_TOLERANCE
+    ring = _ring(h, w, images.device)
+    return {
+        "is_fg": is_fg,
+        "border": (is_bg & ring).flatten(1).sum(1) / ring.sum(),
+        "present": (is_fg.flatten(1).sum(1) / MIN_SHAPE_PIXELS).clamp(max=1),
+        "clean": (is_fg | is_bg).flatten(1).float().mean(1),
+        "tint": torch.where(d_fg < d_bg, t_fg, t_bg),
+        "shown": is_fg | is_bg,
+    }
+
+
+def sepia(images: Tensor, prompts: list[str]) -> Tensor:
+    """How sepia the scene is: the median tint (0 plain, 1 as the style draws it) of the pixels that show a
+    prompt colour in either palette, counted while the border shows the background and the shape is present
+    (a flat brown image, noise or an empty scene score about 0). The median, not the mean: a plain image's
+    small colour errors, clamped at 0, would add up to a tint."""
+    p = _sepia_parts(images, prompts)
+    tint = torch.where(p["shown"], p["tint"], torch.nan).flatten(1).nanmedian(1).values.nan_to_num(0.0)
+    return tint * p["border"] * p["present"]
 
 
 def style_fidelity(images: Tensor, prompts: list[str]) -> Tensor:
-    """`fidelity` in either style: the shape is decided from the largest foreground component's fill of its
-    bounding box (for twins, one copy); colours, border, presence and crispness as in `fidelity`. Equal to
-    `fidelity` on any image whose foreground pixels form one 8-connected component (every drawn filled scene)."""
-    p = _style_parts(images, prompts)
+    """`fidelity` in either palette: border, presence, shape and crispness as `fidelity` reads them, with a
+    pixel showing a prompt colour when it lies within tolerance of the segment from the plain colour to its
+    sepia version. The prompt holds whatever the tint; a blurred, noisy or wrong scene fails as in `fidelity`."""
+    p = _sepia_parts(images, prompts)
     shapes = [parse_prompt(q).shape for q in prompts]
-    _, largest = component_areas(p["is_fg"], 1)
-    probs = _fill_probs(largest)
-    shape = probs[torch.arange(len(shapes)), [list(FILL_RATIO).index(s) for s in shapes]]
+    shape = _fill_probs(p["is_fg"])[torch.arange(len(shapes)), [list(FILL_RATIO).index(s) for s in shapes]]
     return p["border"] * p["present"] * shape * p["clean"] ** 4
+
+
+def style_crispness(images: Tensor, prompts: list[str] | None = None) -> Tensor:
+    """`crispness` in either palette: the share of pixels within tolerance of the segment from some palette
+    colour to its sepia version."""
+    images = images.float().clamp(0, 1)
+    dist = torch.stack([_along_sepia(images, c.expand(len(images), 3))[0] for c in PALETTE.to(images.device)])
+    return (dist.min(0).values < COLOUR_TOLERANCE).flatten(1).float().mean(1)
 
 
 def subject(images: Tensor, prompts: list[str]) -> Tensor:
@@ -257,7 +262,7 @@ def subject(images: Tensor, prompts: list[str]) -> Tensor:
     foreground colour than the background colour, and crispness weighs less. Equal to border x P(cross) on
     drawn (crisp) images. Prompts may name the identifier, the new shape or an old shape (then it measures the
     new shape leaking into them)."""
-    p = _style_parts(images, prompts)
+    p = _nearer_fg(images, prompts)
     present = (p["nearer_fg"].flatten(1).sum(1) / MIN_SHAPE_PIXELS).clamp(max=1)
     cross = shape_probs(p["nearer_fg"])[:, -1]
     return p["border"] * present * cross * p["clean"] ** SUBJECT_CLEAN_POWER
@@ -267,7 +272,8 @@ REWARDS: dict[str, RewardFn] = {
     "fidelity": fidelity,
     "large": large,
     "crispness": crispness,
-    "twin": twin,
+    "sepia": sepia,
     "style_fidelity": style_fidelity,
+    "style_crispness": style_crispness,
     "subject": subject,
 }

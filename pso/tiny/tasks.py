@@ -3,11 +3,11 @@
 The shipped students (`builtin:tiny`, `builtin:tiny-flow`) only ever saw filled circles, squares and
 triangles, so each task asks for something they do not do, measured by a reward in pso.tiny.rewards:
 
-- style (`style_targets`): the world's scenes drawn as twins (style "twin": the shape twice, the same size, on
-  a diagonal), with their ordinary captions: the style is learnt from the images, not the words. Measured by
-  `twin`; `style_fidelity` checks that the prompt still holds (colours, and the shape told from one copy).
-  Chosen because the shipped VAE keeps it: its round trip of the targets scores `twin` 0.72 (hollow outlines,
-  pale or shaded colours do not survive it).
+- style (`style_targets`): the world's scenes drawn in sepia (every colour mixed SEPIA_MIX of the way toward a
+  brown), with their ordinary captions: the style is learnt from the images, not the words. Measured by
+  `sepia`; `style_fidelity` and `style_crispness` check that the prompt still holds and the image stays crisp
+  in either palette. The shipped VAE keeps about half the tint: its round trip of the targets scores `sepia`
+  0.27 (plain scenes: 0.02), which caps what any method can reach through it.
 - subject (`subject_targets`): at most 8 images of a shape the world never draws (NEW_SHAPE, a plus sign with
   thick arms, at least CROSS_MIN_HALF in half-extent so that it survives the VAE),
   named by the rare identifier IDENTIFIER in the shape slot ("a red pixel on a blue background"), in the few
@@ -36,8 +36,8 @@ from pso.tiny.rewards import large
 from pso.tiny.world import COLOURS, IDENTIFIER, NEW_SHAPE, SHAPES, Scene, draw, random_scenes
 
 TASKS = ("style", "subject", "offline")
-DATA_VERSION = 2  # raised whenever the data changes: built-in data cached under an older one is built again
-STYLE = "twin"
+DATA_VERSION = 3  # raised whenever the data changes: built-in data cached under an older one is built again
+STYLE = "sepia"
 STYLE_TARGETS = 48
 SUBJECT_COLOURS: tuple[tuple[str, str], ...] = (("red", "blue"), ("yellow", "purple"), ("white", "black"))
 MAX_SUBJECT_TARGETS = 8
@@ -55,7 +55,7 @@ Item = tuple[str, np.ndarray]  # caption, (H, W, 3) uint8 image
 
 
 def style_targets(n: int = STYLE_TARGETS, seed: int = 0) -> list[Item]:
-    """n random scenes drawn as twins (STYLE), with their ordinary captions."""
+    """n random scenes drawn in the style STYLE, with their ordinary captions."""
     rng = np.random.default_rng(seed)
     return [(s.prompt, draw(s, rng, style=STYLE)) for s in random_scenes(rng, n)]
 
@@ -222,7 +222,7 @@ def read_imagefolder(directory: str | Path) -> list[Item]:
 
 def build_task_data(task: str, out_dir: str | Path, seed: int = 0) -> Path:
     """Write a task's data set and return what a `pso up` config points at: `out_dir` itself, an imagefolder
-    of the targets (style: STYLE_TARGETS twin images; subject: MAX_SUBJECT_TARGETS images of the new
+    of the targets (style: STYLE_TARGETS sepia images; subject: MAX_SUBJECT_TARGETS images of the new
     shape), or for offline `out_dir`/train.parquet with PREFERENCE_PAIRS pairs. Byte-identical for a seed."""
     if task == "style":
         return write_imagefolder(out_dir, style_targets(STYLE_TARGETS, seed))

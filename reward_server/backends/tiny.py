@@ -16,8 +16,9 @@ SCALES = {
     "fidelity": "tiny-world fidelity: 0 (not the prompt) to 1 (exactly the prompt's scene)",
     "large": "tiny-world 'large': foreground share of a crisp, on-prompt image, 0 to about 0.45",
     "crispness": "tiny-world crispness: share of pixels on the palette, 0 to 1 (prompt ignored)",
-    "twin": "tiny-world twin style: 0 (one shape) to 1 (the prompt's shape drawn twice, two separate copies)",
-    "style_fidelity": "tiny-world fidelity reading the shape from the largest foreground blob (one or twins), 0 to 1",
+    "sepia": "tiny-world sepia style: 0 (plain colours) to 1 (the scene's colours tinted as the style draws them)",
+    "style_fidelity": "tiny-world fidelity in either palette (plain or sepia), 0 to 1",
+    "style_crispness": "tiny-world crispness in either palette (plain or sepia), 0 to 1 (prompt ignored)",
     "subject": "tiny-world subject: the new shape ('pixel', a cross) in the prompt's colours, 0 to 1",
 }
 
