@@ -5,9 +5,10 @@ Plain data only: each back-end in `reward_server/backends/` reads its own spec c
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, JsonValue, field_validator, model_validator
 
 from pso.config.loader import StrictModel
 
@@ -104,8 +105,37 @@ class AestheticSpec(BackendSpec):
     head_file: str = "sac+logos+ava1-l14-linearMSE.pth"
 
 
+SCORER_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*", re.ASCII)
+
+
+class PythonSpec(BackendSpec):
+    """Your own scorer: a class named by import path, loaded from this config only (never from a request).
+    Its protocol is in reward_server/backends/python.py and docs/reward-server.md ("Your own scorer")."""
+
+    kind: Literal["python"] = "python"
+    scorer: str = Field(description="the scorer class as module:Class, importable by the server (an installed package)")
+    options: dict[str, JsonValue] = Field(
+        default_factory=dict, description="keyword arguments for the scorer's constructor (plain data)"
+    )
+    image_size: int | None = Field(
+        None, ge=1, le=4096, description="resize every image to this square size before scoring (default: as sent)"
+    )
+
+    @property
+    def model_name(self) -> str:
+        return self.name or self.scorer.rpartition(":")[2]
+
+    @field_validator("scorer")
+    @classmethod
+    def _import_path(cls, path: str) -> str:
+        if not SCORER_PATH.fullmatch(path):
+            raise ValueError(f"scorer must be module:Class (e.g. my_package.rewards:OcrScore), got {path!r}")
+        return path
+
+
 RewardModelSpec = Annotated[
-    TinySpec | ImageRewardSpec | PickScoreSpec | HPSv2Spec | ClipScoreSpec | AestheticSpec, Field(discriminator="kind")
+    TinySpec | ImageRewardSpec | PickScoreSpec | HPSv2Spec | ClipScoreSpec | AestheticSpec | PythonSpec,
+    Field(discriminator="kind"),
 ]
 
 

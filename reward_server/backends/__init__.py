@@ -17,6 +17,7 @@ BACKENDS = {
     "hpsv2": "reward_server.backends.clip_rewards:HPSv2Backend",
     "clip-score": "reward_server.backends.clip_rewards:ClipScoreBackend",
     "aesthetic": "reward_server.backends.clip_rewards:AestheticBackend",
+    "python": "reward_server.backends.python:PythonBackend",
 }
 
 

@@ -1,0 +1,99 @@
+"""`kind: python`: a scorer class of your own, named by import path in the server's config.
+
+The scorer gets the server's batching, limits, metrics and readiness like the built-in kinds; it only
+has to score. Its protocol (docs/reward-server.md, "Your own scorer"):
+
+    class MyScorer:
+        def __init__(self, device: str, **options): ...      # load once; options from the config
+        def score(self, images, prompts) -> list[float]: ...  # images: uint8 (B, H, W, 3) CPU tensor
+
+and optionally `check_prompt(prompt) -> str | None` (a reason the prompt cannot be scored: the
+caller gets a 422 naming it), and attributes `scale` (what the numbers mean), `version` (which
+weights) and `higher_is_better` (True). Images in one call have one size: the server groups them by
+size, or resizes them all to `image_size` when the config sets it.
+
+The class is imported only from the config the operator starts the server with, never from a
+request. A scorer that breaks its protocol (a wrong number of scores, a non-number) fails the
+request with a 500 that names it in the server log; the caller's own mistakes stay 4xx.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Sequence
+
+import torch
+
+from pso.config.reward_server import PythonSpec
+from reward_server.backends.base import ModelInfo, RewardBackend, RewardInputError
+from reward_server.backends.clip_preprocess import MAX_ASPECT, resize
+
+
+class ScorerError(RuntimeError):
+    """The configured scorer broke its protocol (the server's fault, not the caller's)."""
+
+
+def import_scorer(path: str) -> type:
+    """The class `module:Class` names, with an error that says which part is missing."""
+    module_name, _, class_name = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ImportError(f"scorer {path}: cannot import {module_name} ({e}); is its package installed?") from e
+    cls = getattr(module, class_name, None)
+    if not isinstance(cls, type):
+        raise ImportError(f"scorer {path}: {module_name} has no class {class_name}")
+    if not callable(getattr(cls, "score", None)):
+        raise TypeError(f"scorer {path}: {class_name} has no score(images, prompts) method")
+    return cls
+
+
+class PythonBackend(RewardBackend):
+    kind = "python"
+
+    def __init__(self, spec: PythonSpec, device: torch.device):
+        super().__init__(spec, device)
+        self.scorer = import_scorer(spec.scorer)(device=str(self.device), **spec.options)
+        self._check_prompt = getattr(self.scorer, "check_prompt", None)
+
+    @property
+    def info(self) -> ModelInfo:
+        return ModelInfo(
+            name=self.spec.model_name,
+            kind=self.kind,
+            version=f"{self.spec.scorer}@{getattr(self.scorer, 'version', 'unversioned')}",
+            scale=str(getattr(self.scorer, "scale", f"defined by {self.spec.scorer}")),
+            higher_is_better=bool(getattr(self.scorer, "higher_is_better", True)),
+            weight=self.spec.weight,
+        )
+
+    def check_prompt(self, prompt: str) -> None:
+        problem = self._check_prompt(prompt) if self._check_prompt else None
+        if problem:
+            raise RewardInputError(str(problem))
+
+    def check_size(self, width: int, height: int) -> None:
+        if self.spec.image_size and max(height, width) > MAX_ASPECT * min(height, width):
+            raise RewardInputError(f"a {width}x{height} image is more than {MAX_ASPECT} times longer than it is wide")
+
+    def preprocess(self, image: torch.Tensor) -> torch.Tensor:
+        return self.preprocess_batch(image[None])[0]
+
+    def preprocess_batch(self, images: torch.Tensor) -> list[torch.Tensor]:
+        size = self.spec.image_size
+        if size and tuple(images.shape[1:3]) != (size, size):
+            images = resize(images.permute(0, 3, 1, 2), (size, size)).permute(0, 2, 3, 1).contiguous()
+        return list(images)
+
+    def score_batch(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        out = self.scorer.score(pixels, list(prompts))
+        try:
+            scores = [float(x) for x in (out.tolist() if hasattr(out, "tolist") else out)]
+        except (TypeError, ValueError) as e:
+            raise ScorerError(f"{self.spec.scorer}.score must return numbers, one per image ({e})") from e
+        if len(scores) != len(pixels):
+            raise ScorerError(f"{self.spec.scorer}.score returned {len(scores)} scores for {len(pixels)} images")
+        if not all(math.isfinite(x) for x in scores):
+            raise ScorerError(f"{self.spec.scorer}.score returned a non-finite score")
+        return torch.tensor(scores, dtype=torch.float32)
