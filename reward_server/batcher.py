@@ -215,6 +215,8 @@ def _settle(jobs: list[Job], results: list | None = None, error: Exception | Non
 
 
 def _as_api_error(e: Exception, device: str) -> ApiError:
+    if isinstance(e, ApiError):  # a back-end's own answer (a remote scorer's failure)
+        return e
     if isinstance(e, torch.OutOfMemoryError):
         log.warning("out of memory on %s; the request gets 503", device)
         return ApiError(503, "overloaded", f"out of memory on {device}; retry with fewer images", {"Retry-After": "1"})

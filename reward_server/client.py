@@ -138,26 +138,37 @@ class RewardClient:
             time.sleep(interval)
 
     def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
-        attempt = 0
-        while True:
-            status = code = None
-            try:
-                r = self.http.request(method, path, **kwargs)
-            except httpx.TransportError as e:
-                problem, wait = f"{type(e).__name__}: {e}", None
-            else:
-                if r.status_code < 400:
-                    return r
-                problem, wait, status, code = _describe(r), _retry_after(r), r.status_code, _code(r)
-                if r.status_code not in RETRY_STATUSES:
-                    raise RewardServerError(problem, status, code)
-            if attempt == self.retries:
-                raise RewardServerError(f"{method} {path} failed after {attempt + 1} attempts: {problem}", status, code)
-            delay = wait if wait is not None else min(self.max_backoff, self.backoff * 2**attempt)
-            delay *= random.uniform(0.8, 1.2)  # jitter, so many actors do not retry in lockstep
-            log.warning("%s %s: %s; retrying in %.1f s", method, path, problem, delay)
-            time.sleep(delay)
-            attempt += 1
+        return request_with_retries(
+            self.http, method, path, retries=self.retries, backoff=self.backoff, max_backoff=self.max_backoff, **kwargs
+        )
+
+
+def request_with_retries(
+    http: httpx.Client, method: str, path: str, *, retries: int, backoff: float, max_backoff: float, **kwargs
+) -> httpx.Response:
+    """One request, retried with exponential backoff and jitter (honouring Retry-After) on connection
+    errors, timeouts, 429 and 5xx; RewardServerError for any other error status at once, or for the last
+    failure once `retries` more attempts have failed."""
+    attempt = 0
+    while True:
+        status = code = None
+        try:
+            r = http.request(method, path, **kwargs)
+        except httpx.TransportError as e:
+            problem, wait = f"{type(e).__name__}: {e}", None
+        else:
+            if r.status_code < 400:
+                return r
+            problem, wait, status, code = _describe(r), _retry_after(r), r.status_code, _code(r)
+            if r.status_code not in RETRY_STATUSES:
+                raise RewardServerError(problem, status, code)
+        if attempt == retries:
+            raise RewardServerError(f"{method} {path} failed after {attempt + 1} attempts: {problem}", status, code)
+        delay = wait if wait is not None else min(max_backoff, backoff * 2**attempt)
+        delay *= random.uniform(0.8, 1.2)  # jitter, so many callers do not retry in lockstep
+        log.warning("%s %s: %s; retrying in %.1f s", method, path, problem, delay)
+        time.sleep(delay)
+        attempt += 1
 
 
 def _code(r: httpx.Response) -> str | None:

@@ -108,7 +108,15 @@ class AestheticSpec(BackendSpec):
 SCORER_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*", re.ASCII)
 
 
-class PythonSpec(BackendSpec):
+class ResizingSpec(BackendSpec):
+    """A back-end that takes images of any size: as sent (grouped by size into batches), or resized."""
+
+    image_size: int | None = Field(
+        None, ge=1, le=4096, description="resize every image to this square size before scoring (default: as sent)"
+    )
+
+
+class PythonSpec(ResizingSpec):
     """Your own scorer: a class named by import path, loaded from this config only (never from a request).
     Its protocol is in reward_server/backends/python.py and docs/reward-server.md ("Your own scorer")."""
 
@@ -116,9 +124,6 @@ class PythonSpec(BackendSpec):
     scorer: str = Field(description="the scorer class as module:Class, importable by the server (an installed package)")
     options: dict[str, JsonValue] = Field(
         default_factory=dict, description="keyword arguments for the scorer's constructor (plain data)"
-    )
-    image_size: int | None = Field(
-        None, ge=1, le=4096, description="resize every image to this square size before scoring (default: as sent)"
     )
 
     @property
@@ -133,8 +138,62 @@ class PythonSpec(BackendSpec):
         return path
 
 
+DEFAULT_RUBRIC = (
+    "You are judging an image generated for the prompt: {prompt!r}. Rate how well it matches the prompt and how good "
+    "it looks, from {low:g} (bad) to {high:g} (excellent). Answer with the number only."
+)
+
+
+class HttpSpec(ResizingSpec):
+    """A scorer behind HTTP: another PSO reward server (`api: pso`), or a vision-language model behind an
+    OpenAI-compatible chat API (`api: openai-chat`: vLLM, SGLang or a hosted API) turned into a judge by a rubric."""
+
+    kind: Literal["http"] = "http"
+    url: str = Field(description="the remote's base URL: a reward server's root, or an OpenAI API's /v1")
+    api: Literal["pso", "openai-chat"] = "pso"
+    remote_model: str | None = Field(
+        None,
+        description="pso: the remote model whose score is used (default: the total); openai-chat: its model id",
+    )
+    token_env: str | None = Field(None, description="environment variable holding the remote's bearer token")
+    timeout_s: float = Field(15.0, gt=0, le=600, description="per attempt")
+    retries: int = Field(2, ge=0, le=10, description="more attempts on connection errors, timeouts, 429 and 5xx")
+    max_concurrency: int = Field(8, ge=1, le=256, description="requests in flight to the remote at once")
+    rubric: str = Field(
+        DEFAULT_RUBRIC, description="openai-chat: the question, with {prompt}, {low} and {high} filled in"
+    )
+    score_range: tuple[float, float] = Field((1.0, 10.0), description="openai-chat: the scores the rubric asks for")
+    max_tokens: int = Field(16, ge=1, le=4096, description="openai-chat: the answer's length limit")
+    scale: str | None = Field(None, description="what the numbers mean, for /v1/models")
+
+    @property
+    def model_name(self) -> str:
+        return self.name or self.remote_model or "http"
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"url must be http:// or https://, got {url!r}")
+        return url.rstrip("/")
+
+    @model_validator(mode="after")
+    def _judge_settings(self) -> HttpSpec:
+        if self.api == "openai-chat":
+            if not self.remote_model:
+                raise ValueError("api openai-chat needs remote_model: the model id the chat API serves")
+            low, high = self.score_range
+            if not low < high:
+                raise ValueError(f"score_range must be (low, high) with low < high, got {self.score_range}")
+            try:
+                self.rubric.format(prompt="p", low=low, high=high)
+            except (KeyError, IndexError, ValueError) as e:
+                raise ValueError(f"rubric may use only {{prompt}}, {{low}} and {{high}}: {e!r}") from None
+        return self
+
+
 RewardModelSpec = Annotated[
-    TinySpec | ImageRewardSpec | PickScoreSpec | HPSv2Spec | ClipScoreSpec | AestheticSpec | PythonSpec,
+    TinySpec | ImageRewardSpec | PickScoreSpec | HPSv2Spec | ClipScoreSpec | AestheticSpec | PythonSpec | HttpSpec,
     Field(discriminator="kind"),
 ]
 
@@ -214,6 +273,20 @@ class RewardServerConfig(StrictModel):
                 f"batching.max_queue ({self.batching.max_queue}) must be at least limits.max_images "
                 f"({self.limits.max_images}), or the largest requests could never be queued"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _remotes_answer_in_time(self) -> RewardServerConfig:
+        """A remote scorer's attempts must fit in a request's time: the device's batch worker waits for them,
+        and would otherwise go on waiting after the callers had their 503."""
+        for spec in self.models:
+            if isinstance(spec, HttpSpec):
+                budget = spec.timeout_s * (spec.retries + 1)
+                if budget > self.limits.request_timeout_s:
+                    raise ValueError(
+                        f"model {spec.model_name}: timeout_s x (retries + 1) = {budget:g} s is more than "
+                        f"limits.request_timeout_s ({self.limits.request_timeout_s:g} s); lower them or raise it"
+                    )
         return self
 
     @field_validator("devices")

@@ -18,6 +18,7 @@ BACKENDS = {
     "clip-score": "reward_server.backends.clip_rewards:ClipScoreBackend",
     "aesthetic": "reward_server.backends.clip_rewards:AestheticBackend",
     "python": "reward_server.backends.python:PythonBackend",
+    "http": "reward_server.backends.http:HttpBackend",
 }
 
 

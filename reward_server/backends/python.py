@@ -26,8 +26,8 @@ from collections.abc import Sequence
 import torch
 
 from pso.config.reward_server import PythonSpec
-from reward_server.backends.base import ModelInfo, RewardBackend, RewardInputError
-from reward_server.backends.clip_preprocess import MAX_ASPECT, resize
+from reward_server.backends.base import ModelInfo, RewardInputError
+from reward_server.backends.resizing import ResizingBackend
 
 
 class ScorerError(RuntimeError):
@@ -49,7 +49,7 @@ def import_scorer(path: str) -> type:
     return cls
 
 
-class PythonBackend(RewardBackend):
+class PythonBackend(ResizingBackend):
     kind = "python"
 
     def __init__(self, spec: PythonSpec, device: torch.device):
@@ -72,19 +72,6 @@ class PythonBackend(RewardBackend):
         problem = self._check_prompt(prompt) if self._check_prompt else None
         if problem:
             raise RewardInputError(str(problem))
-
-    def check_size(self, width: int, height: int) -> None:
-        if self.spec.image_size and max(height, width) > MAX_ASPECT * min(height, width):
-            raise RewardInputError(f"a {width}x{height} image is more than {MAX_ASPECT} times longer than it is wide")
-
-    def preprocess(self, image: torch.Tensor) -> torch.Tensor:
-        return self.preprocess_batch(image[None])[0]
-
-    def preprocess_batch(self, images: torch.Tensor) -> list[torch.Tensor]:
-        size = self.spec.image_size
-        if size and tuple(images.shape[1:3]) != (size, size):
-            images = resize(images.permute(0, 3, 1, 2), (size, size)).permute(0, 2, 3, 1).contiguous()
-        return list(images)
 
     def score_batch(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         out = self.scorer.score(pixels, list(prompts))

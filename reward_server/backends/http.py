@@ -1,0 +1,188 @@
+"""`kind: http`: a scorer behind HTTP, served as if it were local.
+
+- `api: pso`: another PSO reward server (or anything speaking its API): each batch goes as one safetensors
+  request to `/v1/score/safetensors`, and the score of `remote_model` (default: the remote total) comes back.
+- `api: openai-chat`: a vision-language model behind an OpenAI-compatible chat API (vLLM, SGLang or a hosted
+  one) as a judge: one chat completion per image, asking the rubric about the image and its prompt, and the
+  number in the answer is the score. An answer without a number in `score_range`, a refusal or a filtered
+  answer fails the request with a 502 that names the image's prompt and quotes the answer: never a silent 0.
+
+Requests to the remote carry the bearer token from `token_env`, run at most `max_concurrency` at once, and
+are retried on connection errors, timeouts, 429 and 5xx (honouring Retry-After). The remote's failures map
+onto the server's own error envelope: unreachable or overloaded after the retries is a 503, a refusal of the
+caller's input (422 from a PSO remote) stays a 422, any other error status or a malformed answer is a 502.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import torch
+from PIL import Image
+from safetensors.torch import save
+
+from pso.config.reward_server import HttpSpec
+from reward_server.backends.base import ModelInfo
+from reward_server.backends.resizing import ResizingBackend
+from reward_server.client import RETRY_STATUSES, RewardServerError, request_with_retries
+from reward_server.errors import ApiError, shorten
+
+log = logging.getLogger("pso.reward_server")
+NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
+
+
+class HttpBackend(ResizingBackend):
+    kind = "http"
+
+    def __init__(self, spec: HttpSpec, device: torch.device):
+        super().__init__(spec, device)
+        token = bearer_token(spec)
+        self.http = httpx.Client(
+            base_url=spec.url,
+            headers={"Authorization": f"Bearer {token}"} if token else {},
+            timeout=spec.timeout_s,
+            limits=httpx.Limits(max_connections=spec.max_concurrency),
+        )
+        self.judges = ThreadPoolExecutor(spec.max_concurrency, thread_name_prefix=f"judge-{spec.model_name}")
+        self.remote = self._remote_info() if spec.api == "pso" else None
+
+    def _remote_info(self) -> dict:
+        """The remote reward server's description of the model used (its total: the first model's), which
+        also checks at start that it answers and serves `remote_model`."""
+        models = self._call("GET", "/v1/models").json()["models"]
+        named = {m["name"]: m for m in models}
+        if self.spec.remote_model and self.spec.remote_model not in named:
+            raise ValueError(f"{self.spec.url} serves {sorted(named)}, not remote_model {self.spec.remote_model!r}")
+        return named[self.spec.remote_model] if self.spec.remote_model else {"version": "total", "scale": "total"}
+
+    @property
+    def info(self) -> ModelInfo:
+        spec = self.spec
+        if spec.api == "pso":
+            version, scale = f"{spec.remote_model or 'total'}@{self.remote['version']}", self.remote["scale"]
+        else:
+            version, scale = (
+                f"{spec.remote_model}@openai-chat",
+                "the judge's rating, {:g} to {:g}".format(*spec.score_range),
+            )
+        return ModelInfo(
+            name=spec.model_name,
+            kind=self.kind,
+            version=version,
+            scale=spec.scale or scale,
+            higher_is_better=bool(self.remote.get("higher_is_better", True)) if self.remote else True,
+            weight=spec.weight,
+        )
+
+    def score_batch(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        if self.spec.api == "pso":
+            scores = self._remote_scores(pixels, list(prompts))
+        else:
+            scores = list(self.judges.map(self._judge, pixels, prompts))
+        return torch.tensor(scores, dtype=torch.float32)
+
+    def _remote_scores(self, pixels: torch.Tensor, prompts: list[str]) -> list[float]:
+        metadata = {"prompts": json.dumps(prompts)}
+        if self.spec.remote_model:
+            metadata["models"] = json.dumps([self.spec.remote_model])
+        body = save({"images": pixels.contiguous()}, metadata=metadata)
+        headers = {"Content-Type": "application/octet-stream"}
+        data = self._call("POST", "/v1/score/safetensors", content=body, headers=headers).json()
+        try:
+            scores = data["scores"][self.spec.remote_model] if self.spec.remote_model else data["total"]
+            scores = [float(x) for x in scores]
+        except (KeyError, TypeError, ValueError):
+            raise self._bad_answer("its answer holds no scores") from None
+        if len(scores) != len(prompts) or not all(math.isfinite(x) for x in scores):
+            raise self._bad_answer(f"it returned {len(scores)} scores for {len(prompts)} images, or a non-finite one")
+        return scores
+
+    def _judge(self, image: torch.Tensor, prompt: str) -> float:
+        low, high = self.spec.score_range
+        question = self.spec.rubric.format(prompt=prompt, low=low, high=high)
+        body = {
+            "model": self.spec.remote_model,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": question},
+                        {"type": "image_url", "image_url": {"url": png_data_url(image)}},
+                    ],
+                }
+            ],
+            "max_tokens": self.spec.max_tokens,
+            "temperature": 0.0,
+        }
+        return judgement(self._call("POST", "/chat/completions", json=body).json(), prompt, low, high)
+
+    def _call(self, method: str, path: str, **kwargs) -> httpx.Response:
+        try:
+            return request_with_retries(
+                self.http, method, path, retries=self.spec.retries, backoff=0.5, max_backoff=10.0, **kwargs
+            )
+        except RewardServerError as e:
+            log.warning("remote scorer %s at %s%s: %s", self.spec.model_name, self.spec.url, path, e)
+            raise upstream_error(self.spec, e) from None
+
+    def _bad_answer(self, why: str) -> ApiError:
+        return ApiError(502, "bad_upstream_answer", f"the remote scorer {self.spec.model_name}: {why}")
+
+
+def bearer_token(spec: HttpSpec) -> str | None:
+    """The remote's token from the environment variable the spec names (secrets never sit in configs)."""
+    if spec.token_env is None:
+        return None
+    token = os.environ.get(spec.token_env, "").strip()
+    if not token:
+        raise ValueError(f"{spec.model_name}: token_env names {spec.token_env}, which is unset or blank")
+    return token
+
+
+def upstream_error(spec: HttpSpec, e: RewardServerError) -> ApiError:
+    """The remote's failure in the reward server's own terms (details of where it runs go to the log only)."""
+    name = spec.model_name
+    if e.status is None or e.status in RETRY_STATUSES:
+        return ApiError(503, "upstream_unavailable", f"the remote scorer {name} is unavailable", {"Retry-After": "5"})
+    if e.status == 422 and spec.api == "pso":  # the caller's input, refused by the remote model
+        return ApiError(422, "upstream_rejected", f"the remote scorer {name} refused the input: {e}")
+    return ApiError(502, "upstream_error", f"the remote scorer {name} failed: {e}")
+
+
+def png_data_url(image: torch.Tensor) -> str:
+    """A uint8 (H, W, 3) image as a data: URL of a PNG, the form chat APIs take images in."""
+    buf = io.BytesIO()
+    Image.fromarray(image.numpy()).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def judgement(completion: dict, prompt: str, low: float, high: float) -> float:
+    """The score in a chat completion's answer: the first number in it, which must lie in [low, high]. A
+    refusal, a filtered answer or one without such a number is a 502 naming the image's prompt."""
+    where = f"the judge's answer for the image of prompt {shorten(prompt)}"
+    try:
+        choice = completion["choices"][0]
+        message = choice["message"]
+    except (KeyError, IndexError, TypeError):
+        raise ApiError(502, "bad_upstream_answer", f"{where} is not a chat completion") from None
+    refusal = message.get("refusal") if isinstance(message, dict) else None
+    if refusal or choice.get("finish_reason") == "content_filter":
+        raise ApiError(502, "judge_refused", f"{where} is a refusal: {shorten(str(refusal or 'content filter'), 200)}")
+    text = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(text, str):
+        raise ApiError(502, "judge_unparseable", f"{where} has no text")
+    found = NUMBER.search(text)
+    if found is None or not low <= float(found[0]) <= high:
+        raise ApiError(
+            502, "judge_unparseable", f"{where}, {shorten(text, 200)}, holds no score from {low:g} to {high:g}"
+        )
+    return float(found[0])
