@@ -36,6 +36,7 @@ from pso.loop import round_seed
 from pso.ops_http import OpsServer
 from pso.pairing import pairs_in_groups
 from pso.policy import DistilledPolicy
+from pso.reward_norm import RewardNormalizer
 from pso.sampling import sample_groups
 from pso.transport.base import ExperienceQueue, TransportError, WeightStore, WeightsUnavailable
 from reward_server.client import NotARewardServer, RewardClient, RewardServerError
@@ -84,6 +85,7 @@ class Actor:
         self.rng = np.random.default_rng(self.seed)
         self._last_poll = 0.0
         self.on_progress = lambda: None  # the ops server's heartbeat, when there is one
+        self.normalizer: RewardNormalizer | None = None  # built from the served weights at the first score
 
     def run(self, stop: threading.Event | None = None) -> ActorStats:
         stop = stop or threading.Event()
@@ -115,15 +117,16 @@ class Actor:
             if scored is None:  # stopped while the reward server was away: nothing unscored is pushed
                 return 0
             scores, per_model = torch.tensor(scored.total, dtype=torch.float32), scored.per_model
+            ranked = self._normalized(per_model) if cfg.actor.reward_normalization == "running" else scores
         else:
-            scores = torch.zeros(len(traj.seeds))
+            scores = ranked = torch.zeros(len(traj.seeds))
         if self.targets:  # every sample is a reference to its prompt's target
             records = group_records(
                 traj, scores, [], policy_version=self.version, actor_id=self.id, targets=chosen.tolist()
             )
             pairs = [pair for r in records for pair in r.pairs]
         else:
-            pairs = pairs_in_groups(scores, g, cfg.pairing)
+            pairs = pairs_in_groups(ranked, g, cfg.pairing)
             records = group_records(traj, scores, pairs, policy_version=self.version, actor_id=self.id)
         pushed = 0
         for p, record in enumerate(records):
@@ -174,6 +177,15 @@ class Actor:
         log.info("actor %s: weights %d -> %d", self.id, self.version, newest)
         self.version = newest
         self.stats.versions.append(newest)
+
+    def _normalized(self, per_model: dict[str, list[float]]) -> torch.Tensor:
+        """The weighted total of each model's standardised scores (pso/reward_norm.py), with the weights the
+        reward server serves the models with."""
+        if self.normalizer is None:
+            weights = {m["name"]: float(m["weight"]) for m in self.reward.models() if m["name"] in per_model}
+            self.normalizer = RewardNormalizer(weights)
+            log.info("actor %s: normalising the rewards of %s, weights %s", self.id, list(weights), weights)
+        return self.normalizer.total(per_model)
 
     def _wait_for_room(self, stop: threading.Event) -> None:
         start, told = time.monotonic(), False

@@ -32,3 +32,11 @@ class ActorCollector(Collector):
         yield GaugeMetricFamily("pso_actor_version", "weight version the actor samples with", value=self.actor.version)
         mean = stats.reward_sum / stats.images if stats.images else float("nan")
         yield GaugeMetricFamily("pso_actor_reward_mean", "mean weighted reward of every image scored", value=mean)
+        if self.actor.normalizer is not None:  # actor.reward_normalization: running
+            state = self.actor.normalizer.state()
+            for key, doc in (("mean", "running mean"), ("std", "running standard deviation")):
+                doc = f"{doc} of each model's scores (reward normalisation)"
+                family = GaugeMetricFamily(f"pso_actor_model_score_{key}", doc, labels=["model"])
+                for model, moments in state.items():
+                    family.add_metric([model], moments[key])
+                yield family

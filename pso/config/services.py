@@ -33,6 +33,12 @@ class ActorConfig(StrictModel):
     id: str | None = Field(None, description="default: host name and process id")
     reward_url: str = Field("http://127.0.0.1:8000", description="the reward server")
     reward_models: list[str] | None = Field(None, description="models to score with (default: all served)")
+    reward_normalization: Literal["none", "running"] = Field(
+        "none",
+        description="none: pairs follow the reward server's weighted total; running: each model's scores are "
+        "standardised by their running mean and std first, so that the weights mean what they say across "
+        "models on different scales (records keep the raw total)",
+    )
     prompts: str | None = Field(
         None, description='a text file (a prompt per line) or a JSONL file ({"prompt": ...}); default: loop.prompts'
     )
