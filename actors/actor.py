@@ -23,6 +23,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ from actors.metrics import ActorCollector
 from pso.codecs import CodecError, decode_weights, encode_experience
 from pso.config.schema import PSOConfig
 from pso.experience import group_records
+from pso.judging import Tournament, decide
 from pso.loop import round_seed
 from pso.ops_http import OpsServer
 from pso.pairing import pairs_in_groups
@@ -55,6 +57,9 @@ class ActorStats:
     refused: dict[int, str] = field(default_factory=dict)  # version -> why it was refused
     backpressure_s: float = 0.0
     reward_wait_s: float = 0.0
+    judgements: int = 0  # with actor.judge: pairwise judgements asked for
+    judged_ties: int = 0  # pairs the judge called a tie in either order
+    judged_inconsistent: int = 0  # pairs the judge decided by position (the same side won in both orders)
 
 
 def default_actor_id() -> str:
@@ -75,7 +80,11 @@ class Actor:
         """`prompts`: the targets' captions, in target order, when `cfg.targets` is set."""
         self.cfg, self.policy, self.prompts = cfg, policy, prompts
         self.targets = cfg.targets is not None
-        self.scoring = not self.targets or cfg.targets.score
+        self.judge = cfg.actor.judge
+        # scalar scores: for pairing, for the targets' monitoring, or beside a judge for the reward curve only
+        self.scoring = (cfg.targets.score if self.targets else True) and (
+            not self.judge or bool(cfg.actor.reward_models)
+        )
         self.queue, self.weights, self.reward = queue, weights, reward
         self.id = actor_id or cfg.actor.id or default_actor_id()
         self.version = 0  # the base model until the learner publishes
@@ -120,7 +129,15 @@ class Actor:
             ranked = self._normalized(per_model) if cfg.actor.reward_normalization == "running" else scores
         else:
             scores = ranked = torch.zeros(len(traj.seeds))
-        if self.targets:  # every sample is a reference to its prompt's target
+        if self.judge:
+            tournaments = self._judged(traj.images, prompts, stop)
+            if tournaments is None:
+                return 0
+            if not self.scoring:  # net wins over the group stand in for scores
+                scores = torch.cat([t.scores for t in tournaments])
+            pairs = [(p * g + w, p * g + lo) for p, t in enumerate(tournaments) for w, lo in t.pairs]
+            records = group_records(traj, scores, pairs, policy_version=self.version, actor_id=self.id)
+        elif self.targets:  # every sample is a reference to its prompt's target
             records = group_records(
                 traj, scores, [], policy_version=self.version, actor_id=self.id, targets=chosen.tolist()
             )
@@ -200,14 +217,32 @@ class Actor:
             stop.wait(0.2)
         self.stats.backpressure_s += time.monotonic() - start
 
+    def _judged(self, images: torch.Tensor, prompts: list[str], stop: threading.Event) -> list[Tournament] | None:
+        """Each group's round-robin by the judge (pso/judging.py), or None when stopped meanwhile."""
+        g, tournaments = self.cfg.sampling.group_size, []
+        for p, prompt in enumerate(prompts):
+            answer = self._ask(partial(self.reward.judge, images[p * g : (p + 1) * g], prompt, self.judge), stop)
+            if answer is None:
+                return None
+            tournament = decide(g, [j["preference"] for j in answer["judgements"]], self.cfg.pairing.strategy)
+            self.stats.judgements += len(answer["judgements"])
+            self.stats.judged_ties += tournament.ties
+            self.stats.judged_inconsistent += tournament.inconsistent
+            tournaments.append(tournament)
+        return tournaments
+
     def _score(self, images: torch.Tensor, prompts: list[str], stop: threading.Event):
-        """Scores from the reward server; an unreachable or failing server is waited out, never pushed past.
-        A refusal of the request itself (4xx) is a configuration mistake and ends the actor."""
+        return self._ask(lambda: self.reward.score(images, prompts, self.cfg.actor.reward_models), stop)
+
+    def _ask(self, call, stop: threading.Event):
+        """The reward server's answer to `call`; an unreachable or failing server is waited out, never pushed
+        past (None once stopped). A refusal of the request itself (4xx) is a configuration mistake and ends the
+        actor."""
         start, delay = time.monotonic(), 1.0
         try:
             while not stop.is_set():
                 try:
-                    return self.reward.score(images, prompts, self.cfg.actor.reward_models)
+                    return call()
                 except RewardServerError as e:
                     if e.status is not None and 400 <= e.status < 500 and e.status != 429:
                         raise
@@ -255,7 +290,7 @@ def run_actor(cfg: PSOConfig, stop: threading.Event | None = None) -> ActorStats
         if ops:
             actor.on_progress = ops.beat
         log.info("waiting for the reward server at %s", cfg.actor.reward_url)
-        while actor.scoring and not stop.is_set():
+        while (actor.scoring or actor.judge) and not stop.is_set():
             try:
                 reward.wait_ready(timeout=15)
                 break
@@ -264,6 +299,12 @@ def run_actor(cfg: PSOConfig, stop: threading.Event | None = None) -> ActorStats
             except RewardServerError as e:
                 actor.on_progress()  # waiting for a server that loads its models is not a stall
                 log.warning("%s; still waiting", e)
+        if actor.judge and not stop.is_set():
+            judges = [m["name"] for m in reward.models() if m.get("pairwise")]
+            if actor.judge not in judges:
+                raise SystemExit(
+                    f"pso actor: actor.judge {actor.judge!r} is no judge of the reward server; its judges: {judges}"
+                )
         return actor.run(stop)
     except (TransportError, NotARewardServer) as e:
         raise SystemExit(f"pso actor: {e}") from None

@@ -14,6 +14,12 @@ COUNTERS = {  # ActorStats field -> (name, help); exported as <name>_total
         "pso_actor_backpressure_seconds",
         "seconds paused because the experience backlog was over its bound",
     ),
+    "judgements": ("pso_actor_judgements", "pairwise judgements asked of the judge (actor.judge)"),
+    "judged_ties": ("pso_actor_judged_ties", "pairs the judge called a tie in either order"),
+    "judged_inconsistent": (
+        "pso_actor_judged_inconsistent",
+        "pairs the judge decided by position: the same side preferred in both orders",
+    ),
     "reward_wait_s": (
         "pso_actor_reward_wait_seconds",
         "seconds spent waiting for the reward server (scoring included)",

@@ -22,16 +22,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import pso
 from pso.config.reward_server import BackendSpec, LimitsConfig, RewardServerConfig
+from pso.judging import decide, round_robin
 from reward_server import decode
 from reward_server.backends import RewardBackend, build_backend
 from reward_server.errors import ApiError, describe_validation, error_body, unprocessable
 from reward_server.guard import CLIENT_GONE, RequestGuard, bearer_token
 from reward_server.metrics import ServerMetrics, mark_worker_gone
-from reward_server.pool import ModelPool, Reader
+from reward_server.pool import ModelPool, Pairing, Reader
 from reward_server.schemas import (
     CompareRequest,
     CompareResponse,
     ErrorResponse,
+    JudgedResponse,
     ModelsResponse,
     ReadyResponse,
     ScoreRequest,
@@ -137,12 +139,15 @@ def create_app(
 
     @app.get("/v1/models", dependencies=_SECURED)
     async def models() -> ModelsResponse:
-        pool.select(None)
+        pool.check_ready()
         return ModelsResponse(models=pool.infos, devices=config.devices, limits=limits)
 
-    async def scored(request: Request, read: Reader) -> dict:
-        """A ScoreResponse's content, built directly: it is the hot path, and its types are fixed here."""
-        scores, names = await pool.run(read, request.scope.get(CLIENT_GONE))
+    async def scored(request: Request, read: Reader, pairing: Pairing | None = None) -> dict:
+        """A ScoreResponse's content, built directly: it is the hot path, and its types are fixed here. With a
+        `pairing` that gives pairs, the one model is a judge: its preferences come back as its scores."""
+        scores, names = await pool.run(read, request.scope.get(CLIENT_GONE), pairing)
+        if pool.models[names[0]].pairwise:
+            return {"scores": scores, "versions": {n: pool.versions[n] for n in names}}
         weights = [pool.models[n].spec.weight for n in names]
         total = [sum(w * scores[n][i] for w, n in zip(weights, names)) for i in range(len(scores[names[0]]))]
         if not all(math.isfinite(x) for x in total):  # a non-finite score makes a non-finite total
@@ -151,6 +156,25 @@ def create_app(
             "scores": {n: scores[n] for n in names},
             "total": total,
             "versions": {n: pool.versions[n] for n in names},
+        }
+
+    def judged_response(judge: str, result: dict) -> dict:
+        """A judged comparison: every judgement, and the round-robin's decided pairs, ties and inconsistencies."""
+        preferences = result["scores"][judge]
+        if not all(0.0 <= p <= 1.0 for p in preferences):  # NaN fails too
+            raise ApiError(500, "bad_judgement", f"the judge {judge} returned a preference outside [0, 1]")
+        n = int(1 + math.isqrt(1 + 4 * len(preferences))) // 2  # n (n - 1) judgements
+        orders = round_robin(n)
+        tournament = decide(n, preferences)
+        return {
+            "judge": judge,
+            "version": result["versions"][judge],
+            "judgements": [{"first": i, "second": j, "preference": p} for (i, j), p in zip(orders, preferences)],
+            "pairs": [list(p) for p in tournament.decided],
+            "net_wins": tournament.net_wins,
+            "ties": tournament.ties,
+            "inconsistent": tournament.inconsistent,
+            "winner": max(range(n), key=tournament.net_wins.__getitem__),
         }
 
     def base64_images(images: list[str]) -> list:
@@ -222,7 +246,7 @@ def create_app(
         "/v1/compare",
         dependencies=_SECURED,
         summary="Which of two or more images fits a prompt",
-        response_model=CompareResponse,
+        response_model=CompareResponse | JudgedResponse,
         openapi_extra=_json_body(CompareRequest),
     )
     async def compare(request: Request) -> JSONResponse:
@@ -232,12 +256,28 @@ def create_app(
         def read():
             nonlocal body
             body = decode.parse_json(raw, _COMPARE_REQUEST)
-            names = pool.select(body.models)
-            prompts = [body.prompt] * len(body.images)
-            _check_request(limits, prompts, len(body.images))
+            n = len(body.images)
+            if body.judge is None:
+                names = pool.select(body.models)
+            elif body.models is not None:
+                raise unprocessable("bad_field", "give either judge (a pairwise judge) or models (scorers), not both")
+            else:
+                names = pool.select_judge(body.judge)
+                if n * (n - 1) > limits.max_judgements:
+                    raise ApiError(
+                        413, "too_many_images",
+                        f"{n} images need {n * (n - 1)} judgements; at most {limits.max_judgements}",
+                    )  # fmt: skip
+            prompts = [body.prompt] * n
+            _check_request(limits, prompts, n)
             return base64_images(body.images), prompts, names
 
-        result = await scored(request, read)
+        def pairing(n: int) -> list[tuple[int, int]] | None:  # called after read(): body is parsed
+            return round_robin(n) if body.judge is not None else None
+
+        result = await scored(request, read, pairing)
+        if body.judge is not None:
+            return JSONResponse(judged_response(body.judge, result))
         total = result["total"]
         top = max(total)
         # softmax of total / temperature, shifted by the top: the exponents are <= 0, and -inf gives 0

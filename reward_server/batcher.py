@@ -35,12 +35,14 @@ _GIL_SWITCH_S = 0.001
 
 @dataclass
 class Job:
-    """One request's work: per model, the preprocessed inputs; one prompt per image. `abandoned` is set
-    when nobody waits for the scores any more (the worker then skips it)."""
+    """One request's work: per model, the preprocessed inputs; one prompt per image; for a pairwise judge,
+    the (first, second) image pairs to judge. `abandoned` is set when nobody waits for the scores any more
+    (the worker then skips it)."""
 
     inputs: dict[str, list[torch.Tensor]]
     prompts: list[str]
     future: asyncio.Future = field(repr=False)
+    pairs: list[tuple[int, int]] | None = None
     abandoned: bool = False
 
     @property
@@ -185,12 +187,16 @@ class DeviceBatcher:
 
     @torch.inference_mode()
     def _run(self, jobs: list[Job]) -> list[dict[str, list[float]]]:
-        """Score every job's images with every model it asked for; per job, model name -> n scores (plain
-        floats, so the event loop does no tensor work)."""
+        """Score every job's images with every model it asked for; per job, model name -> n scores, or a
+        judge's preferences for the job's pairs (plain floats, so the event loop does no tensor work)."""
         results: list[dict[str, list[float]]] = [{} for _ in jobs]
         for name, model in self.models.items():
             users = [k for k, j in enumerate(jobs) if name in j.inputs]
             if not users:
+                continue
+            if model.pairwise:
+                for k in users:
+                    results[k][name] = self._judge(name, model, jobs[k])
                 continue
             inputs = [x for k in users for x in jobs[k].inputs[name]]
             prompts = [p for k in users for p in jobs[k].prompts]
@@ -202,6 +208,20 @@ class DeviceBatcher:
             for k, part in zip(users, scores.split([jobs[k].size for k in users])):
                 results[k][name] = part.tolist()
         return results
+
+    def _judge(self, name: str, model: RewardBackend, job: Job) -> list[float]:
+        """A judge's preferences for the job's pairs, `max_batch` pairs per call."""
+        inputs, pairs, step = job.inputs[name], job.pairs or [], model.spec.max_batch
+        preferences = torch.empty(len(pairs))
+        for start in range(0, len(pairs), step):
+            chunk = pairs[start : start + step]
+            first, second = (torch.stack([inputs[p[side]] for p in chunk]) for side in (0, 1))
+            preferences[start : start + len(chunk)] = model.compare_batch(
+                first, second, [job.prompts[i] for i, _ in chunk]
+            )
+            self.metrics.batch_images.labels(name).observe(2 * len(chunk))
+        self.metrics.images.labels(name).inc(len(inputs))
+        return preferences.tolist()
 
 
 def _settle(jobs: list[Job], results: list | None = None, error: Exception | None = None) -> None:

@@ -6,6 +6,8 @@ retried with exponential backoff (honouring Retry-After); other errors raise at 
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import logging
 import os
@@ -17,6 +19,7 @@ from functools import partial
 
 import httpx
 import torch
+from PIL import Image
 from safetensors.torch import save
 
 log = logging.getLogger("pso.reward_client")
@@ -73,8 +76,7 @@ class RewardClient:
 
     def score(self, images: torch.Tensor, prompts: Sequence[str], models: Sequence[str] | None = None) -> Scores:
         """Score images: uint8 (N, H, W, 3), or float (N, 3, H, W) in [0, 1] as a decoder outputs them."""
-        if images.is_floating_point():
-            images = (images.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+        images = as_uint8(images)
         metadata = {"prompts": json.dumps(list(prompts))}
         if models is not None:
             metadata["models"] = json.dumps(list(models))
@@ -84,6 +86,12 @@ class RewardClient:
         ).json()
         return Scores(data["scores"], data["total"], data["versions"])
 
+    def judge(self, images: torch.Tensor, prompt: str, judge: str) -> dict:
+        """A pairwise judge's round-robin over two or more images of one prompt (POST /v1/compare with judge):
+        every judgement, the decided pairs, ties and inconsistencies (reward_server.schemas.JudgedResponse)."""
+        body = {"prompt": prompt, "judge": judge, "images": [png_base64(im) for im in as_uint8(images)]}
+        return self._request("POST", "/v1/compare", json=body).json()
+
     def models(self) -> list[dict]:
         return self._request("GET", "/v1/models").json()["models"]
 
@@ -92,7 +100,7 @@ class RewardClient:
     ) -> dict[str, Callable[[torch.Tensor, list[str]], torch.Tensor]]:
         """The server's models `names` (default: all) as functions (images, prompts) -> scores, the form
         `pso eval` scores with; ValueError naming what the server has for a name it does not serve."""
-        served = [m["name"] for m in self.models()]
+        served = [m["name"] for m in self.models() if not m.get("pairwise")]  # judges score no single image
         names = list(served if names is None else names)
         unknown = [n for n in names if n not in served]
         if unknown or not names:
@@ -141,6 +149,20 @@ class RewardClient:
         return request_with_retries(
             self.http, method, path, retries=self.retries, backoff=self.backoff, max_backoff=self.max_backoff, **kwargs
         )
+
+
+def as_uint8(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, H, W, 3) images, from those or from float (N, 3, H, W) in [0, 1] as a decoder outputs them."""
+    if images.is_floating_point():
+        images = (images.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+    return images
+
+
+def png_base64(image: torch.Tensor) -> str:
+    """A uint8 (H, W, 3) image as base64 PNG, the form JSON bodies carry images in."""
+    buf = io.BytesIO()
+    Image.fromarray(image.cpu().numpy()).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
 
 
 def request_with_retries(

@@ -77,19 +77,46 @@ class ModelPool:
         await asyncio.gather(*(b.stop() for b in self.batchers))
         self.prepare_executor.shutdown(wait=False, cancel_futures=True)
 
-    def select(self, names: list[str] | None) -> list[str]:
+    def check_ready(self) -> None:
         if not self.ready:
             raise ApiError(503, "not_ready", self.error or "models are still loading", {"Retry-After": "5"})
+
+    def select(self, names: list[str] | None) -> list[str]:
+        """The scoring models a request names (default: every one served); pairwise judges are refused."""
+        self.check_ready()
+        scorers = [n for n, m in self.models.items() if not m.pairwise]
         if names is None:
-            return list(self.models)
+            if not scorers:
+                raise unprocessable("pairwise_judge", "this server serves only pairwise judges: POST /v1/compare")
+            return scorers
+        self._check_known(names)
+        if not names:
+            raise unprocessable("bad_field", "models must name at least one model (or be left out for all)")
+        judges = [shorten(n) for n in names if n not in scorers]
+        if judges:
+            raise unprocessable(
+                "pairwise_judge",
+                f"{', '.join(judges[:3])}: pairwise judges compare images: POST /v1/compare with judge",
+            )
+        return list(dict.fromkeys(names))
+
+    def select_judge(self, name: str) -> list[str]:
+        """The pairwise judge a /v1/compare request names, as a one-model selection."""
+        self.check_ready()
+        self._check_known([name])
+        if not self.models[name].pairwise:
+            raise unprocessable("not_a_judge", f"{shorten(name)} scores images; judges: {self._judges()}")
+        return [name]
+
+    def _judges(self) -> list[str]:
+        return [n for n, m in self.models.items() if m.pairwise]
+
+    def _check_known(self, names: list[str]) -> None:
         unknown = [n for n in names if n not in self.models]
         if unknown:
             named = ", ".join(shorten(n) for n in unknown[:3])
             named += f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
             raise unprocessable("unknown_model", f"unknown model(s) {named}; served: {list(self.models)}")
-        if not names:
-            raise unprocessable("bad_field", "models must name at least one model (or be left out for all)")
-        return list(dict.fromkeys(names))
 
     def reserve(self, n: int) -> DeviceBatcher:
         """Room for `n` images on the device with the fewest pending (ties in turn); 429 if none has room."""
@@ -119,6 +146,7 @@ class ModelPool:
             raise _Abandoned
         images, prompts, names = read()
         del read
+        pairs = work.pairing(len(images)) if work.pairing else None
         for name in names:
             model = self.models[name]
             for i, prompt in enumerate(prompts):
@@ -143,7 +171,9 @@ class ModelPool:
                     image = decode.to_tensor(item, f"images[{i}]")[None]
                     for name in names:
                         inputs[name] += self._preprocess(name, image, f"images[{i}]")
-            work.job = Job(inputs, prompts, work.future)
+            if pairs is not None and len({tuple(x.shape) for xs in inputs.values() for x in xs}) > 1:
+                raise unprocessable("bad_image", "a judge compares images of one size; these differ")
+            work.job = Job(inputs, prompts, work.future, pairs)
             if work.read is None:
                 raise _Abandoned
         except BaseException:
@@ -158,15 +188,18 @@ class ModelPool:
         except RewardInputError as e:
             raise unprocessable("bad_image", f"{where} for {name}: {e}") from None
 
-    async def run(self, read: Reader, gone: asyncio.Future | None = None) -> tuple[dict[str, list[float]], list[str]]:
+    async def run(
+        self, read: Reader, gone: asyncio.Future | None = None, pairing: Pairing | None = None
+    ) -> tuple[dict[str, list[float]], list[str]]:
         """Prepare (counted as in flight until queued, so batchers wait for it) and await the scores, all
         within the request timeout; returns per-model scores and the model names. Once the request times
         out or its client is `gone`, its work stops: preparation at the next image, and a queued job is
-        skipped."""
+        skipped. Where `pairing` (called with the number of images, once they are read) gives pairs, the
+        models are pairwise judges, and each returns its preferences for those pairs."""
         loop = asyncio.get_running_loop()
         timeout = self.config.limits.request_timeout_s
         deadline = loop.time() + timeout
-        work = _Work(read, loop.create_future())
+        work = _Work(read, loop.create_future(), pairing)
         del read
         self.inflight.add(1)
         preparing = loop.run_in_executor(self.prepare_executor, self.prepare, work)
@@ -179,6 +212,9 @@ class ModelPool:
                 preparing.add_done_callback(_retrieve)
 
 
+Pairing = Callable[[int], "list[tuple[int, int]] | None"]
+"""The pairs a request's images are judged in, given how many images it has (None: scored, not judged)."""
+
 Reader = Callable[[], tuple[Sequence[Image.Image] | torch.Tensor, list[str], list[str]]]
 """Reads a request on a preprocessing thread: its images (opened from their headers, or decoded already as
 one uint8 (N, H, W, 3) batch), prompts and model names."""
@@ -189,9 +225,10 @@ class _Work:
     abandoned; then `read` is None, so a preprocessing thread skips or stops it (the body is freed even
     before a thread takes it), and its job, if queued already, is marked for the batcher to skip."""
 
-    def __init__(self, read: Reader, future: asyncio.Future):
+    def __init__(self, read: Reader, future: asyncio.Future, pairing: Pairing | None = None):
         self.read: Reader | None = read
         self.future = future  # the scores, set by the batcher
+        self.pairing = pairing
         self.job: Job | None = None
 
     def abandon(self) -> None:

@@ -33,6 +33,11 @@ class CompareRequest(_Request):
         None, max_length=64, description="models to score with (default: every served model)"
     )
     temperature: float = Field(1.0, gt=0, le=1e6, description="softmax temperature over the weighted totals")
+    judge: str | None = Field(
+        None,
+        description="a pairwise judge (see /v1/models) to compare the images with instead of scoring them: every "
+        "two in both orders, n (n - 1) judgements for n images",
+    )
 
 
 class ScoreResponse(BaseModel):
@@ -44,6 +49,23 @@ class ScoreResponse(BaseModel):
 class CompareResponse(ScoreResponse):
     probabilities: list[float] = Field(description="softmax of total / temperature over the candidates")
     winner: int = Field(description="index of the preferred image")
+
+
+class Judgement(BaseModel):
+    first: int = Field(description="index of the image shown first")
+    second: int
+    preference: float = Field(description="the judge's preference for the first: 0 (second better), 0.5 (tie), 1")
+
+
+class JudgedResponse(BaseModel):
+    judge: str
+    version: str = Field(description="the judge's version")
+    judgements: list[Judgement] = Field(description="every judgement, both orders of every two images")
+    pairs: list[tuple[int, int]] = Field(description="(winner, loser): the judge preferred the winner in both orders")
+    net_wins: list[int] = Field(description="per image: decided wins minus decided losses")
+    ties: int = Field(description="pairs the judge called a tie in either order")
+    inconsistent: int = Field(description="pairs where the judge preferred the same position in both orders")
+    winner: int = Field(description="the image with the most net wins (the first of equals)")
 
 
 class ModelsResponse(BaseModel):

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import base64
-import io
-
 import httpx
 import numpy as np
 import torch
-from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from pso.tiny.world import all_scenes, draw
+from reward_server.client import png_base64
 
 
 def scene_batch(n: int, seed: int = 0) -> tuple[torch.Tensor, list[str]]:
@@ -22,10 +19,7 @@ def scene_batch(n: int, seed: int = 0) -> tuple[torch.Tensor, list[str]]:
     return torch.from_numpy(images), [f"a {s.fg} {s.shape} on a {s.bg} background" for s in scenes]
 
 
-def png_b64(image: torch.Tensor) -> str:
-    buf = io.BytesIO()
-    Image.fromarray(image.numpy()).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
+png_b64 = png_base64  # a uint8 (H, W, 3) image as base64 PNG, as the client sends it
 
 
 def error_of(r: httpx.Response) -> str:

@@ -31,15 +31,35 @@ class BackendSpec(StrictModel):
         return self.name or self.kind  # type: ignore[attr-defined]
 
 
+TinyReward = Literal[
+    "fidelity", "large", "crispness", "sepia", "style_fidelity", "style_crispness", "subject"
+]  # pso.tiny.rewards.REWARDS
+
+
 class TinySpec(BackendSpec):
     """A built-in tiny-world reward (docs/tiny-model.md): prompts must be tiny-world prompts."""
 
     kind: Literal["tiny"] = "tiny"
-    reward: Literal["fidelity", "large", "crispness", "sepia", "style_fidelity", "style_crispness", "subject"] = "large"
+    reward: TinyReward = "large"
 
     @property
     def model_name(self) -> str:
         return self.name or f"tiny-{self.reward}"
+
+
+class TinyJudgeSpec(BackendSpec):
+    """A pairwise judge for the tiny world (docs/tiny-model.md): prefers the image with the higher `reward`.
+    `first_bias` is added to the first-shown image's reward, a judge's position bias: close calls then go to
+    whichever image is shown first, which asking both orders reveals as inconsistent."""
+
+    kind: Literal["tiny-judge"] = "tiny-judge"
+    reward: TinyReward = "large"
+    tie_margin: float = Field(0.0, ge=0, allow_inf_nan=False, description="reward differences up to this are ties")
+    first_bias: float = Field(0.0, allow_inf_nan=False, description="added to the first-shown image's reward")
+
+    @property
+    def model_name(self) -> str:
+        return self.name or f"tiny-judge-{self.reward}"
 
 
 class ImageRewardSpec(BackendSpec):
@@ -193,7 +213,15 @@ class HttpSpec(ResizingSpec):
 
 
 RewardModelSpec = Annotated[
-    TinySpec | ImageRewardSpec | PickScoreSpec | HPSv2Spec | ClipScoreSpec | AestheticSpec | PythonSpec | HttpSpec,
+    TinySpec
+    | TinyJudgeSpec
+    | ImageRewardSpec
+    | PickScoreSpec
+    | HPSv2Spec
+    | ClipScoreSpec
+    | AestheticSpec
+    | PythonSpec
+    | HttpSpec,
     Field(discriminator="kind"),
 ]
 
@@ -228,6 +256,9 @@ class LimitsConfig(StrictModel):
     max_pixels: int = Field(4096 * 4096, ge=1, description="width x height of one image (decompression bombs)")
     max_total_pixels: int = Field(256 * 512 * 512, ge=1, description="pixels of all the images of one request")
     max_prompt_chars: int = Field(2000, ge=1)
+    max_judgements: int = Field(
+        56, ge=2, le=MAX_LIST, description="judgements one /v1/compare with a judge may need: n (n - 1) for n images"
+    )
     max_concurrent_requests: int = Field(256, ge=1, description="scoring requests in progress; more get 429")
     request_timeout_s: float = Field(
         60.0, gt=0, allow_inf_nan=False, description="a request not answered after this gets 503"

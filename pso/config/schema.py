@@ -255,6 +255,12 @@ class PSOConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _a_judge_pairs_sampled_groups(self) -> PSOConfig:
+        if self.actor.judge is not None and self.targets is not None:
+            raise ValueError("actor.judge pairs a group's samples; with targets each sample pairs with its target")
+        return self
+
+    @model_validator(mode="after")
     def _targets_need_a_target_loss(self) -> PSOConfig:
         if self.targets is not None and not isinstance(self.loss, (TargetVsReferenceLoss, CustomizationLoss, SFTLoss)):
             raise ValueError(

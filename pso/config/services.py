@@ -33,6 +33,12 @@ class ActorConfig(StrictModel):
     id: str | None = Field(None, description="default: host name and process id")
     reward_url: str = Field("http://127.0.0.1:8000", description="the reward server")
     reward_models: list[str] | None = Field(None, description="models to score with (default: all served)")
+    judge: str | None = Field(
+        None,
+        description="a pairwise judge on the reward server: each group is judged round-robin in both orders "
+        "(g (g - 1) judgements per group of g) and pairs come from the judgements that agree; the scorers in "
+        "reward_models, if set, are still scored for the reward curve",
+    )
     reward_normalization: Literal["none", "running"] = Field(
         "none",
         description="none: pairs follow the reward server's weighted total; running: each model's scores are "

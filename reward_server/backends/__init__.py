@@ -12,6 +12,7 @@ from reward_server.backends.base import ModelInfo, RewardBackend, RewardInputErr
 # kind -> "module:class"; imported on use so a server pays only for the models it serves
 BACKENDS = {
     "tiny": "reward_server.backends.tiny:TinyBackend",
+    "tiny-judge": "reward_server.backends.tiny:TinyJudgeBackend",
     "image-reward": "reward_server.backends.image_reward:ImageRewardBackend",
     "pickscore": "reward_server.backends.clip_rewards:PickScoreBackend",
     "hpsv2": "reward_server.backends.clip_rewards:HPSv2Backend",

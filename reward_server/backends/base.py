@@ -14,6 +14,10 @@ part runs on request threads and the expensive part runs batched on the model's 
   prompt each and returns (B,) float32 scores on the CPU. It runs in the device's batch worker,
   under `torch.inference_mode()`.
 
+A pairwise judge (`pairwise = True`) answers `compare_batch(first, second, prompts)` instead: for each
+pair of preprocessed images, its preference for the first, from 0 (the second is better) through 0.5 (a
+tie) to 1. It serves `/v1/compare` with `judge`, never `/v1/score`.
+
 A mistake in the caller's input (a prompt the model cannot read, an image too small) raises
 `RewardInputError`; the server answers it with a 422 naming the problem.
 """
@@ -48,12 +52,14 @@ class ModelInfo(BaseModel):
     scale: str = Field(description="what the numbers mean and their usual range")
     higher_is_better: bool = True
     weight: float = 1.0
+    pairwise: bool = Field(False, description="a judge of two images (POST /v1/compare with judge), not a scorer")
 
 
 class RewardBackend(ABC):
     """One loaded reward model on one device."""
 
     kind: ClassVar[str]
+    pairwise: ClassVar[bool] = False
 
     def __init__(self, spec: BackendSpec, device: torch.device):
         self.spec = spec
@@ -84,6 +90,10 @@ class RewardBackend(ABC):
     @abstractmethod
     def score_batch(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """Stacked `preprocess` outputs (B, ...) and B prompts -> (B,) float32 CPU scores."""
+
+    def compare_batch(self, first: torch.Tensor, second: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """A pairwise judge's (B,) float32 preferences for `first` over `second` (stacked preprocess outputs)."""
+        raise NotImplementedError(f"{self.kind} scores images; it is not a pairwise judge")
 
     @torch.inference_mode()
     def score(self, images: Sequence[torch.Tensor], prompts: Sequence[str]) -> torch.Tensor:

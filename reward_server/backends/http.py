@@ -15,8 +15,6 @@ caller's input (422 from a PSO remote) stays a 422, any other error status or a 
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import logging
 import math
@@ -27,13 +25,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import torch
-from PIL import Image
 from safetensors.torch import save
 
 from pso.config.reward_server import HttpSpec
 from reward_server.backends.base import ModelInfo
 from reward_server.backends.resizing import ResizingBackend
-from reward_server.client import RETRY_STATUSES, RewardServerError, request_with_retries
+from reward_server.client import RETRY_STATUSES, RewardServerError, png_base64, request_with_retries
 from reward_server.errors import ApiError, shorten
 
 log = logging.getLogger("pso.reward_server")
@@ -160,9 +157,7 @@ def upstream_error(spec: HttpSpec, e: RewardServerError) -> ApiError:
 
 def png_data_url(image: torch.Tensor) -> str:
     """A uint8 (H, W, 3) image as a data: URL of a PNG, the form chat APIs take images in."""
-    buf = io.BytesIO()
-    Image.fromarray(image.numpy()).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return "data:image/png;base64," + png_base64(image)
 
 
 def judgement(completion: dict, prompt: str, low: float, high: float) -> float:

@@ -60,3 +60,31 @@ class TinyBackend(RewardBackend):
 
     def score_batch(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         return self.reward(pixels.to(self.device), list(prompts)).float().cpu()
+
+
+class TinyJudgeBackend(TinyBackend):
+    """The tiny world's pairwise judge: prefers the image with the higher reward (ties within `tie_margin`),
+    the first-shown one's reward raised by `first_bias`."""
+
+    kind = "tiny-judge"
+    pairwise = True
+
+    @property
+    def info(self) -> ModelInfo:
+        spec = self.spec
+        return super().info.model_copy(
+            update={
+                "version": f"builtin:tiny-judge/{spec.reward}/margin={spec.tie_margin:g}/bias={spec.first_bias:g}"
+                f"@pso-{pso.__version__}",
+                "scale": f"preference for the first image by tiny-world {spec.reward}: 1, 0.5 (a tie) or 0",
+                "pairwise": True,
+            }
+        )
+
+    def score_batch(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        raise NotImplementedError("a pairwise judge compares two images; it scores none")
+
+    def compare_batch(self, first: torch.Tensor, second: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        lead = self.reward(first.to(self.device), list(prompts)) + self.spec.first_bias
+        lead = (lead - self.reward(second.to(self.device), list(prompts))).float().cpu()
+        return torch.where(lead > self.spec.tie_margin, 1.0, torch.where(lead < -self.spec.tie_margin, 0.0, 0.5))
