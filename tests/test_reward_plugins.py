@@ -57,6 +57,20 @@ class NaNs:
 
 class NoScore:
     def __init__(self, device): pass
+
+class Both:
+    def __init__(self, device): pass
+    def score(self, images, prompts): return [0.0] * len(images)
+    def compare(self, first, second, prompts): return [0.5] * len(first)
+
+class RedderFirst:
+    """A pairwise judge: prefers the redder image; `out_of_range` breaks the protocol."""
+    def __init__(self, device, out_of_range=False):
+        self.out_of_range = out_of_range
+    def compare(self, first, second, prompts):
+        a, b = first[..., 0].float().mean((1, 2)), second[..., 0].float().mean((1, 2))
+        prefs = (a > b).float() + 0.5 * (a == b).float()
+        return (prefs * 3 if self.out_of_range else prefs).tolist()
 '''
 
 
@@ -112,7 +126,8 @@ def test_a_scorer_that_breaks_the_protocol_is_named(scorers, cls, message):
     [
         ("no_such_package_here.rewards:Score", "cannot import no_such_package_here.rewards .*is its package installed"),
         ("{mod}:Missing", "{mod} has no class Missing"),
-        ("{mod}:NoScore", "NoScore has no score"),
+        ("{mod}:NoScore", "NoScore has neither score.* nor compare"),
+        ("{mod}:Both", "Both has both score.* and compare"),
     ],
 )
 def test_a_scorer_that_cannot_be_loaded_says_why(scorers, path, error):
@@ -124,6 +139,28 @@ def test_a_scorer_that_cannot_be_loaded_says_why(scorers, path, error):
 def test_the_config_accepts_only_module_colon_class(path):
     with pytest.raises(ValueError, match="scorer must be module:Class"):
         PythonSpec(scorer=path)
+
+
+def test_a_judge_class_serves_compare_and_its_protocol_is_checked(scorers):
+    config = RewardServerConfig(
+        models=[
+            PythonSpec(scorer=f"{scorers}:RedderFirst"),
+            PythonSpec(scorer=f"{scorers}:RedderFirst", name="broken", options={"out_of_range": True}),
+        ]
+    )
+    images, prompts = scene_batch(3, seed=2)
+    reds = images[..., 0].float().mean((1, 2)).tolist()
+    with serve_in_background(create_app(config)) as url:
+        client = RewardClient(url)
+        client.wait_ready(120)
+        judged = client.judge(images, prompts[0], "RedderFirst")
+        assert [m["pairwise"] for m in client.models()] == [True, True]
+        broken = httpx.post(
+            f"{url}/v1/compare", json={"prompt": prompts[0], "images": [png_b64(i) for i in images], "judge": "broken"}
+        )
+    assert judged["winner"] == reds.index(max(reds))
+    assert all(reds[w] > reds[lo] for w, lo in judged["pairs"]) and judged["inconsistent"] == 0
+    assert broken.status_code == 500 and error_of(broken) == "internal"
 
 
 def test_over_http_a_broken_scorer_fails_its_own_requests_and_a_bad_prompt_gets_422(scorers):

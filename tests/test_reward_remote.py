@@ -22,6 +22,7 @@ from reward_helpers import error_of, png_b64, scene_batch
 
 from pso.config.reward_server import HttpSpec, LimitsConfig, RewardServerConfig, TinySpec
 from pso.tiny.rewards import large
+from pso.tiny.world import Scene, draw
 from reward_server.app import create_app
 from reward_server.backends import build_backend
 from reward_server.client import RewardClient
@@ -60,11 +61,16 @@ class ChatAPI(BaseHTTPRequestHandler):
             return self._send(401, {"error": {"message": "invalid api key", "code": "invalid_api_key"}})
         model = body["model"]
         ChatAPI.calls[model] += 1
-        text, url = (part for part in body["messages"][0]["content"])
+        text, *urls = body["messages"][0]["content"]
         prompt = text["text"].split("prompt: '")[1].split("'.")[0]
-        png = base64.b64decode(url["image_url"]["url"].split(",", 1)[1])
-        image = np.array(Image.open(io.BytesIO(png)).convert("RGB"))
-        message: dict = {"role": "assistant", "content": f"Score: {rating(image, prompt)}"}
+        pngs = [base64.b64decode(url["image_url"]["url"].split(",", 1)[1]) for url in urls]
+        ratings = [rating(np.array(Image.open(io.BytesIO(png)).convert("RGB")), prompt) for png in pngs]
+        if len(ratings) == 2:  # a pairwise question: 1 (first), 2 (second) or 0 (a tie)
+            answer = "1" if ratings[0] > ratings[1] else "2" if ratings[0] < ratings[1] else "0"
+            answer = "3" if model == "confused" else answer
+        else:
+            answer = f"Score: {ratings[0]}"
+        message: dict = {"role": "assistant", "content": answer}
         if model == "flaky" and ChatAPI.calls[model] % 2 == 1:
             return self._send(503, {"error": {"message": "overloaded"}})
         if model == "refuser":
@@ -94,7 +100,9 @@ def judge_url() -> Iterator[str]:
 
 
 def judge(url: str, model: str, **kw) -> HttpSpec:
-    return HttpSpec(url=url, api="openai-chat", remote_model=model, token_env="PSO_TEST_JUDGE_TOKEN", **kw)
+    return HttpSpec(
+        **{"url": url, "api": "openai-chat", "remote_model": model, "token_env": "PSO_TEST_JUDGE_TOKEN"} | kw
+    )
 
 
 @pytest.fixture
@@ -184,11 +192,31 @@ def test_another_reward_server_is_served_through_kind_http():
             build_backend(HttpSpec(url=remote_url, remote_model="nope"))
 
 
+def test_a_vision_language_pairwise_judge_serves_compare(judge_url, token):
+    scene, rng = Scene("red", "circle", "blue"), np.random.default_rng(0)
+    images = torch.from_numpy(np.stack([draw(scene, rng) for _ in range(3)]))
+    pairwise = judge(judge_url, "pair-judge", api="openai-chat-pairwise")
+    config = RewardServerConfig(models=[pairwise, judge(judge_url, "confused", api="openai-chat-pairwise")])
+    body = {"prompt": scene.prompt, "images": [png_b64(i) for i in images]}
+    with serve_in_background(create_app(config)) as url:
+        RewardClient(url).wait_ready(120)
+        judged = RewardClient(url).judge(images, scene.prompt, "pair-judge")
+        confused = httpx.post(f"{url}/v1/compare", json={**body, "judge": "confused"})
+    ratings = [rating(im.numpy(), scene.prompt) for im in images]
+    for j in judged["judgements"]:
+        a, b = ratings[j["first"]], ratings[j["second"]]
+        assert j["preference"] == (1.0 if a > b else 0.0 if a < b else 0.5)
+    assert judged["version"] == "pair-judge@openai-chat-pairwise" and judged["winner"] == ratings.index(max(ratings))
+    assert confused.status_code == 502 and error_of(confused) == "judge_unparseable"
+    assert "is not 1 (first), 2 (second) or 0 (a tie)" in confused.text
+
+
 @pytest.mark.parametrize(
     "fields, error",
     [
         ({"url": "ftp://x"}, "url must be http:// or https://"),
         ({"url": "http://x", "api": "openai-chat"}, "needs remote_model"),
+        ({"url": "http://x", "api": "openai-chat-pairwise"}, "needs remote_model"),
         ({"url": "http://x", "api": "openai-chat", "remote_model": "m", "rubric": "{image}"}, "rubric may use only"),
         ({"url": "http://x", "api": "openai-chat", "remote_model": "m", "score_range": (5, 1)}, "low < high"),
     ],

@@ -162,15 +162,21 @@ DEFAULT_RUBRIC = (
     "You are judging an image generated for the prompt: {prompt!r}. Rate how well it matches the prompt and how good "
     "it looks, from {low:g} (bad) to {high:g} (excellent). Answer with the number only."
 )
+DEFAULT_PAIRWISE_RUBRIC = (
+    "You are judging two images generated for the prompt: {prompt!r}. Which one matches the prompt better and "
+    "looks better? Answer 1 for the first image, 2 for the second, or 0 if they are equally good. Answer with the "
+    "number only."
+)
 
 
 class HttpSpec(ResizingSpec):
     """A scorer behind HTTP: another PSO reward server (`api: pso`), or a vision-language model behind an
-    OpenAI-compatible chat API (`api: openai-chat`: vLLM, SGLang or a hosted API) turned into a judge by a rubric."""
+    OpenAI-compatible chat API (vLLM, SGLang or a hosted API) turned into a judge by a rubric: of one image
+    (`api: openai-chat`, a score) or of two (`api: openai-chat-pairwise`, a pairwise judge)."""
 
     kind: Literal["http"] = "http"
     url: str = Field(description="the remote's base URL: a reward server's root, or an OpenAI API's /v1")
-    api: Literal["pso", "openai-chat"] = "pso"
+    api: Literal["pso", "openai-chat", "openai-chat-pairwise"] = "pso"
     remote_model: str | None = Field(
         None,
         description="pso: the remote model whose score is used (default: the total); openai-chat: its model id",
@@ -179,8 +185,10 @@ class HttpSpec(ResizingSpec):
     timeout_s: float = Field(15.0, gt=0, le=600, description="per attempt")
     retries: int = Field(2, ge=0, le=10, description="more attempts on connection errors, timeouts, 429 and 5xx")
     max_concurrency: int = Field(8, ge=1, le=256, description="requests in flight to the remote at once")
-    rubric: str = Field(
-        DEFAULT_RUBRIC, description="openai-chat: the question, with {prompt}, {low} and {high} filled in"
+    rubric: str | None = Field(
+        None,
+        description="openai-chat: the question, with {prompt}, {low} and {high} filled in (default: DEFAULT_RUBRIC); "
+        "openai-chat-pairwise: with {prompt}, answered 1, 2 or 0 (default: DEFAULT_PAIRWISE_RUBRIC)",
     )
     score_range: tuple[float, float] = Field((1.0, 10.0), description="openai-chat: the scores the rubric asks for")
     max_tokens: int = Field(16, ge=1, le=4096, description="openai-chat: the answer's length limit")
@@ -197,18 +205,22 @@ class HttpSpec(ResizingSpec):
             raise ValueError(f"url must be http:// or https://, got {url!r}")
         return url.rstrip("/")
 
+    @property
+    def question(self) -> str:
+        return self.rubric or (DEFAULT_PAIRWISE_RUBRIC if self.api == "openai-chat-pairwise" else DEFAULT_RUBRIC)
+
     @model_validator(mode="after")
     def _judge_settings(self) -> HttpSpec:
+        if self.api != "pso" and not self.remote_model:
+            raise ValueError(f"api {self.api} needs remote_model: the model id the chat API serves")
         if self.api == "openai-chat":
-            if not self.remote_model:
-                raise ValueError("api openai-chat needs remote_model: the model id the chat API serves")
             low, high = self.score_range
             if not low < high:
                 raise ValueError(f"score_range must be (low, high) with low < high, got {self.score_range}")
-            try:
-                self.rubric.format(prompt="p", low=low, high=high)
-            except (KeyError, IndexError, ValueError) as e:
-                raise ValueError(f"rubric may use only {{prompt}}, {{low}} and {{high}}: {e!r}") from None
+        try:
+            self.question.format(prompt="p", low=self.score_range[0], high=self.score_range[1])
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"rubric may use only {{prompt}}, {{low}} and {{high}}: {e!r}") from None
         return self
 
 

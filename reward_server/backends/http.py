@@ -6,6 +6,8 @@
   one) as a judge: one chat completion per image, asking the rubric about the image and its prompt, and the
   number in the answer is the score. An answer without a number in `score_range`, a refusal or a filtered
   answer fails the request with a 502 that names the image's prompt and quotes the answer: never a silent 0.
+- `api: openai-chat-pairwise`: the same model as a pairwise judge: one chat completion per pair, both images
+  shown, answered 1 (the first is better), 2 (the second) or 0 (a tie); anything else is a 502 as above.
 
 Requests to the remote carry the bearer token from `token_env`, run at most `max_concurrency` at once, and
 are retried on connection errors, timeouts, 429 and 5xx (honouring Retry-After). The remote's failures map
@@ -35,6 +37,7 @@ from reward_server.errors import ApiError, shorten
 
 log = logging.getLogger("pso.reward_server")
 NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
+PAIRWISE_ANSWERS = {1.0: 1.0, 2.0: 0.0, 0.0: 0.5}  # a pairwise judge's answer -> its preference for the first
 
 
 class HttpBackend(ResizingBackend):
@@ -51,6 +54,7 @@ class HttpBackend(ResizingBackend):
         )
         self.judges = ThreadPoolExecutor(spec.max_concurrency, thread_name_prefix=f"judge-{spec.model_name}")
         self.remote = self._remote_info() if spec.api == "pso" else None
+        self.pairwise = spec.api == "openai-chat-pairwise"
 
     def _remote_info(self) -> dict:
         """The remote reward server's description of the model used (its total: the first model's), which
@@ -66,6 +70,8 @@ class HttpBackend(ResizingBackend):
         spec = self.spec
         if spec.api == "pso":
             version, scale = f"{spec.remote_model or 'total'}@{self.remote['version']}", self.remote["scale"]
+        elif self.pairwise:
+            version, scale = f"{spec.remote_model}@openai-chat-pairwise", "preference for the first image: 1, 0.5 or 0"
         else:
             version, scale = (
                 f"{spec.remote_model}@openai-chat",
@@ -78,6 +84,7 @@ class HttpBackend(ResizingBackend):
             scale=spec.scale or scale,
             higher_is_better=bool(self.remote.get("higher_is_better", True)) if self.remote else True,
             weight=spec.weight,
+            pairwise=self.pairwise,
         )
 
     def score_batch(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
@@ -103,24 +110,33 @@ class HttpBackend(ResizingBackend):
             raise self._bad_answer(f"it returned {len(scores)} scores for {len(prompts)} images, or a non-finite one")
         return scores
 
+    def compare_batch(self, first: torch.Tensor, second: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        return torch.tensor(list(self.judges.map(self._compare, first, second, prompts)), dtype=torch.float32)
+
     def _judge(self, image: torch.Tensor, prompt: str) -> float:
         low, high = self.spec.score_range
-        question = self.spec.rubric.format(prompt=prompt, low=low, high=high)
+        return judgement(self._ask([image], prompt), prompt, low, high)
+
+    def _compare(self, first: torch.Tensor, second: torch.Tensor, prompt: str) -> float:
+        """The judge's preference for `first`: its answer 1 (first), 2 (second) or 0 (a tie)."""
+        answer = judgement(self._ask([first, second], prompt), prompt, -math.inf, math.inf)
+        if answer not in PAIRWISE_ANSWERS:
+            raise ApiError(502, "judge_unparseable", f"the judge's answer for prompt {shorten(prompt)}, {answer:g}, "
+                           "is not 1 (first), 2 (second) or 0 (a tie)")  # fmt: skip
+        return PAIRWISE_ANSWERS[answer]
+
+    def _ask(self, images: list[torch.Tensor], prompt: str) -> dict:
+        """One chat completion: the rubric about `prompt`, then the images."""
+        low, high = self.spec.score_range
+        content = [{"type": "text", "text": self.spec.question.format(prompt=prompt, low=low, high=high)}]
+        content += [{"type": "image_url", "image_url": {"url": png_data_url(image)}} for image in images]
         body = {
             "model": self.spec.remote_model,
-            "messages": [
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "text", "text": question},
-                        {"type": "image_url", "image_url": {"url": png_data_url(image)}},
-                    ],
-                }
-            ],
+            "messages": [{"role": "user", "content": content}],
             "max_tokens": self.spec.max_tokens,
             "temperature": 0.0,
         }
-        return judgement(self._call("POST", "/chat/completions", json=body).json(), prompt, low, high)
+        return self._call("POST", "/chat/completions", json=body).json()
 
     def _call(self, method: str, path: str, **kwargs) -> httpx.Response:
         try:

@@ -7,7 +7,10 @@ has to score. Its protocol (docs/reward-server.md, "Your own scorer"):
         def __init__(self, device: str, **options): ...      # load once; options from the config
         def score(self, images, prompts) -> list[float]: ...  # images: uint8 (B, H, W, 3) CPU tensor
 
-and optionally `check_prompt(prompt) -> str | None` (a reason the prompt cannot be scored: the
+A pairwise judge has `compare(first, second, prompts) -> list[float]` instead of `score`: two uint8
+(B, H, W, 3) tensors, and per pair its preference for the first image, from 0 (the second is better)
+through 0.5 (a tie) to 1; it serves `/v1/compare` with `judge`. Either class takes optionally
+`check_prompt(prompt) -> str | None` (a reason the prompt cannot be scored: the
 caller gets a 422 naming it), and attributes `scale` (what the numbers mean), `version` (which
 weights) and `higher_is_better` (True). Images in one call have one size: the server groups them by
 size, or resizes them all to `image_size` when the config sets it.
@@ -44,8 +47,12 @@ def import_scorer(path: str) -> type:
     cls = getattr(module, class_name, None)
     if not isinstance(cls, type):
         raise ImportError(f"scorer {path}: {module_name} has no class {class_name}")
-    if not callable(getattr(cls, "score", None)):
-        raise TypeError(f"scorer {path}: {class_name} has no score(images, prompts) method")
+    scores, compares = (callable(getattr(cls, method, None)) for method in ("score", "compare"))
+    if scores == compares:
+        raise TypeError(
+            f"scorer {path}: {class_name} has {'both' if scores else 'neither'} score(images, prompts) "
+            f"{'and' if scores else 'nor'} compare(first, second, prompts): a scorer has one, a judge the other"
+        )
     return cls
 
 
@@ -56,6 +63,7 @@ class PythonBackend(ResizingBackend):
         super().__init__(spec, device)
         self.scorer = import_scorer(spec.scorer)(device=str(self.device), **spec.options)
         self._check_prompt = getattr(self.scorer, "check_prompt", None)
+        self.pairwise = callable(getattr(self.scorer, "compare", None))
 
     @property
     def info(self) -> ModelInfo:
@@ -66,6 +74,7 @@ class PythonBackend(ResizingBackend):
             scale=str(getattr(self.scorer, "scale", f"defined by {self.spec.scorer}")),
             higher_is_better=bool(getattr(self.scorer, "higher_is_better", True)),
             weight=self.spec.weight,
+            pairwise=self.pairwise,
         )
 
     def check_prompt(self, prompt: str) -> None:
@@ -74,13 +83,23 @@ class PythonBackend(ResizingBackend):
             raise RewardInputError(str(problem))
 
     def score_batch(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        out = self.scorer.score(pixels, list(prompts))
-        try:
-            scores = [float(x) for x in (out.tolist() if hasattr(out, "tolist") else out)]
-        except (TypeError, ValueError) as e:
-            raise ScorerError(f"{self.spec.scorer}.score must return numbers, one per image ({e})") from e
-        if len(scores) != len(pixels):
-            raise ScorerError(f"{self.spec.scorer}.score returned {len(scores)} scores for {len(pixels)} images")
+        scores = self._numbers(self.scorer.score(pixels, list(prompts)), len(pixels), "score")
         if not all(math.isfinite(x) for x in scores):
             raise ScorerError(f"{self.spec.scorer}.score returned a non-finite score")
         return torch.tensor(scores, dtype=torch.float32)
+
+    def compare_batch(self, first: torch.Tensor, second: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        preferences = self._numbers(self.scorer.compare(first, second, list(prompts)), len(first), "compare")
+        if not all(0.0 <= x <= 1.0 for x in preferences):  # NaN fails too
+            raise ScorerError(f"{self.spec.scorer}.compare returned a preference outside [0, 1]")
+        return torch.tensor(preferences, dtype=torch.float32)
+
+    def _numbers(self, out, n: int, method: str) -> list[float]:
+        """`out` as n floats, or a ScorerError naming the scorer and what it returned."""
+        try:
+            values = [float(x) for x in (out.tolist() if hasattr(out, "tolist") else out)]
+        except (TypeError, ValueError) as e:
+            raise ScorerError(f"{self.spec.scorer}.{method} must return numbers, one per image ({e})") from e
+        if len(values) != n:
+            raise ScorerError(f"{self.spec.scorer}.{method} returned {len(values)} scores for {n} images")
+        return values
