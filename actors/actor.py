@@ -164,8 +164,10 @@ class Actor:
         self.stats.images += len(scores)
         self.stats.reward_sum += float(scores.sum())
         log.info(
-            "actor %s batch %d: version %d, reward %.4f, %d pairs, %d records pushed",
+            "actor %s batch %d: version %d, reward %.4f, %d pairs, %d records pushed%s",
             self.id, self.stats.batches, self.version, float(scores.mean()), len(pairs), pushed,
+            f"; judge so far: {self.stats.judgements} judgements, {self.stats.judged_ties} ties, "
+            f"{self.stats.judged_inconsistent} inconsistent" if self.judge else "",
         )  # fmt: skip
         return pushed
 

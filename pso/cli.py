@@ -227,6 +227,9 @@ def cmd_actor(args) -> int:
         return 2
     stats = run_actor(cfg)
     print(f"actor: {stats.batches} batches, {stats.records} records, versions {stats.versions}")
+    if stats.judgements:
+        ties, inconsistent = stats.judged_ties, stats.judged_inconsistent
+        print(f"judge: {stats.judgements} judgements, {ties} ties, {inconsistent} inconsistent")
     return 0
 
 
