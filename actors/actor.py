@@ -126,7 +126,9 @@ class Actor:
             if scored is None:  # stopped while the reward server was away: nothing unscored is pushed
                 return 0
             scores, per_model = torch.tensor(scored.total, dtype=torch.float32), scored.per_model
-            ranked = self._normalized(per_model) if cfg.actor.reward_normalization == "running" else scores
+            ranked = self._normalized(per_model, stop) if cfg.actor.reward_normalization == "running" else scores
+            if ranked is None:  # stopped while the reward server was away
+                return 0
         else:
             scores = ranked = torch.zeros(len(traj.seeds))
         if self.judge:
@@ -197,11 +199,14 @@ class Actor:
         self.version = newest
         self.stats.versions.append(newest)
 
-    def _normalized(self, per_model: dict[str, list[float]]) -> torch.Tensor:
+    def _normalized(self, per_model: dict[str, list[float]], stop: threading.Event) -> torch.Tensor | None:
         """The weighted total of each model's standardised scores (pso/reward_norm.py), with the weights the
-        reward server serves the models with."""
+        reward server serves the models with (None when stopped while asking for them)."""
         if self.normalizer is None:
-            weights = {m["name"]: float(m["weight"]) for m in self.reward.models() if m["name"] in per_model}
+            served = self._ask(self.reward.models, stop)
+            if served is None:
+                return None
+            weights = {m["name"]: float(m["weight"]) for m in served if m["name"] in per_model}
             self.normalizer = RewardNormalizer(weights)
             log.info("actor %s: normalising the rewards of %s, weights %s", self.id, list(weights), weights)
         return self.normalizer.total(per_model)
@@ -257,6 +262,20 @@ class Actor:
             self.stats.reward_wait_s += time.monotonic() - start
 
 
+def check_judge(reward: RewardClient, judge: str, group_size: int) -> None:
+    """Stop at start, saying why, when the reward server has no such judge or cannot judge a whole group."""
+    judges = [m["name"] for m in reward.models() if m.get("pairwise")]
+    if judge not in judges:
+        raise SystemExit(f"pso actor: actor.judge {judge!r} is no judge of the reward server; its judges: {judges}")
+    most = reward.limits()["max_judgements"]
+    needed = group_size * (group_size - 1)
+    if needed > most:
+        raise SystemExit(
+            f"pso actor: a group of {group_size} needs {needed} judgements, over the reward server's "
+            f"limits.max_judgements ({most}); use smaller groups or raise the limit"
+        )
+
+
 def run_actor(cfg: PSOConfig, stop: threading.Event | None = None) -> ActorStats:
     """`pso actor`: build everything from the config and run until `actor.max_batches`, or SIGTERM/SIGINT,
     after which it finishes the batch in hand (its records are pushed, not lost) and exits."""
@@ -302,11 +321,7 @@ def run_actor(cfg: PSOConfig, stop: threading.Event | None = None) -> ActorStats
                 actor.on_progress()  # waiting for a server that loads its models is not a stall
                 log.warning("%s; still waiting", e)
         if actor.judge and not stop.is_set():
-            judges = [m["name"] for m in reward.models() if m.get("pairwise")]
-            if actor.judge not in judges:
-                raise SystemExit(
-                    f"pso actor: actor.judge {actor.judge!r} is no judge of the reward server; its judges: {judges}"
-                )
+            check_judge(reward, actor.judge, cfg.sampling.group_size)
         return actor.run(stop)
     except (TransportError, NotARewardServer) as e:
         raise SystemExit(f"pso actor: {e}") from None

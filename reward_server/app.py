@@ -263,10 +263,12 @@ def create_app(
                 raise unprocessable("bad_field", "give either judge (a pairwise judge) or models (scorers), not both")
             else:
                 names = pool.select_judge(body.judge)
-                if n * (n - 1) > limits.max_judgements:
+                # each judgement takes two images' room in the device's queue
+                if n * (n - 1) > min(limits.max_judgements, config.batching.max_queue // 2):
                     raise ApiError(
                         413, "too_many_images",
-                        f"{n} images need {n * (n - 1)} judgements; at most {limits.max_judgements}",
+                        f"{n} images need {n * (n - 1)} judgements; at most "
+                        f"{min(limits.max_judgements, config.batching.max_queue // 2)}",
                     )  # fmt: skip
             prompts = [body.prompt] * n
             _check_request(limits, prompts, n)

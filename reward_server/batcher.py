@@ -47,7 +47,8 @@ class Job:
 
     @property
     def size(self) -> int:
-        return len(self.prompts)
+        """The room the job takes in the queue: its images, or for a judge the two images of every pair."""
+        return len(self.prompts) if self.pairs is None else 2 * len(self.pairs)
 
 
 class InflightCounter:
@@ -163,7 +164,9 @@ class DeviceBatcher:
         try:
             results = self._run(live)
         except Exception as e:
-            if len(live) == 1:
+            # a remote scorer that is down (503) is no one request's fault: scoring each alone would only wait
+            # out its retries once per request
+            if len(live) == 1 or (isinstance(e, ApiError) and e.status == 503):
                 self._deliver(live, error=_as_api_error(e, self.device))
                 return
             # one request's input may have broken the batch: score each alone, so only it fails

@@ -10,6 +10,7 @@ import base64
 import io
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -95,6 +96,10 @@ class RewardClient:
     def models(self) -> list[dict]:
         return self._request("GET", "/v1/models").json()["models"]
 
+    def limits(self) -> dict:
+        """What one request may ask for (the server's `limits` section)."""
+        return self._request("GET", "/v1/models").json()["limits"]
+
     def reward_fns(
         self, names: Sequence[str] | None = None
     ) -> dict[str, Callable[[torch.Tensor, list[str]], torch.Tensor]]:
@@ -166,14 +171,25 @@ def png_base64(image: torch.Tensor) -> str:
 
 
 def request_with_retries(
-    http: httpx.Client, method: str, path: str, *, retries: int, backoff: float, max_backoff: float, **kwargs
+    http: httpx.Client,
+    method: str,
+    path: str,
+    *,
+    retries: int,
+    backoff: float,
+    max_backoff: float,
+    deadline: float | None = None,
+    **kwargs,
 ) -> httpx.Response:
     """One request, retried with exponential backoff and jitter (honouring Retry-After) on connection
     errors, timeouts, 429 and 5xx; RewardServerError for any other error status at once, or for the last
-    failure once `retries` more attempts have failed."""
+    failure once `retries` more attempts have failed. With a `deadline` (time.monotonic()), no attempt
+    runs past it, waits included: the last failure is raised instead."""
     attempt = 0
     while True:
         status = code = None
+        if deadline is not None:
+            kwargs["timeout"] = max(min(http.timeout.read or math.inf, deadline - time.monotonic()), 0.001)
         try:
             r = http.request(method, path, **kwargs)
         except httpx.TransportError as e:
@@ -188,6 +204,9 @@ def request_with_retries(
             raise RewardServerError(f"{method} {path} failed after {attempt + 1} attempts: {problem}", status, code)
         delay = wait if wait is not None else min(max_backoff, backoff * 2**attempt)
         delay *= random.uniform(0.8, 1.2)  # jitter, so many callers do not retry in lockstep
+        if deadline is not None and time.monotonic() + delay >= deadline:
+            problem = f"{method} {path} out of time after {attempt + 1} attempts: {problem}"
+            raise RewardServerError(problem, status, code)
         log.warning("%s %s: %s; retrying in %.1f s", method, path, problem, delay)
         time.sleep(delay)
         attempt += 1

@@ -159,7 +159,8 @@ class ModelPool:
                     model.check_size(*size)
                 except RewardInputError as e:
                     raise unprocessable("bad_image", f"images[{i}] for {name}: {e}") from None
-        batcher = self.reserve(len(images))
+        room = len(images) if pairs is None else 2 * len(pairs)  # as Job.size counts it
+        batcher = self.reserve(room)
         try:
             if isinstance(images, torch.Tensor):  # a uint8 batch, decoded already: each model takes it at once
                 inputs = {name: self._preprocess(name, images, "images") for name in names}
@@ -177,7 +178,7 @@ class ModelPool:
             if work.read is None:
                 raise _Abandoned
         except BaseException:
-            batcher.release(len(images))
+            batcher.release(room)
             raise
         batcher.enqueue(work.job)  # from here the batcher gives the room back
         return names

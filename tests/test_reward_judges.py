@@ -161,3 +161,17 @@ def test_an_actor_pairs_its_groups_by_the_judges_agreed_verdicts(tmp_path):
     )
     counters = {m.name: m.samples[0].value for m in ActorCollector(actor).collect()}
     assert counters["pso_actor_judgements"] == actor.stats.judgements
+
+
+def test_an_actor_refuses_at_start_a_judge_that_is_not_one_or_cannot_judge_its_groups():
+    from actors.actor import check_judge
+
+    config = RewardServerConfig(models=[TinySpec(), TinyJudgeSpec()])
+    with serve_in_background(create_app(config)) as url:
+        client = RewardClient(url)
+        client.wait_ready(120)
+        check_judge(client, "tiny-judge-large", 8)  # 56 judgements: the limit exactly
+        with pytest.raises(SystemExit, match=r"'tiny-large' is no judge of the reward server; its judges: \['tiny"):
+            check_judge(client, "tiny-large", 4)
+        with pytest.raises(SystemExit, match=r"a group of 9 needs 72 judgements, over .*max_judgements \(56\)"):
+            check_judge(client, "tiny-judge-large", 9)

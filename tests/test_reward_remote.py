@@ -20,12 +20,14 @@ import torch
 from PIL import Image
 from reward_helpers import error_of, png_b64, scene_batch
 
-from pso.config.reward_server import HttpSpec, LimitsConfig, RewardServerConfig, TinySpec
+from pso.config.reward_server import HttpSpec, LimitsConfig, RewardServerConfig, TinyJudgeSpec, TinySpec
 from pso.tiny.rewards import large
 from pso.tiny.world import Scene, draw
 from reward_server.app import create_app
 from reward_server.backends import build_backend
+from reward_server.backends.http import judgement
 from reward_server.client import RewardClient
+from reward_server.errors import ApiError
 from reward_server.main import serve_in_background
 
 TOKEN = "judge-secret"
@@ -149,7 +151,8 @@ def test_the_judge_is_retried_through_overload_and_needs_its_token(judge_url, to
     with serve_in_background(create_app(config)) as url:
         RewardClient(url).wait_ready(120)
         r = httpx.post(f"{url}/v1/score", json={"prompts": prompts[:1], "images": [png_b64(images[0])]})
-    assert r.status_code == 502 and error_of(r) == "upstream_error" and "invalid api key" in r.text
+    assert r.status_code == 502 and error_of(r) == "upstream_error" and "HTTP 401" in r.text
+    assert "invalid api key" not in r.text  # the remote's own words (a key's tail, a host) stay in the log
     monkeypatch.delenv("PSO_TEST_JUDGE_TOKEN")
     with pytest.raises(ValueError, match="token_env names PSO_TEST_JUDGE_TOKEN, which is unset or blank"):
         build_backend(judge(judge_url, "judge"))
@@ -174,7 +177,7 @@ def test_an_unreachable_remote_is_a_503_and_the_server_goes_on_serving(token):
 def test_another_reward_server_is_served_through_kind_http():
     """A front server relays to a remote PSO reward server: the remote model's scores and version, its 422 for
     input it cannot score stays a 422."""
-    remote = RewardServerConfig(models=[TinySpec(), TinySpec(reward="fidelity")])
+    remote = RewardServerConfig(models=[TinySpec(), TinySpec(reward="fidelity"), TinyJudgeSpec()])
     images, prompts = scene_batch(5, seed=7)
     want = build_backend(TinySpec(reward="fidelity")).score(list(images), prompts)
     with serve_in_background(create_app(remote)) as remote_url:
@@ -188,8 +191,10 @@ def test_another_reward_server_is_served_through_kind_http():
             assert info["version"].startswith("tiny-fidelity@builtin:tiny/fidelity")
             r = httpx.post(f"{url}/v1/score", json={"prompts": ["a photo of a cat"], "images": [png_b64(images[0])]})
             assert r.status_code == 422 and error_of(r) == "upstream_rejected" and "tiny-world prompt" in r.text
-        with pytest.raises(ValueError, match="serves \\['tiny-fidelity', 'tiny-large'\\], not remote_model 'nope'"):
+        with pytest.raises(ValueError, match="serves \\['tiny-fidelity', 'tiny-judge-large', 'tiny-large'\\], not"):
             build_backend(HttpSpec(url=remote_url, remote_model="nope"))
+        with pytest.raises(ValueError, match="remote_model 'tiny-judge-large' is a pairwise judge there"):
+            build_backend(HttpSpec(url=remote_url, remote_model="tiny-judge-large"))
 
 
 def test_a_vision_language_pairwise_judge_serves_compare(judge_url, token):
@@ -209,6 +214,28 @@ def test_a_vision_language_pairwise_judge_serves_compare(judge_url, token):
     assert judged["version"] == "pair-judge@openai-chat-pairwise" and judged["winner"] == ratings.index(max(ratings))
     assert confused.status_code == 502 and error_of(confused) == "judge_unparseable"
     assert "is not 1 (first), 2 (second) or 0 (a tie)" in confused.text
+
+
+@pytest.mark.parametrize("answer", ["7", " 7.5 ", "Score: 7", "rating = 7.", "7/10", "Answer: 7 / 10"])
+def test_a_judge_answer_that_is_the_number_is_read(answer):
+    completion = {"choices": [{"message": {"content": answer}, "finish_reason": "stop"}]}
+    assert judgement(completion, "a prompt", 1, 10) in (7.0, 7.5)
+
+
+@pytest.mark.parametrize(
+    "answer, finish, words",
+    [
+        ("On a scale of 1 to 10 I'd give it 7", "stop", "holds no score from 1 to 10"),  # the first number is 1
+        ("Image 1 is worse, so 2", "stop", "holds no score"),
+        ("7", "length", "was cut off at max_tokens"),
+        ("", "stop", "holds no score"),
+    ],
+)
+def test_a_judge_answer_in_prose_or_cut_off_is_refused_not_guessed(answer, finish, words):
+    completion = {"choices": [{"message": {"content": answer}, "finish_reason": finish}]}
+    with pytest.raises(ApiError, match=words) as e:
+        judgement(completion, "a prompt", 1, 10)
+    assert e.value.status == 502 and e.value.code == "judge_unparseable"
 
 
 @pytest.mark.parametrize(

@@ -184,7 +184,9 @@ class HttpSpec(ResizingSpec):
     token_env: str | None = Field(None, description="environment variable holding the remote's bearer token")
     timeout_s: float = Field(15.0, gt=0, le=600, description="per attempt")
     retries: int = Field(2, ge=0, le=10, description="more attempts on connection errors, timeouts, 429 and 5xx")
-    max_concurrency: int = Field(8, ge=1, le=256, description="requests in flight to the remote at once")
+    max_concurrency: int = Field(
+        8, ge=1, le=256, description="requests in flight to the remote at once, per model copy (one per device entry)"
+    )
     rubric: str | None = Field(
         None,
         description="openai-chat: the question, with {prompt}, {low} and {high} filled in (default: DEFAULT_RUBRIC); "

@@ -43,7 +43,7 @@ class ActorConfig(StrictModel):
         "none",
         description="none: pairs follow the reward server's weighted total; running: each model's scores are "
         "standardised by their running mean and std first, so that the weights mean what they say across "
-        "models on different scales (records keep the raw total)",
+        "models on different scales (records keep the raw total; pairing.margin is then in standard deviations)",
     )
     prompts: str | None = Field(
         None, description='a text file (a prompt per line) or a JSONL file ({"prompt": ...}); default: loop.prompts'

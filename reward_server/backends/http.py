@@ -22,8 +22,10 @@ import logging
 import math
 import os
 import re
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import httpx
 import torch
@@ -36,7 +38,13 @@ from reward_server.client import RETRY_STATUSES, RewardServerError, png_base64, 
 from reward_server.errors import ApiError, shorten
 
 log = logging.getLogger("pso.reward_server")
-NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
+# The whole answer must be the number, optionally labelled ("Score: 7") or over a scale ("7/10"): in prose, the
+# first number may be the scale's ("on a scale of 1 to 10 I'd give it 7"), so prose is refused, never guessed.
+ANSWER = re.compile(
+    r"\s*(?:(?:score|rating|answer|image)\s*[:=]?\s*)?([-+]?\d+(?:\.\d+)?)\s*(?:/\s*\d+(?:\.\d+)?)?\s*\.?\s*",
+    re.IGNORECASE,
+)
+CALLER_INPUT_ERRORS = {"bad_prompt", "bad_image", "prompt_too_long"}  # a remote reward server's 422s about the input
 PAIRWISE_ANSWERS = {1.0: 1.0, 2.0: 0.0, 0.0: 0.5}  # a pairwise judge's answer -> its preference for the first
 
 
@@ -63,6 +71,8 @@ class HttpBackend(ResizingBackend):
         named = {m["name"]: m for m in models}
         if self.spec.remote_model and self.spec.remote_model not in named:
             raise ValueError(f"{self.spec.url} serves {sorted(named)}, not remote_model {self.spec.remote_model!r}")
+        if self.spec.remote_model and named[self.spec.remote_model].get("pairwise"):
+            raise ValueError(f"remote_model {self.spec.remote_model!r} is a pairwise judge there; it scores no image")
         return named[self.spec.remote_model] if self.spec.remote_model else {"version": "total", "scale": "total"}
 
     @property
@@ -88,19 +98,25 @@ class HttpBackend(ResizingBackend):
         )
 
     def score_batch(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        deadline = self._deadline()
         if self.spec.api == "pso":
-            scores = self._remote_scores(pixels, list(prompts))
+            scores = self._remote_scores(pixels, list(prompts), deadline)
         else:
-            scores = list(self.judges.map(self._judge, pixels, prompts))
+            scores = list(self.judges.map(partial(self._judge, deadline=deadline), pixels, prompts))
         return torch.tensor(scores, dtype=torch.float32)
 
-    def _remote_scores(self, pixels: torch.Tensor, prompts: list[str]) -> list[float]:
+    def _deadline(self) -> float:
+        """When a batch's calls must end, waits and retries included: the budget the config checked against the
+        request timeout, so that the device's worker never waits on the remote longer than its callers do."""
+        return time.monotonic() + self.spec.timeout_s * (self.spec.retries + 1)
+
+    def _remote_scores(self, pixels: torch.Tensor, prompts: list[str], deadline: float) -> list[float]:
         metadata = {"prompts": json.dumps(prompts)}
         if self.spec.remote_model:
             metadata["models"] = json.dumps([self.spec.remote_model])
         body = save({"images": pixels.contiguous()}, metadata=metadata)
         headers = {"Content-Type": "application/octet-stream"}
-        data = self._call("POST", "/v1/score/safetensors", content=body, headers=headers).json()
+        data = self._call("POST", "/v1/score/safetensors", deadline, content=body, headers=headers).json()
         try:
             scores = data["scores"][self.spec.remote_model] if self.spec.remote_model else data["total"]
             scores = [float(x) for x in scores]
@@ -111,21 +127,22 @@ class HttpBackend(ResizingBackend):
         return scores
 
     def compare_batch(self, first: torch.Tensor, second: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        return torch.tensor(list(self.judges.map(self._compare, first, second, prompts)), dtype=torch.float32)
+        compare = partial(self._compare, deadline=self._deadline())
+        return torch.tensor(list(self.judges.map(compare, first, second, prompts)), dtype=torch.float32)
 
-    def _judge(self, image: torch.Tensor, prompt: str) -> float:
+    def _judge(self, image: torch.Tensor, prompt: str, deadline: float) -> float:
         low, high = self.spec.score_range
-        return judgement(self._ask([image], prompt), prompt, low, high)
+        return judgement(self._ask([image], prompt, deadline), prompt, low, high)
 
-    def _compare(self, first: torch.Tensor, second: torch.Tensor, prompt: str) -> float:
+    def _compare(self, first: torch.Tensor, second: torch.Tensor, prompt: str, deadline: float) -> float:
         """The judge's preference for `first`: its answer 1 (first), 2 (second) or 0 (a tie)."""
-        answer = judgement(self._ask([first, second], prompt), prompt, -math.inf, math.inf)
+        answer = judgement(self._ask([first, second], prompt, deadline), prompt, -math.inf, math.inf)
         if answer not in PAIRWISE_ANSWERS:
             raise ApiError(502, "judge_unparseable", f"the judge's answer for prompt {shorten(prompt)}, {answer:g}, "
                            "is not 1 (first), 2 (second) or 0 (a tie)")  # fmt: skip
         return PAIRWISE_ANSWERS[answer]
 
-    def _ask(self, images: list[torch.Tensor], prompt: str) -> dict:
+    def _ask(self, images: list[torch.Tensor], prompt: str, deadline: float) -> dict:
         """One chat completion: the rubric about `prompt`, then the images."""
         low, high = self.spec.score_range
         content = [{"type": "text", "text": self.spec.question.format(prompt=prompt, low=low, high=high)}]
@@ -136,13 +153,14 @@ class HttpBackend(ResizingBackend):
             "max_tokens": self.spec.max_tokens,
             "temperature": 0.0,
         }
-        return self._call("POST", "/chat/completions", json=body).json()
+        return self._call("POST", "/chat/completions", deadline, json=body).json()
 
-    def _call(self, method: str, path: str, **kwargs) -> httpx.Response:
+    def _call(self, method: str, path: str, deadline: float | None = None, **kwargs) -> httpx.Response:
         try:
             return request_with_retries(
-                self.http, method, path, retries=self.spec.retries, backoff=0.5, max_backoff=10.0, **kwargs
-            )
+                self.http, method, path, retries=self.spec.retries, backoff=0.5, max_backoff=10.0, deadline=deadline,
+                **kwargs,
+            )  # fmt: skip
         except RewardServerError as e:
             log.warning("remote scorer %s at %s%s: %s", self.spec.model_name, self.spec.url, path, e)
             raise upstream_error(self.spec, e) from None
@@ -162,13 +180,17 @@ def bearer_token(spec: HttpSpec) -> str | None:
 
 
 def upstream_error(spec: HttpSpec, e: RewardServerError) -> ApiError:
-    """The remote's failure in the reward server's own terms (details of where it runs go to the log only)."""
+    """The remote's failure in the reward server's own terms. Only a remote reward server's refusal of the
+    caller's own input is passed on in its words; anything else (an API's message may quote a masked key, a
+    model id or a proxy's host) goes to the log only."""
     name = spec.model_name
     if e.status is None or e.status in RETRY_STATUSES:
         return ApiError(503, "upstream_unavailable", f"the remote scorer {name} is unavailable", {"Retry-After": "5"})
-    if e.status == 422 and spec.api == "pso":  # the caller's input, refused by the remote model
-        return ApiError(422, "upstream_rejected", f"the remote scorer {name} refused the input: {e}")
-    return ApiError(502, "upstream_error", f"the remote scorer {name} failed: {e}")
+    if e.status == 422 and spec.api == "pso" and e.code in CALLER_INPUT_ERRORS:
+        # its "prompts[i] for MODEL: " counts within the batch forwarded to it, not the caller's request
+        detail = re.sub(r"^422 (prompts|images)\[\d+\] for [^:]+: ", "", str(e))
+        return ApiError(422, "upstream_rejected", f"the remote scorer {name} refused the input ({e.code}): {detail}")
+    return ApiError(502, "upstream_error", f"the remote scorer {name} failed with HTTP {e.status}; see the server log")
 
 
 def png_data_url(image: torch.Tensor) -> str:
@@ -177,8 +199,8 @@ def png_data_url(image: torch.Tensor) -> str:
 
 
 def judgement(completion: dict, prompt: str, low: float, high: float) -> float:
-    """The score in a chat completion's answer: the first number in it, which must lie in [low, high]. A
-    refusal, a filtered answer or one without such a number is a 502 naming the image's prompt."""
+    """The score a chat completion's answer is (ANSWER), which must lie in [low, high]. A refusal, a filtered
+    or cut-off answer, or anything else is a 502 naming the image's prompt and quoting the answer."""
     where = f"the judge's answer for the image of prompt {shorten(prompt)}"
     try:
         choice = completion["choices"][0]
@@ -191,9 +213,11 @@ def judgement(completion: dict, prompt: str, low: float, high: float) -> float:
     text = message.get("content") if isinstance(message, dict) else None
     if not isinstance(text, str):
         raise ApiError(502, "judge_unparseable", f"{where} has no text")
-    found = NUMBER.search(text)
-    if found is None or not low <= float(found[0]) <= high:
+    if choice.get("finish_reason") == "length":
+        raise ApiError(502, "judge_unparseable", f"{where} was cut off at max_tokens: {shorten(text, 200)}")
+    found = ANSWER.fullmatch(text)
+    if found is None or not low <= float(found[1]) <= high:
         raise ApiError(
             502, "judge_unparseable", f"{where}, {shorten(text, 200)}, holds no score from {low:g} to {high:g}"
         )
-    return float(found[0])
+    return float(found[1])

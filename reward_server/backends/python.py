@@ -15,9 +15,12 @@ caller gets a 422 naming it), and attributes `scale` (what the numbers mean), `v
 weights) and `higher_is_better` (True). Images in one call have one size: the server groups them by
 size, or resizes them all to `image_size` when the config sets it.
 
-The class is imported only from the config the operator starts the server with, never from a
-request. A scorer that breaks its protocol (a wrong number of scores, a non-number) fails the
-request with a 500 that names it in the server log; the caller's own mistakes stay 4xx.
+`check_prompt` runs on the server's preprocessing threads, several at once, while `score` or `compare`
+runs on the device's worker: keep it free of shared mutable state. The class is imported only from the
+config the operator starts the server with, never from a request. A scorer that breaks its protocol (a
+wrong number of scores, a non-number) fails the request with a 500 that names it in the server log, as
+does any exception from `score` or `compare`: the caller's own mistakes are for `check_prompt` to refuse
+(a 422).
 """
 
 from __future__ import annotations
