@@ -15,6 +15,7 @@ from actors.actor import ActorStats
 from actors.metrics import ActorCollector
 from learner.metrics import MetricsSink
 from pso.config.reward_server import RewardServerConfig
+from pso.reward_norm import RewardNormalizer
 from reward_server.app import create_app
 from reward_server.client import RewardClient
 from reward_server.main import serve_in_background
@@ -61,11 +62,15 @@ def test_the_learners_counters_add_what_each_update_added_from_0_in_every_proces
 
 def test_the_actors_metrics_follow_the_conventions():
     registry = CollectorRegistry()
-    stats = ActorStats(batches=2, records=16, pairs=16, images=64, reward_sum=8.0, backpressure_s=1.5)
-    registry.register(ActorCollector(SimpleNamespace(stats=stats, version=3)))
+    stats = ActorStats(batches=2, records=16, pairs=16, images=64, reward_sum=8.0, backpressure_s=1.5, judgements=24)
+    normalizer = RewardNormalizer({"tiny-large": 1.0})
+    normalizer.total({"tiny-large": [0.1, 0.3]})
+    registry.register(ActorCollector(SimpleNamespace(stats=stats, version=3, normalizer=normalizer)))
     text = generate_latest(registry).decode()
     assert naming_problems(text) == []
     assert "pso_actor_backpressure_seconds_total 1.5" in text and "pso_actor_reward_mean 0.125" in text
+    assert "pso_actor_judgements_total 24.0" in text
+    assert 'pso_actor_model_score_mean{model="tiny-large"} 0.2' in text
 
 
 def test_the_reward_servers_metrics_follow_the_conventions():
