@@ -158,12 +158,12 @@ def create_app(
             "versions": {n: pool.versions[n] for n in names},
         }
 
-    def judged_response(judge: str, result: dict) -> dict:
-        """A judged comparison: every judgement, and the round-robin's decided pairs, ties and inconsistencies."""
+    def judged_response(judge: str, n: int, result: dict) -> dict:
+        """A judged comparison of n images: every judgement, and the round-robin's decided pairs, ties and
+        inconsistencies."""
         preferences = result["scores"][judge]
         if not all(0.0 <= p <= 1.0 for p in preferences):  # NaN fails too
             raise ApiError(500, "bad_judgement", f"the judge {judge} returned a preference outside [0, 1]")
-        n = int(1 + math.isqrt(1 + 4 * len(preferences))) // 2  # n (n - 1) judgements
         orders = round_robin(n)
         tournament = decide(n, preferences)
         return {
@@ -176,6 +176,9 @@ def create_app(
             "inconsistent": tournament.inconsistent,
             "winner": max(range(n), key=tournament.net_wins.__getitem__),
         }
+
+    # each judgement takes two images' room in a device's queue
+    most_judgements = min(limits.max_judgements, config.batching.max_queue // 2)
 
     def base64_images(images: list[str]) -> list:
         """The JSON endpoints' base64 images, opened from their headers."""
@@ -263,12 +266,10 @@ def create_app(
                 raise unprocessable("bad_field", "give either judge (a pairwise judge) or models (scorers), not both")
             else:
                 names = pool.select_judge(body.judge)
-                # each judgement takes two images' room in the device's queue
-                if n * (n - 1) > min(limits.max_judgements, config.batching.max_queue // 2):
+                if n * (n - 1) > most_judgements:
                     raise ApiError(
                         413, "too_many_images",
-                        f"{n} images need {n * (n - 1)} judgements; at most "
-                        f"{min(limits.max_judgements, config.batching.max_queue // 2)}",
+                        f"{n} images need {n * (n - 1)} judgements; at most {most_judgements}",
                     )  # fmt: skip
             prompts = [body.prompt] * n
             _check_request(limits, prompts, n)
@@ -279,7 +280,7 @@ def create_app(
 
         result = await scored(request, read, pairing)
         if body.judge is not None:
-            return JSONResponse(judged_response(body.judge, result))
+            return JSONResponse(judged_response(body.judge, len(body.images), result))
         total = result["total"]
         top = max(total)
         # softmax of total / temperature, shifted by the top: the exponents are <= 0, and -inf gives 0

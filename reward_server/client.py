@@ -77,11 +77,7 @@ class RewardClient:
 
     def score(self, images: torch.Tensor, prompts: Sequence[str], models: Sequence[str] | None = None) -> Scores:
         """Score images: uint8 (N, H, W, 3), or float (N, 3, H, W) in [0, 1] as a decoder outputs them."""
-        images = as_uint8(images)
-        metadata = {"prompts": json.dumps(list(prompts))}
-        if models is not None:
-            metadata["models"] = json.dumps(list(models))
-        body = save({"images": images.cpu().contiguous()}, metadata=metadata)
+        body = safetensors_body(as_uint8(images), prompts, models)
         data = self._request(
             "POST", "/v1/score/safetensors", content=body, headers={"Content-Type": "application/octet-stream"}
         ).json()
@@ -161,6 +157,14 @@ def as_uint8(images: torch.Tensor) -> torch.Tensor:
     if images.is_floating_point():
         images = (images.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
     return images
+
+
+def safetensors_body(images: torch.Tensor, prompts: Sequence[str], models: Sequence[str] | None = None) -> bytes:
+    """The body of POST /v1/score/safetensors: uint8 (N, H, W, 3) images, their prompts, the models to use."""
+    metadata = {"prompts": json.dumps(list(prompts))}
+    if models is not None:
+        metadata["models"] = json.dumps(list(models))
+    return save({"images": images.cpu().contiguous()}, metadata=metadata)
 
 
 def png_base64(image: torch.Tensor) -> str:

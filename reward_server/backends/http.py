@@ -17,7 +17,6 @@ caller's input (422 from a PSO remote) stays a 422, any other error status or a 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -29,12 +28,17 @@ from functools import partial
 
 import httpx
 import torch
-from safetensors.torch import save
 
 from pso.config.reward_server import HttpSpec
 from reward_server.backends.base import ModelInfo
 from reward_server.backends.resizing import ResizingBackend
-from reward_server.client import RETRY_STATUSES, RewardServerError, png_base64, request_with_retries
+from reward_server.client import (
+    RETRY_STATUSES,
+    RewardServerError,
+    png_base64,
+    request_with_retries,
+    safetensors_body,
+)
 from reward_server.errors import ApiError, shorten
 
 log = logging.getLogger("pso.reward_server")
@@ -65,8 +69,8 @@ class HttpBackend(ResizingBackend):
         self.pairwise = spec.api == "openai-chat-pairwise"
 
     def _remote_info(self) -> dict:
-        """The remote reward server's description of the model used (its total: the first model's), which
-        also checks at start that it answers and serves `remote_model`."""
+        """The remote reward server's description of `remote_model` (a stand-in for its total), which also
+        checks at start that it answers and serves that model as a scorer."""
         models = self._call("GET", "/v1/models").json()["models"]
         named = {m["name"]: m for m in models}
         if self.spec.remote_model and self.spec.remote_model not in named:
@@ -111,10 +115,7 @@ class HttpBackend(ResizingBackend):
         return time.monotonic() + self.spec.timeout_s * (self.spec.retries + 1)
 
     def _remote_scores(self, pixels: torch.Tensor, prompts: list[str], deadline: float) -> list[float]:
-        metadata = {"prompts": json.dumps(prompts)}
-        if self.spec.remote_model:
-            metadata["models"] = json.dumps([self.spec.remote_model])
-        body = save({"images": pixels.contiguous()}, metadata=metadata)
+        body = safetensors_body(pixels, prompts, [self.spec.remote_model] if self.spec.remote_model else None)
         headers = {"Content-Type": "application/octet-stream"}
         data = self._call("POST", "/v1/score/safetensors", deadline, content=body, headers=headers).json()
         try:
