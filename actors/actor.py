@@ -5,7 +5,7 @@
         wait while more records than its bound wait unread in the queue (back-pressure)
         sample G images per prompt from the current policy, keeping every trajectory state
         score the images on the reward server (waiting out an unreachable server)
-        pair within each group; push one record per group that has pairs
+        pair within each group; push one record per group that has pairs (waiting out a full Redis)
 
 With target images (`targets`: style transfer, customization) the prompts are the targets' captions, every
 sample is a reference to its prompt's target (the learner pairs them), and scoring is optional
@@ -45,6 +45,10 @@ from reward_server.client import NotARewardServer, RewardClient, RewardServerErr
 
 log = logging.getLogger("pso.actor")
 
+# Redis refusing a write because it reached maxmemory (noeviction): the first retry after this many seconds,
+# doubling up to the second number
+REDIS_FULL_RETRY_S = (1.0, 30.0)
+
 
 @dataclass
 class ActorStats:
@@ -60,6 +64,7 @@ class ActorStats:
     judgements: int = 0  # with actor.judge: pairwise judgements asked for
     judged_ties: int = 0  # pairs the judge called a tie in either order
     judged_inconsistent: int = 0  # pairs the judge decided by position (the same side won in both orders)
+    redis_full: int = 0  # writes Redis refused because it was out of memory (maxmemory reached); each is retried
 
 
 def default_actor_id() -> str:
@@ -148,18 +153,24 @@ class Actor:
             pairs = pairs_in_groups(ranked, g, cfg.pairing)
             records = group_records(traj, scores, pairs, policy_version=self.version, actor_id=self.id)
         pushed = 0
+        kept = [r for r in records if r.pairs]  # a tie has nothing to learn from
         for p, record in enumerate(records):
             record.reward_details = {name: values[p * g : (p + 1) * g] for name, values in per_model.items()}
-            if not record.pairs:
-                continue  # a tie: nothing to learn from
-            self.queue.push(
-                encode_experience(record),
-                {"version": str(self.version), "actor": self.id, "pairs": str(len(record.pairs))},
-            )
+        for record in kept:
+            fields = {"version": str(self.version), "actor": self.id, "pairs": str(len(record.pairs))}
+            if not self._write("push", partial(self.queue.push, encode_experience(record), fields), stop):
+                log.warning(
+                    "actor %s: stopped while Redis was full; %d of the %d records of this batch were not pushed",
+                    self.id, len(kept) - pushed, len(kept),
+                )  # fmt: skip
+                self.stats.records += pushed
+                return pushed
             pushed += 1
         # the actors' producing time (not paused), summed in Redis: the learner's autoscaling signal
-        # divides production by it to get one actor's unthrottled rate (learner/scaling.py)
-        self.queue.count("actor_busy_ms", round((time.monotonic() - started) * 1000))
+        # divides production by it to get one actor's unthrottled rate (learner/scaling.py); not counted
+        # when stopped while Redis was full
+        busy_ms = round((time.monotonic() - started) * 1000)
+        self._write("count", partial(self.queue.count, "actor_busy_ms", busy_ms), stop)
         self.stats.batches += 1
         self.stats.records += pushed
         self.stats.pairs += len(pairs)
@@ -198,6 +209,34 @@ class Actor:
         log.info("actor %s: weights %d -> %d", self.id, self.version, newest)
         self.version = newest
         self.stats.versions.append(newest)
+
+    def _write(self, what: str, call, stop: threading.Event) -> bool:
+        """Run a write to the transport (True once done); a Redis out of memory is waited out with backoff, loudly
+        (an ERROR line each time, the pso_actor_redis_full_total counter, and no heartbeat, so /healthz fails once
+        it has lasted actor.stall_s), never pushed past and never the end of the actor. False once stopped
+        meanwhile. Any other transport error ends the actor, as before."""
+        delay, most = REDIS_FULL_RETRY_S
+        while True:
+            try:
+                call()
+                return True
+            except TransportError as e:
+                if not redis_full(e):
+                    raise
+                self.stats.redis_full += 1
+                log.error(
+                    "actor %s: Redis is full: it refused the %s of experience (%s). Redis stores experience and "
+                    "weights with maxmemory-policy noeviction, so once maxmemory is reached every write fails. "
+                    "Either the learner is not consuming the experience (is it running? see its log and "
+                    "pso_learner_backlog), or maxmemory is too small for actor.max_backlog records (and a batch "
+                    "per actor) plus redis.keep_versions weight versions: raise maxmemory (REDIS_MAXMEMORY in the "
+                    "compose and Kubernetes deployments, with the container's memory limit). Retrying in %g s; "
+                    "refused %d times so far",
+                    self.id, what, e, delay, self.stats.redis_full,
+                )  # fmt: skip
+                if stop.wait(delay):
+                    return False
+                delay = min(delay * 2, most)
 
     def _normalized(self, per_model: dict[str, list[float]], stop: threading.Event) -> torch.Tensor | None:
         """The weighted total of each model's standardised scores (pso/reward_norm.py), with the weights the
@@ -260,6 +299,18 @@ class Actor:
             return None
         finally:
             self.stats.reward_wait_s += time.monotonic() - start
+
+
+def redis_full(error: BaseException) -> bool:
+    """Whether a transport error is Redis refusing a write because it reached maxmemory (its OOM reply)."""
+    from redis.exceptions import OutOfMemoryError
+
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OutOfMemoryError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def check_judge(reward: RewardClient, judge: str, group_size: int) -> None:

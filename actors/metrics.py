@@ -24,6 +24,10 @@ COUNTERS = {  # ActorStats field -> (name, help); exported as <name>_total
         "pso_actor_reward_wait_seconds",
         "seconds spent waiting for the reward server (scoring included)",
     ),
+    "redis_full": (
+        "pso_actor_redis_full",
+        "writes Redis refused because it was out of memory (maxmemory reached), each retried with backoff",
+    ),
 }
 
 

@@ -128,16 +128,9 @@ def run_up(cfg: PSOConfig) -> dict:
 def _learner_command(cfg: PSOConfig, config_path: Path) -> tuple[str, ...]:
     if cfg.up.learner_ranks == 1:
         return ("pso.cli", "learner", "-c", str(config_path))
-    return (
-        "torch.distributed.run",
-        f"--nproc_per_node={cfg.up.learner_ranks}",
-        f"--master_port={free_port()}",
-        "-m",
-        "pso.cli",
-        "learner",
-        "-c",
-        str(config_path),
-    )
+    # several ranks under the learner's own launcher (learner/launch.py): its exit status says what happened
+    ranks = ("--nproc-per-node", str(cfg.up.learner_ranks), "--master-port", str(free_port()))
+    return ("pso.cli", "learner", "-c", str(config_path), *ranks)
 
 
 def _follow(cfg: PSOConfig, learner: Child, children: list[Child]) -> None:

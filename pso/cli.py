@@ -234,43 +234,41 @@ def cmd_actor(args) -> int:
 
 
 def cmd_learner(args) -> int:
+    """Exit status: learner/launch.py (0 done, 1 failed, 2 configuration error, 137 killed, 143 stopped)."""
+    from learner import launch
+
+    agent = launch.needs_agent(args.nproc_per_node, args.nnodes, args.max_restarts)
+    if agent and "TORCHELASTIC_RUN_ID" in os.environ:
+        print(
+            "pso learner: --nproc-per-node/--nnodes/--max-restarts are for the launching command, "
+            "not for a rank under torchrun",
+            file=sys.stderr,
+        )
+        return launch.CONFIG
     cfg = _load(args)  # a configuration error exits 2 here, in the launching process too
-    if args.nproc_per_node > 1 or args.nnodes > 1:
-        return _exec_under_torchrun(args)
+    if agent:
+        rank_args = ["-v"] if args.verbose else []
+        rank_args += ["learner"] + (["--config", str(args.config)] if args.config else [])
+        rank_args += [a for o in args.overrides for a in ("--set", o)] + (["--resume"] if args.resume else [])
+        try:
+            return launch.run_node(args, rank_args)
+        except launch.LaunchError as e:
+            print(f"pso learner: {e}", file=sys.stderr)
+            return launch.CONFIG
+    problem = launch.check_rank()
+    if problem is not None:
+        print(f"pso learner: {problem}", file=sys.stderr)
+        return launch.CONFIG
     from learner.learner import run_learner
 
     state = run_learner(cfg, resume=args.resume)
     limit = cfg.learner.max_updates
     if (limit is None or state.updates < limit) and not state.data_exhausted:  # offline: the data was used up
         # stopped by a signal before its work was done: not a success, or a Kubernetes Job would
-        # count this index as complete and never run the learner again (it resumes on restart)
+        # count this node as complete and never run the learner again (it resumes on restart)
         print(f"pso learner: stopped at update {state.updates}; checkpointed", file=sys.stderr)
-        return 143
-    return 0
-
-
-def _exec_under_torchrun(args) -> int:
-    """`pso learner --nproc-per-node N [--nnodes M ...]`: become torch.distributed.run, which starts
-    this node's ranks as `pso learner` processes and forwards signals to them."""
-    if not 0 <= args.node_rank < args.nnodes:
-        raise ValueError(f"--node-rank {args.node_rank} is outside 0..{args.nnodes - 1}")
-    if "TORCHELASTIC_RUN_ID" in os.environ:
-        raise ValueError("--nproc-per-node/--nnodes are for the launching command, not for a rank under torchrun")
-    rank_args = ["-v"] if args.verbose else []
-    rank_args += ["learner"] + (["--config", str(args.config)] if args.config else [])
-    rank_args += [a for o in args.overrides for a in ("--set", o)] + (["--resume"] if args.resume else [])
-    argv = [
-        sys.executable, "-m", "torch.distributed.run",
-        f"--nproc-per-node={args.nproc_per_node}", f"--nnodes={args.nnodes}", f"--node-rank={args.node_rank}",
-        f"--master-addr={args.master_addr}", f"--master-port={args.master_port}",
-        f"--shutdown-timeout={args.shutdown_timeout}",
-        "-m", "pso.cli", *rank_args,
-    ]  # fmt: skip
-    log.info("starting %d learner rank(s) on node %d of %d", args.nproc_per_node, args.node_rank, args.nnodes)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(sys.executable, argv)
-    return 1  # not reached
+        return launch.STOPPED
+    return launch.DONE
 
 
 def cmd_health(args) -> int:
@@ -466,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint (fresh if none)")
-    p.add_argument("--nproc-per-node", type=int, default=1, help="ranks on this node (re-runs under torchrun)")
+    p.add_argument("--nproc-per-node", type=int, default=1, help="ranks on this node (run under torch's elastic agent)")
     p.add_argument("--nnodes", type=int, default=1, help="nodes of the learner (default 1)")
     p.add_argument("--node-rank", type=int, default=0, help="this node's index, 0..nnodes-1 (default 0)")
     p.add_argument("--master-addr", default="127.0.0.1", help="node 0's address (default 127.0.0.1)")
@@ -475,7 +473,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--shutdown-timeout",
         type=int,
         default=110,
-        help="seconds the ranks get to checkpoint after SIGTERM before torchrun kills them (default 110)",
+        help="seconds the ranks get to checkpoint after SIGTERM before the agent kills them (default 110)",
+    )
+    p.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        help="when a rank fails, restart this node's ranks from the newest checkpoint up to this many times "
+        "(default 0: the command exits; status codes in learner/launch.py)",
     )
     p.set_defaults(func=cmd_learner)
 

@@ -11,7 +11,6 @@ import io
 import json
 import logging
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +21,8 @@ import httpx
 import torch
 from PIL import Image
 from safetensors.torch import save
+
+from pso.secrets import read_secret
 
 log = logging.getLogger("pso.reward_client")
 RETRY_STATUSES = {429, 500, 502, 503, 504}
@@ -59,9 +60,10 @@ class RewardClient:
         backoff: float = 0.5,
         max_backoff: float = 10.0,
     ):
-        """`token` defaults to $PSO_REWARD_TOKEN; `retries` counts attempts after the first; `timeout` (per
-        attempt) should exceed the server's request timeout (60 s by default), which answers 503 first."""
-        token = (os.environ.get("PSO_REWARD_TOKEN", "") if token is None else token).strip()
+        """`token` defaults to $PSO_REWARD_TOKEN (or the file $PSO_REWARD_TOKEN_FILE names); `retries` counts
+        attempts after the first; `timeout` (per attempt) should exceed the server's request timeout (60 s by
+        default), which answers 503 first."""
+        token = ((read_secret("PSO_REWARD_TOKEN") or "") if token is None else token).strip()
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
         self.retries, self.backoff, self.max_backoff = retries, backoff, max_backoff

@@ -18,12 +18,12 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import os
 import time
 from urllib.parse import urlsplit
 
 from pso.config import ConfigError
 from pso.config.reward_server import LimitsConfig, RewardServerConfig
+from pso.secrets import read_secret
 from reward_server.errors import GONE, error_body
 from reward_server.metrics import ServerMetrics
 
@@ -34,8 +34,12 @@ _BODY_METHODS = {"POST", "PUT", "PATCH"}
 
 
 def bearer_token(config: RewardServerConfig) -> str:
-    """The token from `$token_env` ("" for none); a value of only whitespace is a mistake, not "no auth"."""
-    value = os.environ.get(config.token_env, "")
+    """The token from `$token_env` or the file `${token_env}_FILE` names ("" for none); a value of only
+    whitespace is a mistake, not "no auth"."""
+    try:
+        value = read_secret(config.token_env) or ""
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if value and not value.strip():
         raise ConfigError(f"${config.token_env} holds only whitespace: set a real token, or leave it empty for no auth")
     return value.strip()

@@ -37,6 +37,8 @@ _LOGGING = {
     "disable_existing_loggers": False,
     "loggers": {"_granian": {"propagate": True}, "granian.access": {"propagate": True}},
 }
+# Granian's access line without its own time stamp (the record's time is the line's date, as on every other line)
+_ACCESS_FORMAT = '%(addr)s - "%(method)s %(path)s %(protocol)s" %(status)d %(dt_ms).3f'
 
 
 def http_settings(limits: LimitsConfig) -> dict:
@@ -69,6 +71,7 @@ def serve(config: RewardServerConfig, access_log: bool = False) -> int:
             port=config.port,
             workers=config.workers,
             log_access=access_log,
+            log_access_format=_ACCESS_FORMAT,
             log_dictconfig=_LOGGING,
             **http_settings(config.limits),
         )

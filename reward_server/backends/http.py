@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 import time
 from collections.abc import Sequence
@@ -30,6 +29,7 @@ import httpx
 import torch
 
 from pso.config.reward_server import HttpSpec
+from pso.secrets import read_secret
 from reward_server.backends.base import ModelInfo
 from reward_server.backends.resizing import ResizingBackend
 from reward_server.client import (
@@ -174,7 +174,7 @@ def bearer_token(spec: HttpSpec) -> str | None:
     """The remote's token from the environment variable the spec names (secrets never sit in configs)."""
     if spec.token_env is None:
         return None
-    token = os.environ.get(spec.token_env, "").strip()
+    token = (read_secret(spec.token_env) or "").strip()
     if not token:
         raise ValueError(f"{spec.model_name}: token_env names {spec.token_env}, which is unset or blank")
     return token
