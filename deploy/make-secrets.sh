@@ -1,11 +1,17 @@
 #!/bin/sh
-# Writes the compose deployment's secrets (deploy/docker-compose.yml) into ${PSO_SECRETS_DIR:-secrets}:
+# Writes the compose deployment's secrets (deploy/docker-compose.yml) into $PSO_SECRETS_DIR (default
+# secrets/ at the repository root):
 #   redis-password, reward-token   random (48 hex digits), kept if they exist already
 #   hf-token                       $HF_TOKEN if set, else empty (no token); kept if it exists already
 # The folder is private to you (0700); the files are 0644 because compose bind-mounts them as they are
 # and the services read them as their own users (pso 10001, redis 999), not as you.
 set -eu
-dir=${PSO_SECRETS_DIR:-$(dirname "$0")/../secrets}
+# a relative PSO_SECRETS_DIR is read from deploy/, as compose reads it (deploy/docker-compose.yml's folder)
+dir=${PSO_SECRETS_DIR:-../secrets}
+case $dir in
+    /*) ;;
+    *) dir=$(dirname "$0")/$dir ;;
+esac
 mkdir -p "$dir"
 chmod 700 "$dir"
 random() { od -An -N24 -tx1 /dev/urandom | tr -d ' \n'; }

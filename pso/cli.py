@@ -277,6 +277,12 @@ def cmd_health(args) -> int:
     url = args.url or os.environ.get("PSO_HEALTH_URL") or "http://127.0.0.1:8000/healthz"
     try:
         response = httpx.get(url, timeout=args.timeout)
+    except httpx.ConnectError as e:
+        if args.not_listening_ok:  # the ranks are between two starts of their supervisor: not a hang
+            print(f"{url}: nothing listens ({e}); passing (--not-listening-ok)")
+            return 0
+        print(f"pso health: {url}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     except httpx.HTTPError as e:
         print(f"pso health: {url}: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
@@ -499,6 +505,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("health", help="exit 0 if a service's health URL answers 2xx (for container health checks)")
     p.add_argument("--url", help="default $PSO_HEALTH_URL, else http://127.0.0.1:8000/healthz")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+    p.add_argument(
+        "--not-listening-ok",
+        action="store_true",
+        help="pass when nothing listens at the URL (connection refused), and fail only on an answer that is not "
+        "2xx or none in time: a liveness probe of a process whose supervisor restarts it, such as the learner's "
+        "rank 0 while the elastic agent starts its ranks again (the agent itself ends a failed start)",
+    )
     p.set_defaults(func=cmd_health, quiet_libraries=False)
 
     bench = sub.add_parser("bench", help="benchmarks that print figures and write tables").add_subparsers(

@@ -82,6 +82,9 @@ class DeviceBatcher:
         self._running: list[Job] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._worker = threading.Thread(target=self._work, name=f"reward-{device}", daemon=True)
+        # 0 from the start, not absent until the first request: an autoscaler reading it (KEDA's metrics-api
+        # scaler, deploy/k8s/components/autoscaling-keda) sees an idle server rather than an error
+        metrics.pending_images.labels(device).set(0)
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()

@@ -36,10 +36,7 @@ _BODY_METHODS = {"POST", "PUT", "PATCH"}
 def bearer_token(config: RewardServerConfig) -> str:
     """The token from `$token_env` or the file `${token_env}_FILE` names ("" for none); a value of only
     whitespace is a mistake, not "no auth"."""
-    try:
-        value = read_secret(config.token_env) or ""
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    value = read_secret(config.token_env) or ""
     if value and not value.strip():
         raise ConfigError(f"${config.token_env} holds only whitespace: set a real token, or leave it empty for no auth")
     return value.strip()

@@ -842,10 +842,12 @@ def test_dockerfile_targets_bases_and_interface():
     torch_step = next(i for i, a in enumerate(runs) if "torch==" in a)
     project_step = next(i for i, a in enumerate(runs) if re.search(r'pip install ("\$@" )?(-c \S+ )?"?/src', a))
     assert torch_step < project_step and '--index-url "${TORCH_INDEX}"' in runs[torch_step]
-    # with wheels in deploy/wheelhouse, both installs take every package from there and fetch nothing
+    # with WHEELS=wheelhouse (and only then) both installs take every package from deploy/wheelhouse
+    assert any(i == "ARG" and a == "WHEELS=index" for i, a in builder.instructions)
     for step in (torch_step, project_step):
         assert "--mount=type=bind,source=deploy/wheelhouse,target=/wheels" in runs[step]
-        assert "--no-index --find-links /wheels" in runs[step] and 'pip install "$@"' in runs[step]
+        assert 'if [ "${WHEELS}" = wheelhouse ]; then set -- --no-index --find-links /wheels;' in runs[step]
+        assert 'pip install "$@"' in runs[step]
     assert "-c /src/constraints.txt" in runs[project_step]  # the versions the tests ran with
     assert '"/src[tensorboard,wandb]"' in runs[project_step]  # the learner's monitors work in the image
     indexes = {
@@ -905,8 +907,15 @@ def test_the_bake_file_builds_both_targets_tagged_with_the_version():
     assert steps["docker/bake-action"]["with"]["files"] == "deploy/docker-bake.hcl"
     scan = steps["aquasecurity/trivy-action"]["with"]
     assert scan["exit-code"] == "1" and "CRITICAL" in scan["severity"] and scan["image-ref"] == "${{ env.IMAGE }}"
-    push = next(step for step in build["steps"] if step.get("name", "").startswith("Push"))
-    assert push["if"] == "startsWith(github.ref, 'refs/tags/v')"
+    assert "permissions" not in build and workflow["permissions"] == {"contents": "read"}
+    push = workflow["jobs"]["push"]  # the one job that may write packages, from version tags only
+    assert push["if"] == "startsWith(github.ref, 'refs/tags/v')" and set(push["needs"]) == {
+        "build-and-scan",
+        "compose-test",
+    }
+    assert push["permissions"] == {"contents": "read", "packages": "write"}
+    (bake,) = [step for step in push["steps"] if step.get("uses", "").startswith("docker/bake-action@")]
+    assert bake["with"]["files"] == "deploy/docker-bake.hcl" and bake["with"]["push"] is True
     compose_test = workflow["jobs"]["compose-test"]["steps"][-1]
     assert compose_test["run"] == "make compose-test" and compose_test["env"]["PSO_COMPOSE_TEST"] == "require"
 
@@ -920,7 +929,12 @@ def test_compose_test_runs_in_ci_and_builds_from_local_bases():
     assert not DOCKERFILE.read_text().startswith("# syntax=")
     assert not _ignored("deploy/wheelhouse/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl")
     assert "deploy/wheelhouse/*" in (ROOT / ".gitignore").read_text().splitlines()
-    assert (DEPLOY / "wheelhouse" / "README.md").is_file()  # the bind mount's source exists in a fresh clone
+    # the bind mount's source is in the context of a fresh clone: a committed file keeps the folder there
+    assert (DEPLOY / "wheelhouse" / "README.md").is_file() and not _ignored("deploy/wheelhouse/README.md")
+    assert "deploy/wheelhouse/README.md" in _context_files("deploy/wheelhouse")
+    # compose passes WHEELS (and the bases) through from the environment, unset by default
+    for _, service in _pso_services(_resolved("cpu")).values():
+        assert "WHEELS" not in service["build"]["args"]
 
 
 def test_dockerfile_copies_only_what_exists_and_is_sent():

@@ -57,7 +57,6 @@ INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 
 PART_OF = {"app.kubernetes.io/part-of": "pso"}
 REWARD_CLIENT_LABEL = "pso-reward-client"  # documented label for other in-cluster reward clients
-MONITORING_NAMESPACE = "monitoring"
 CLUSTER_SCOPED = {"Namespace", "PersistentVolume", "ClusterRole", "ClusterRoleBinding", "StorageClass"}
 VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")  # Kubernetes' $(VAR) in args and env values
 SHELL_VAR = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
@@ -340,6 +339,12 @@ def test_every_object_validates_against_the_kubernetes_schema(overlay):
 def test_the_base_builds_and_validates(kubectl):
     objs = _render(kubectl, "base")
     assert not _schema_errors(objs), "\n".join(_schema_errors(objs))
+    # no NetworkPolicy of the base admits another namespace by name: the components that bring a scraper
+    # or an autoscaler admit theirs, from settings.yaml
+    for policy in _find(objs, "NetworkPolicy"):
+        for rule in policy["spec"].get("ingress", []):
+            for peer in rule["from"]:
+                assert peer.get("namespaceSelector", {}) == {}, f"{_name(policy)} names a namespace: {peer}"
 
 
 def test_every_object_is_in_the_overlays_namespace(overlay):
@@ -542,8 +547,8 @@ def overlay_settings(name: str) -> dict[str, str]:
 
 def test_network_policies_fence_redis_and_the_reward_server(overlay):
     name, objs = overlay
-    # Prometheus' namespaces, and KEDA's (it reads the reward servers' /metrics)
-    scrapers = {MONITORING_NAMESPACE} | {overlay_settings(name)[k] for k in ("kedaNamespace", "prometheusNamespace")}
+    # Prometheus' namespace, and KEDA's (it reads the reward servers' /metrics), as settings.yaml names them
+    scrapers = {overlay_settings(name)[k] for k in ("kedaNamespace", "prometheusNamespace")}
     policies = _find(objs, "NetworkPolicy")
     deny = [
         p for p in policies if p["spec"]["podSelector"] == {"matchLabels": PART_OF} and not p["spec"].get("ingress")

@@ -3,6 +3,7 @@ server, the autoscaling signal, `pso health`, `pso preload`, the multi-rank lear
 and config files that extend others."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -82,6 +83,20 @@ def test_pso_health_exits_by_the_answer(ops):
     assert main(["health", "--url", url(ops, "/healthz"), *timeout]) == 0
     assert main(["health", "--url", url(ops, "/missing"), *timeout]) == 1
     assert main(["health", "--url", "http://127.0.0.1:9/healthz", "--timeout", "1"]) == 1
+
+
+def test_pso_health_may_pass_where_nothing_listens_but_never_on_a_bad_answer(ops, clock):
+    """The learner's liveness probe: between two starts of the ranks nothing listens (pass); a stalled rank 0
+    answers 503 (fail), whatever the flag."""
+    lenient = ["health", "--not-listening-ok", "--timeout", str(HTTP_TIMEOUT_S)]
+    with socket.socket() as s:  # a port that was free: nothing listens there now
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    assert main([*lenient, "--url", f"http://127.0.0.1:{closed}/healthz"]) == 0
+    assert main(["health", "--timeout", "1", "--url", f"http://127.0.0.1:{closed}/healthz"]) == 1
+    assert main([*lenient, "--url", url(ops, "/healthz")]) == 0
+    clock.now += 0.7  # longer than stall_s (0.5 s) without a beat: 503
+    assert main([*lenient, "--url", url(ops, "/healthz")]) == 1
 
 
 def test_pso_health_reads_its_url_from_the_environment(ops, monkeypatch):

@@ -236,6 +236,8 @@ def test_readiness_gate_holds_until_every_model_is_loaded():
         gate.set()
         RewardClient(url).wait_ready(120)
         assert httpx.get(f"{url}/readyz").json()["models"] == ["tiny-large@cpu", "tiny-fidelity@cpu"]
+        # the queue gauge is there, at 0, before any image: an autoscaler reads an idle server, not an error
+        assert 'pso_reward_pending_images{device="cpu"} 0.0' in httpx.get(f"{url}/metrics").text
         assert RewardClient(url).score(images, prompts).total
 
 

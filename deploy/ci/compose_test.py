@@ -3,7 +3,8 @@
 What it proves, end to end, on the deployment files as users run them (compose.yaml +
 deploy/compose.cpu.yaml, `--scale actor=2`):
   1. deploy/Dockerfile builds the `cpu` target through `docker compose build` with nothing pulled:
-     the base is a local image (PYTHON_IMAGE) and every package comes from deploy/wheelhouse;
+     the base is a local image (PYTHON_IMAGE) and every package comes from deploy/wheelhouse
+     (WHEELS=wheelhouse; the wheels are cached outside the repository, copied in for the build only);
   2. the stack starts and every health check passes (redis, reward server, learner, both actors);
   3. the learner publishes several weight versions and both actors load them;
   4. the reward server answers on its published port (readiness, the token, a real score);
@@ -22,6 +23,7 @@ next run; `--clean` removes them and the built image.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -194,25 +196,42 @@ def make_redis_image(docker: str) -> None:
     run([*cmd, "-f", str(DEPLOY / "ci" / "redis.Dockerfile"), str(DEPLOY / "ci")], capture=True)
 
 
-def fill_wheelhouse() -> None:
-    """Every package the image installs, as wheels in deploy/wheelhouse, from this machine's pip indexes
-    (the Dockerfile then installs with --no-index: the build fetches nothing). Refilled only when what it
-    is made from changes: rebuilt wheels differ byte for byte and would void the image's layer cache."""
-    wheelhouse = DEPLOY / "wheelhouse"
+def fill_wheel_cache() -> Path:
+    """Every package the image installs, as wheels, from this machine's pip indexes, in a cache outside the
+    repository (the build copies them into deploy/wheelhouse; WHEELS=wheelhouse: nothing is fetched). Filled
+    again only when what it is made from changes: rebuilt wheels differ byte for byte and would void the
+    image's layer cache."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pso" / "compose-test-wheels"
     torch = re.search(r"torch==(\S+)", (ROOT / "Makefile").read_text())[1]
     inputs = [(ROOT / name).read_bytes() for name in ("constraints.txt", "pyproject.toml")]
     stamp = hashlib.sha256(b"\0".join([torch.encode(), *inputs, repr(BASE_PYTHON_EXTRAS).encode()])).hexdigest()
-    stamp_file = wheelhouse / ".filled-from"
+    stamp_file = cache / ".filled-from"
     if stamp_file.exists() and stamp_file.read_text() == stamp:
-        return
-    log(f"filling {wheelhouse.relative_to(ROOT)} (torch {torch}, constraints.txt, the project's dependencies)")
+        return cache
+    log(f"filling {cache} (torch {torch}, constraints.txt, the project's dependencies)")
+    shutil.rmtree(cache, ignore_errors=True)
+    cache.mkdir(parents=True)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
     requirements = [f"torch=={torch}", f"{ROOT}[tensorboard,wandb]", "setuptools>=68"]
-    run([*pip, "wheel", "-q", "-w", str(wheelhouse), "-c", str(ROOT / "constraints.txt"), *requirements], capture=True)
-    run([*pip, "download", "-q", "--only-binary=:all:", "-d", str(wheelhouse), *BASE_PYTHON_EXTRAS], capture=True)
-    for own in wheelhouse.glob("pso_service-*.whl"):  # the image installs the project from its sources
+    run([*pip, "wheel", "-q", "-w", str(cache), "-c", str(ROOT / "constraints.txt"), *requirements], capture=True)
+    run([*pip, "download", "-q", "--only-binary=:all:", "-d", str(cache), *BASE_PYTHON_EXTRAS], capture=True)
+    for own in cache.glob("pso_service-*.whl"):  # the image installs the project from its sources
         own.unlink()
     stamp_file.write_text(stamp)
+    return cache
+
+
+@contextlib.contextmanager
+def wheelhouse(cache: Path):
+    """The cached wheels in deploy/wheelhouse for the build, and out again after it: wheels left there would
+    be sent with every later build's context."""
+    folder = DEPLOY / "wheelhouse"
+    copied = [Path(shutil.copy2(wheel, folder)) for wheel in sorted(cache.glob("*.whl"))]
+    try:
+        yield
+    finally:
+        for wheel in copied:
+            wheel.unlink(missing_ok=True)
 
 
 # --- the stack -----------------------------------------------------------------------------------
@@ -260,8 +279,8 @@ class Stack:
             f"REDIS_MAXMEMORY=256mb\nPSO_REWARD_PORT={self.port}\n"
         )
         self.compose = [*compose, "-p", self.project, "--env-file", str(env_file), *FILES]
-        # the build reads PYTHON_IMAGE from the environment (deploy/docker-compose.yml's build args)
-        self.env = dict(os.environ, PYTHON_IMAGE=BASE_IMAGE, DOCKER_BUILDKIT="1")
+        # the build reads PYTHON_IMAGE and WHEELS from the environment (deploy/docker-compose.yml's build args)
+        self.env = dict(os.environ, PYTHON_IMAGE=BASE_IMAGE, WHEELS="wheelhouse", DOCKER_BUILDKIT="1")
 
     def __call__(self, *args: str, capture: bool = True, check: bool = True, timeout: float = 1800):
         return run([*self.compose, *args], cwd=ROOT, env=self.env, capture=capture, check=check, timeout=timeout)
@@ -360,13 +379,14 @@ def check_hardening(stack: Stack) -> None:
     log("hardening: read-only roots, no capabilities, no-new-privileges, rotated logs, named volumes, scoped secrets")
 
 
-def run_stack(compose: list[str], docker: str, version: str) -> None:
+def run_stack(compose: list[str], docker: str, version: str, wheels: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="pso-compose-test-") as tmp:
         stack = Stack(compose, docker, Path(tmp), version)
         started = time.monotonic()
         try:
             log(f"building pso-service:{version}-cpu from {BASE_IMAGE} and deploy/wheelhouse (docker compose build)")
-            stack("build", "reward-server", capture=False)
+            with wheelhouse(wheels):
+                stack("build", "reward-server", capture=False)
             log(f"built in {time.monotonic() - started:.0f} s; starting project {stack.project} with {ACTORS} actors")
             up = time.monotonic()
             stack("up", "-d", "--no-build", "--scale", f"actor={ACTORS}", capture=False, timeout=900)
@@ -407,8 +427,7 @@ def main() -> int:
         log(f"Docker Compose {check_compose_version(compose)} on engine {engine_version}")
         make_base_image(docker)
         make_redis_image(docker)
-        fill_wheelhouse()
-        run_stack(compose, docker, version)
+        run_stack(compose, docker, version, fill_wheel_cache())
         if args.clean:
             run([docker, "image", "rm", f"pso-service:{version}-cpu", LOCAL_REDIS_IMAGE, LOCAL_BASE_IMAGE], check=False)
     except Skip as why:

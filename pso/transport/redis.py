@@ -143,7 +143,8 @@ def connect(config: RedisConfig) -> redis.Redis:
 
     The password comes from the environment variable `config.password_env`, or the file its `_FILE` twin names
     (pso.secrets), when set (one in the URL wins).
-    Raises TransportError naming the URL if it is unset, malformed or unreachable, or the server is too old.
+    Raises TransportError naming the URL if it is unset, malformed or unreachable, or the server is too old;
+    ConfigError if the password's file cannot be read.
     """
     if config.url is None:
         raise TransportError(
