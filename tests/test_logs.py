@@ -59,7 +59,9 @@ def logged(found: list[dict], logger: str, fragment: str, level: str | None = No
     pytest.fail(f"no {level or ''} record of {logger} with {fragment!r} among:\n{shown}")
 
 
-@pytest.mark.parametrize("fmt", ["text", "json"])
+# one format per process (each run costs seconds): the routing of the lines is the same in both, and json, what
+# the deployments log, is the stricter check (every line a record); text by a learner, which `pso up` runs in it
+@pytest.mark.parametrize("fmt", ["json"])
 def test_every_line_of_the_reward_server_and_its_workers_is_dated(fmt, tmp_path):
     port = free_port()
     command = [sys.executable, "-m", "pso.cli", "reward-server", "--port", str(port), "--workers", "2", "--access-log"]
@@ -123,7 +125,7 @@ AGENT = """
 """
 
 
-@pytest.mark.parametrize("fmt", ["text", "json"])
+@pytest.mark.parametrize("fmt", ["text"])
 def test_every_line_of_the_learners_agent_and_its_ranks_is_dated(fmt, tmp_path):
     (tmp_path / "pso_log_rank.py").write_text(textwrap.dedent(RANK))
     agent = textwrap.dedent(AGENT).replace("{port}", str(free_port()))
