@@ -266,7 +266,7 @@ def free_port() -> int:
 
 
 class Stack:
-    def __init__(self, compose: list[str], docker: str, workdir: Path, version: str):
+    def __init__(self, compose: list[str], docker: str, workdir: Path):
         self.docker = docker
         self.project = f"pso-ci-{secrets.token_hex(3)}"
         self.port = free_port()
@@ -381,7 +381,7 @@ def check_hardening(stack: Stack) -> None:
 
 def run_stack(compose: list[str], docker: str, version: str, wheels: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="pso-compose-test-") as tmp:
-        stack = Stack(compose, docker, Path(tmp), version)
+        stack = Stack(compose, docker, Path(tmp))
         started = time.monotonic()
         try:
             log(f"building pso-service:{version}-cpu from {BASE_IMAGE} and deploy/wheelhouse (docker compose build)")
